@@ -1,0 +1,279 @@
+"""Typed training configuration: YAML -> nested dataclasses, with one-line errors naming the key.
+
+A config file is a YAML mapping whose top-level sections mirror :class:`Config`'s fields. Loading checks every
+key against the dataclass fields (unknown key -> error), every value against the field's type annotation
+(wrong type -> error) and fills defaults; a field without a default is required (missing -> error).
+
+Command-line overrides use dotted keys, ``train.lr=1e-5`` or ``model.pooling=mean``; the value is parsed as YAML
+(so ``1e-5`` is a float, ``[8, 16]`` a list, ``null`` None) and then type-checked like a file value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key (and file) at fault."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Backbone, pooling and compute settings of the embedding model."""
+
+    # HF model directory (or hub name, when a hub is reachable). Exactly one of `name_or_path` / `from_config`.
+    name_or_path: str | None = None
+    # Build a randomly initialised model from a transformers config: {"model_type": "qwen3", **kwargs}.
+    from_config: dict[str, Any] | None = None
+    # Tokenizer directory; defaults to `name_or_path`. Must match the shards' tokenizer (checked at start).
+    tokenizer: str | None = None
+    # "last_token" (hidden state of the final EOS, decoders; F2LLM), "mean" (encoders), "cls".
+    pooling: Literal["auto", "last_token", "mean", "cls"] = "auto"
+    normalize: bool = True
+    # "auto": flash_attention_2 when flash-attn imports and the model is on CUDA, else sdpa.
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
+    # "auto": bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    # "auto": padding-free packing for decoders, length-bucketed padding for encoders.
+    packing: Literal["auto", "packed", "padded"] = "auto"
+
+
+@dataclass
+class LossConfig:
+    """Contrastive objective: in-batch + hard-negative InfoNCE, Matryoshka, false-negative mask, distillation."""
+
+    temperature: float = 0.05
+    # Hard negatives sampled per query, by dataset type (F2LLM: 7 retrieval, 9 clustering, 1 classification).
+    hard_negatives: dict[str, int] = field(
+        default_factory=lambda: {"retrieval": 7, "clustering": 9, "classification": 1}
+    )
+    # Dataset types that also get the in-batch loss (queries vs. all positives of the global batch).
+    in_batch_types: list[str] = field(default_factory=lambda: ["retrieval"])
+    in_batch_weight: float = 1.0
+    hard_negative_weight: float = 1.0
+    matryoshka: bool = False
+    # Explicit Matryoshka dims; None = 8, 16, 32, ... below the hidden size, plus the hidden size.
+    matryoshka_dims: list[int] | None = None
+    # In-batch candidates scoring above (positive score + margin) are masked out. None = off.
+    false_negative_margin: float | None = None
+    distill_weight: float = 0.0
+
+
+@dataclass
+class GradCacheConfig:
+    """Gradient caching: the per-rank batch is embedded chunk by chunk; memory depends on the chunk only."""
+
+    enabled: bool = True
+    # Token budget of one chunk (computed tokens, padding included). Preferred over `chunk_size`.
+    chunk_tokens: int | None = 8192
+    # Sequences per chunk, when `chunk_tokens` is None.
+    chunk_size: int | None = None
+    # Use DeepSpeed's engine.coalesce_grad_reduction() around the per-chunk backwards when available.
+    coalesce_grad_reduction: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the tokenized shards are and how batches are drawn from them."""
+
+    shards: str = ""
+    # Datasets to train on; None = every dataset in the shards.
+    datasets: list[str] | None = None
+    # Dataset sampling weight ~ n_batches ** (1 / temperature); 1.0 = proportional to size (F2LLM).
+    sampling_temperature: float = 1.0
+    validation_fraction: float = 0.01
+    num_workers: int = 1
+    verify_checksums: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule and run bookkeeping."""
+
+    output_dir: str = "runs/default"
+    seed: int = 42
+    per_device_batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 8e-6
+    min_lr: float = 1e-7
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    log_every: int = 10
+    save_every: int = 5000
+    keep_last: int = 3
+    eval_every: int = 1000
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # DeepSpeed JSON config path, relative to the YAML file's directory or absolute.
+    deepspeed: str = "ds_configs/zero3.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; returns the value (ints widen to float). Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key (valid keys of {where}: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required value is missing")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-5")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{dotted}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply dotted overrides, and validate it into a :class:`Config`.
+
+    Relative paths in ``deepspeed`` are resolved against the YAML file's directory's parent when the file lies in
+    ``configs/`` next to ``ds_configs/``, else against the YAML file's directory.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg.deepspeed = str(_resolve_relative(cfg.deepspeed, path))
+    return cfg
+
+
+def _resolve_relative(value: str, config_path: Path) -> Path:
+    candidate = Path(value)
+    if candidate.is_absolute():
+        return candidate
+    for base in (config_path.parent, config_path.parent.parent, Path.cwd()):
+        if (base / candidate).exists():
+            return (base / candidate).resolve()
+    return candidate

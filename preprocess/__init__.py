@@ -1,0 +1,1 @@
+"""Offline jobs that turn raw query/passage/negative datasets into memory-mapped token shards."""
