@@ -1,0 +1,116 @@
+"""The on-disk shard format, shared by the writer (`preprocess build`) and the reader (`pipeline.shards`).
+
+Layout of a shard directory::
+
+    OUT/manifest.json                 format version, tokenizer identity, max_len, per-dataset entries
+    OUT/<dataset>/dataset.json        that dataset's entry (written last: its presence marks a finished dataset)
+    OUT/<dataset>/corpus.arrow        deduplicated documents (positives and negatives), one row per corpus id
+    OUT/<dataset>/queries.arrow       one row per (query, positive) pair
+
+Both tables are Arrow IPC files, uncompressed, written as ONE record batch, so that every column is one contiguous
+buffer that the reader memory-maps without copying:
+
+    corpus.arrow   tokens     large_list<uintX>    token ids (values buffer) + int64 offsets
+    queries.arrow  tokens     large_list<uintX>    query token ids, instruction template applied
+                   positive   int64                corpus id of the positive document
+                   negatives  fixed_size_list<int64>[max(K, 1)]   corpus ids of hard negatives, padded with -1
+
+uintX is uint16 when every token id fits (vocabulary <= 65536), else uint32. K, the widest negative list of the
+dataset, is in the schema metadata (`num_negatives`), since Arrow has no fixed-size list of size 0.
+Every sequence is truncated to `max_len` tokens and ends with the EOS id, also when truncated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_NAME = "embedding-pipeline-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATASET_META = "dataset.json"
+CORPUS_FILE = "corpus.arrow"
+QUERIES_FILE = "queries.arrow"
+DATASET_TYPES = ("retrieval", "classification", "clustering")
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
+
+
+class ShardError(ValueError):
+    """A shard directory is missing, corrupt or does not fit the model; the message names the file and problem."""
+
+
+def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def corpus_schema(token_dtype: np.dtype, metadata: dict[str, str]) -> pa.Schema:
+    return pa.schema([("tokens", pa.large_list(pa.from_numpy_dtype(token_dtype)))], metadata=metadata)
+
+
+def queries_schema(token_dtype: np.dtype, num_negatives: int, metadata: dict[str, str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("tokens", pa.large_list(pa.from_numpy_dtype(token_dtype))),
+            ("positive", pa.int64()),
+            ("negatives", pa.list_(pa.int64(), max(num_negatives, 1))),
+        ],
+        metadata={**metadata, "num_negatives": str(num_negatives)},
+    )
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def tokenizer_fingerprint(tokenizer: Any, name_or_path: str | None = None) -> dict[str, Any]:
+    """Identity of a tokenizer: its name/path, class, vocabulary size and a sha256 of the vocabulary.
+
+    The hash covers every (token, id) pair of `get_vocab()` (added tokens included), so two tokenizers that map
+    any string to different ids hash differently, wherever they were loaded from.
+    """
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode("utf-8")).hexdigest()
+    return {
+        "name_or_path": str(name_or_path or getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(vocab),
+        "vocab_sha256": digest,
+    }
+
+
+def resolve_eos(tokenizer: Any) -> tuple[int, bool]:
+    """The id every sequence must end with, and whether the tokenizer's own special tokens already append it.
+
+    EOS is `eos_token_id`, or `sep_token_id` for BERT-style tokenizers that have no EOS ([SEP] closes their input).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = tokenizer.sep_token_id
+    if eos is None:
+        raise ShardError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')}: has neither an eos_token nor a sep_token; "
+            "set one in its tokenizer_config.json"
+        )
+    probe = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    return int(eos), bool(probe) and probe[-1] == eos

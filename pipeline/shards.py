@@ -1,0 +1,209 @@
+"""Memory-mapped reader of token shards (see :mod:`pipeline.shard_format` for the layout).
+
+Opening a shard directory reads `manifest.json` and the Arrow IPC footers only: token buffers stay on disk and are
+paged in on access, so start-up time does not depend on the corpus size. Any query or document is an O(1) numpy
+view ``values[offsets[i]:offsets[i+1]]`` into the mapped file; no per-document Python object is ever built.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.shard_format import (
+    CORPUS_FILE,
+    DATASET_META,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    QUERIES_FILE,
+    ShardError,
+    sha256_file,
+    tokenizer_fingerprint,
+)
+
+
+@dataclass
+class TokenTable:
+    """A memory-mapped `large_list<uint>` column: row i is ``values[offsets[i]:offsets[i+1]]``."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.values[self.offsets[index] : self.offsets[index + 1]]
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _token_table(column: pa.ChunkedArray, path: Path) -> TokenTable:
+    if column.num_chunks != 1:
+        raise ShardError(f"{path}: expected one record batch, found {column.num_chunks}")
+    chunk = column.chunk(0)
+    if chunk.offset != 0:
+        raise ShardError(f"{path}: sliced token column is not supported")
+    return TokenTable(
+        values=chunk.values.to_numpy(zero_copy_only=True),
+        offsets=chunk.offsets.to_numpy(zero_copy_only=True),
+    )
+
+
+def _open_arrow(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise ShardError(f"{path}: file is missing")
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Arrow IPC file ({exc})") from None
+
+
+@dataclass
+class ShardDataset:
+    """One dataset of a shard directory: its corpus, its queries and their positive / negative corpus ids."""
+
+    name: str
+    root: Path
+    meta: dict[str, Any]
+    corpus: TokenTable = field(init=False)
+    queries: TokenTable = field(init=False)
+    positives: np.ndarray = field(init=False)
+    negatives: np.ndarray = field(init=False)  # [n_queries, K] int64, -1 = no negative in that slot
+
+    def __post_init__(self) -> None:
+        corpus_path, queries_path = self.root / CORPUS_FILE, self.root / QUERIES_FILE
+        corpus_table = _open_arrow(corpus_path)
+        queries_table = _open_arrow(queries_path)
+        self.corpus = _token_table(corpus_table.column("tokens"), corpus_path)
+        self.queries = _token_table(queries_table.column("tokens"), queries_path)
+        positive = queries_table.column("positive")
+        negatives = queries_table.column("negatives")
+        if positive.num_chunks != 1 or negatives.num_chunks != 1:
+            raise ShardError(f"{queries_path}: expected one record batch")
+        self.positives = positive.chunk(0).to_numpy(zero_copy_only=True)
+        neg_chunk = negatives.chunk(0)
+        width = neg_chunk.type.list_size
+        k = int((queries_table.schema.metadata or {}).get(b"num_negatives", width))
+        flat = neg_chunk.values.to_numpy(zero_copy_only=True)
+        self.negatives = flat.reshape(len(neg_chunk), width)[:, :k]
+
+    @property
+    def type(self) -> str:
+        return self.meta["type"]
+
+    @property
+    def instruction(self) -> str | None:
+        return self.meta.get("instruction")
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.queries)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.corpus)
+
+    @property
+    def num_negatives(self) -> int:
+        return self.negatives.shape[1]
+
+    def example(self, index: int) -> dict[str, Any]:
+        """Token ids of one training example: query, positive and its (unpadded) hard negatives."""
+        negs = self.negatives[index]
+        return {
+            "query": self.queries[index],
+            "positive": self.corpus[int(self.positives[index])],
+            "negatives": [self.corpus[int(j)] for j in negs[negs >= 0]],
+        }
+
+
+class ShardReader:
+    """Opens a shard directory by memory map and checks its manifest.
+
+    ``ShardReader(path)`` checks the format version; ``verify=True`` also checks every file's size and sha256
+    against the manifest (reads every byte); ``check_tokenizer(tok)`` refuses a tokenizer whose vocabulary differs
+    from the one the shards were built with.
+    """
+
+    def __init__(self, root: str | Path, *, datasets: list[str] | None = None, verify: bool = False) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise ShardError(f"{manifest_path}: missing (is {self.root} a shard directory built by `preprocess build`?)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ShardError(f"{manifest_path}: not valid JSON ({exc})") from None
+        if self.manifest.get("format") != FORMAT_NAME:
+            raise ShardError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardError(
+                f"{manifest_path}: format version {version} is not supported by this reader (expects "
+                f"{FORMAT_VERSION}); rebuild the shards with this version's `preprocess build`"
+            )
+        entries: dict[str, Any] = self.manifest.get("datasets", {})
+        names = list(entries) if datasets is None else datasets
+        missing = [n for n in names if n not in entries]
+        if missing:
+            raise ShardError(
+                f"{manifest_path}: dataset(s) {', '.join(missing)} not in the shards (have: {', '.join(entries)})"
+            )
+        if verify:
+            self.verify_checksums(names)
+        self.datasets: dict[str, ShardDataset] = {
+            name: ShardDataset(name=name, root=self.root / name, meta=entries[name]) for name in names
+        }
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.manifest["pad_id"])
+
+    @property
+    def max_len(self) -> int:
+        return int(self.manifest["max_len"])
+
+    def __getitem__(self, name: str) -> ShardDataset:
+        return self.datasets[name]
+
+    def verify_checksums(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.manifest["datasets"]):
+            for filename, expected in self.manifest["datasets"][name]["files"].items():
+                path = self.root / name / filename
+                if not path.is_file():
+                    raise ShardError(f"{path}: file is missing")
+                size = path.stat().st_size
+                if size != expected["size"]:
+                    raise ShardError(f"{path}: size {size} differs from the manifest's {expected['size']} (truncated?)")
+                digest = sha256_file(path)
+                if digest != expected["sha256"]:
+                    raise ShardError(f"{path}: sha256 checksum mismatch (file corrupt or modified)")
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ShardError when `tokenizer` is not the one the shards were built with."""
+        built = self.manifest["tokenizer"]
+        given = tokenizer_fingerprint(tokenizer)
+        if given["vocab_sha256"] != built["vocab_sha256"]:
+            raise ShardError(
+                f"{self.root / MANIFEST}: shards were tokenized with {built['name_or_path']!r} "
+                f"(vocab {built['vocab_size']}, sha256 {built['vocab_sha256'][:12]}) but the model's tokenizer "
+                f"{given['name_or_path']!r} differs (vocab {given['vocab_size']}, sha256 {given['vocab_sha256'][:12]}); "
+                "rebuild the shards with the model's tokenizer"
+            )
+
+
+def dataset_meta_path(root: str | Path, name: str) -> Path:
+    return Path(root) / name / DATASET_META

@@ -1,0 +1,139 @@
+"""Command line of the offline data jobs: ``python -m preprocess {build,validate,stats,show,example} --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.shard_format import ShardError
+from preprocess.raw import RawDataError
+from preprocess.registry import RegistryError
+
+USER_ERRORS = (ShardError, RawDataError, RegistryError, ValueError, OSError)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from preprocess.build import BuildOptions, ShardBuilder, summary_table
+
+    builder = ShardBuilder(
+        BuildOptions(
+            raw=args.raw,
+            tokenizer=args.tokenizer,
+            out=args.out,
+            registry=args.registry,
+            max_len=args.max_len,
+            workers=args.workers,
+            max_rows_per_dataset=args.max_rows_per_dataset,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            default_type=args.default_type,
+        )
+    )
+    results = builder.run()
+    print(summary_table(results))
+    print(f"shards written to {args.out}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from preprocess.validate import validate_shards
+
+    counts = validate_shards(args.out)
+    print(f"{args.out}: OK ({len(counts)} datasets, {sum(counts.values()):,} queries)")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pipeline.shards import ShardReader
+    from preprocess.report import shard_stats, stats_table
+
+    stats = shard_stats(args.out)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(stats_table(stats, ShardReader(args.out).max_len))
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from preprocess.report import show_example
+    from preprocess.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tokenizer is not None:
+        from pipeline.shards import ShardReader
+
+        ShardReader(args.out, datasets=[args.dataset]).check_tokenizer(tokenizer)
+    print(json.dumps(show_example(args.out, args.dataset, args.index, tokenizer), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    from preprocess.synth import SynthOptions, generate
+
+    written = generate(SynthOptions(out=args.out, passages=args.passages, negatives=args.negatives, seed=args.seed))
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    print(f"registry: {os.path.join(args.out, 'datasets.yaml')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess",
+        description="Tokenize raw query/passage/negative datasets into memory-mapped token shards, and inspect them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="tokenize raw datasets (parquet / JSONL) into a shard directory")
+    p.add_argument("--raw", required=True, help="directory of <dataset>.parquet / <dataset>.jsonl files, or one file")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory (the model's)")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--registry", help="datasets.yaml: type and instruction per dataset")
+    p.add_argument("--default-type", choices=["retrieval", "classification", "clustering"],
+                   help="type for datasets missing from the registry (default: missing ones are an error)")
+    p.add_argument("--max-len", type=int, default=1024, help="max tokens per sequence, EOS included (default 1024)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="tokenizer worker processes (default: CPU count, at most 8)")
+    p.add_argument("--max-rows-per-dataset", type=int, help="subsample each dataset to at most N rows (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="subsampling seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output built with other settings")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("validate", help="check a shard directory completely (checksums, structure, EOS, ids)")
+    p.add_argument("out", help="shard directory")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("stats", help="per-dataset counts and length percentiles")
+    p.add_argument("out", help="shard directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("show", help="one training example decoded back to text, as JSON")
+    p.add_argument("out", help="shard directory")
+    p.add_argument("--dataset", required=True, help="dataset name")
+    p.add_argument("--index", type=int, default=0, help="query row index (default 0)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the manifest)")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("example", help="generate synthetic example raw datasets and their registry")
+    p.add_argument("--out", required=True, help="output directory for the raw files")
+    p.add_argument("--passages", type=int, default=20_000, help="retrieval corpus size (default 20000)")
+    p.add_argument("--negatives", type=int, default=7, help="hard negatives per retrieval query (default 7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

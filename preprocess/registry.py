@@ -1,0 +1,90 @@
+"""Dataset registry: YAML mapping each dataset name to its type and query instruction.
+
+Format::
+
+    query_template: "Instruct: {instruction}\\nQuery: {query}"   # optional; this is F2LLM's (the default)
+    datasets:
+      msmarco:   {type: retrieval, instruction: "Given a web search query, retrieve relevant passages"}
+      amazon_cf: {type: classification, instruction: "Classify the given Amazon review"}
+      arxiv_p2p: {type: clustering}            # no instruction: the query is stored as is
+
+Documents never carry an instruction. A dataset found in the raw data but not in the registry is an error that
+lists every missing name, unless a default type is given (``--default-type``); then it gets that type and no
+instruction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.shard_format import DATASET_TYPES, DEFAULT_QUERY_TEMPLATE
+
+
+class RegistryError(ValueError):
+    """A bad registry file or a dataset without an entry; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    type: str
+    instruction: str | None
+
+
+@dataclass(frozen=True)
+class Registry:
+    datasets: dict[str, DatasetSpec]
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+
+    def format_query(self, spec: DatasetSpec, query: str) -> str:
+        if not spec.instruction:
+            return query
+        return self.query_template.format(instruction=spec.instruction, query=query)
+
+    def resolve(self, names: list[str], default_type: str | None, source: str) -> list[DatasetSpec]:
+        missing = [n for n in names if n not in self.datasets]
+        if missing and default_type is None:
+            raise RegistryError(
+                f"{source}: no registry entry for dataset(s) {', '.join(sorted(missing))}; add them or pass "
+                "--default-type"
+            )
+        return [self.datasets.get(n) or DatasetSpec(n, default_type, None) for n in names]  # type: ignore[arg-type]
+
+
+def load_registry(path: str | Path | None) -> Registry:
+    """Parse a registry YAML file (None -> empty registry)."""
+    if path is None:
+        return Registry(datasets={})
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read registry ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+        raise RegistryError(f"{path}: expected a mapping with a 'datasets' mapping at the top level")
+    unknown = sorted(set(data) - {"datasets", "query_template"})
+    if unknown:
+        raise RegistryError(f"{path}: unknown top-level key {unknown[0]!r} (valid: datasets, query_template)")
+    template = data.get("query_template", DEFAULT_QUERY_TEMPLATE)
+    if not isinstance(template, str) or "{query}" not in template or "{instruction}" not in template:
+        raise RegistryError(f"{path}: query_template must be a string containing {{instruction}} and {{query}}")
+    specs = {}
+    for name, entry in data["datasets"].items():
+        key = f"{path}: datasets.{name}"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{key}: expected a mapping with 'type' and optional 'instruction'")
+        extra = sorted(set(entry) - {"type", "instruction"})
+        if extra:
+            raise RegistryError(f"{key}.{extra[0]}: unknown key (valid: type, instruction)")
+        dtype = entry.get("type")
+        if dtype not in DATASET_TYPES:
+            raise RegistryError(f"{key}.type: expected one of {', '.join(DATASET_TYPES)}, got {dtype!r}")
+        instruction = entry.get("instruction")
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise RegistryError(f"{key}.instruction: expected a non-empty string, got {instruction!r}")
+        specs[str(name)] = DatasetSpec(str(name), dtype, instruction)
+    return Registry(datasets=specs, query_template=template)
