@@ -1,0 +1,145 @@
+"""Small torch.distributed helpers: init/teardown, rank/world size, differentiable all-gather, reductions.
+
+Every function works unchanged in a single process (no process group): gathers return the input, reductions are
+identities. Collectives here must be called by every rank the same number of times, in the same order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pipeline.logs import log
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, deepspeed) started several processes (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(*, use_deepspeed: bool, timeout_s: int = 600) -> DistInfo:
+    """Initialise the default process group when launched with WORLD_SIZE > 1 (or always for DeepSpeed).
+
+    Backend: nccl on CUDA, gloo on CPU (DeepSpeed picks it by itself through its accelerator).
+    """
+    if not is_distributed() and (launched_distributed() or use_deepspeed):
+        if use_deepspeed:
+            import deepspeed
+
+            if "MASTER_ADDR" not in os.environ:  # single process without a launcher
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+                os.environ.setdefault("RANK", "0")
+                os.environ.setdefault("LOCAL_RANK", "0")
+                os.environ.setdefault("WORLD_SIZE", "1")
+            deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and is_distributed():
+        torch.cuda.set_device(local_rank)
+    info = DistInfo(rank(), world_size(), local_rank, dist.get_backend() if is_distributed() else None)
+    if info.world_size > 1:
+        log(f"distributed: world size {info.world_size}, backend {info.backend}")
+    return info
+
+
+def teardown() -> None:
+    """Destroy the process group (without it, multi-node launches linger for minutes after the last step)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate `t` from all ranks along dim 0, keeping the autograd graph.
+
+    Backward: each rank receives the SUM over ranks of the gradients flowing into its slice
+    (torch.distributed.nn.functional.all_gather). Ranks may hold different numbers of rows: sizes are exchanged
+    first (unless given as `sizes`) and shorter inputs are zero-padded (the padding is dropped from the result).
+    """
+    if not is_distributed() or world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dist_fn
+
+    if sizes is None:
+        sizes = gather_sizes(t.shape[0], t.device)
+    longest = max(sizes)
+    padded = t
+    if t.shape[0] < longest:
+        padded = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's `n`, as a list indexed by rank."""
+    if not is_distributed() or world_size() == 1:
+        return [n]
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine)
+    return [int(x.item()) for x in out]
+
+
+def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / world_size()
+
+
+def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` over ranks in place (what DDP / DeepSpeed do); one flat all-reduce."""
+    if not is_distributed() or world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,193 @@
+"""F2LLM contrastive losses: in-batch and hard-negative InfoNCE, Matryoshka weighting, false-negative mask, KD.
+
+Notation: q_i, p_i, n_ij are the embeddings of query i, its positive and its j-th hard negative (j < k = n_neg);
+s(a, b) = cos(a, b) = <a/||a||, b/||b||>; tau the temperature (0.05 in F2LLM). B local queries per rank, G = sum of
+B over ranks (the global batch).
+
+- In-batch InfoNCE (retrieval datasets; van den Oord et al. 2018, "Representation Learning with Contrastive
+  Predictive Coding"; F2LLM, arXiv 2510.02294):
+      L_ib = mean_i -log( exp(s(q_i, p_i)/tau) / sum_{m < G} exp(s(q_i, P_m)/tau) )
+  where P is the concatenation of the positives of ALL ranks, gathered WITH gradient
+  (torch.distributed.nn.functional.all_gather), so every passage receives the gradient of every rank's queries.
+  Only positives are gathered (not queries, not negatives); the mean is over this rank's B queries.
+- Hard-negative InfoNCE (all dataset types; nothing is gathered):
+      L_hn = mean_i -log( exp(s(q_i, p_i)/tau) / (exp(s(q_i, p_i)/tau) + sum_j exp(s(q_i, n_ij)/tau)) )
+- False-negative mask (Qwen3-Embedding, arXiv 2506.05176; optional, off by default): a candidate c != p_i with
+  s(q_i, c) > s(q_i, p_i) + margin is left out of the denominator (it is probably a positive). Applied to the
+  in-batch candidates and to the hard negatives.
+- Matryoshka (MRL; Kusupati et al. 2022, "Matryoshka Representation Learning"; weights of F2LLM v2): both losses are
+  computed on the first `dim` coordinates (re-normalised) for dims D = {8, 16, 32, ... < d} U {d}, sorted in
+  descending order and numbered n = 1, 2, ... (n = 1 is the full d):
+      L = sum_{n, dim} L(dim) / (n * sqrt(d / dim))
+  Off: only dim = d, weight 1.
+- Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0]).
+- Distillation (F2LLM v2, function only): L_kd = mean over elements (s - t)^2, t the teacher embedding truncated to
+  the student's width and re-normalised.
+
+Gradient semantics across ranks: each rank's loss is the mean over ITS queries. Backward through the differentiable
+gather sends rank r's in-batch gradient into every rank's positives (summed), so the parameter gradient of one rank
+is W * d(L_global)/d(theta) restricted to its own sequences, L_global = mean over ranks; averaging parameter
+gradients over ranks (DDP, DeepSpeed) then yields exactly d(L_global)/d(theta). GradCache (Gao et al. 2021,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup") computes this same loss on cached
+embeddings. All ranks must pass the same dataset_type (F2LLM's homogeneous macro batches): the gather is a collective.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import LossConfig
+from pipeline.distributed import all_gather_with_grad, gather_sizes, rank
+
+
+def matryoshka_dims(hidden: int, dims: list[int] | None = None) -> list[int]:
+    """Descending Matryoshka dims: explicit `dims` (validated) or 8, 16, 32, ... below `hidden`, plus `hidden`."""
+    if dims is None:
+        dims = []
+        d = 8
+        while d < hidden:
+            dims.append(d)
+            d *= 2
+        dims.append(hidden)
+    bad = [d for d in dims if d < 1 or d > hidden]
+    if bad:
+        raise ValueError(f"loss.matryoshka_dims: {bad} outside 1..{hidden} (the embedding size)")
+    return sorted(set(dims), reverse=True)
+
+
+def matryoshka_weights(dims: list[int], hidden: int) -> list[float]:
+    """Weight 1 / (n * sqrt(hidden / dim)) for the n-th dim (n from 1) of the descending `dims`."""
+    return [1.0 / (n * math.sqrt(hidden / dim)) for n, dim in enumerate(dims, start=1)]
+
+
+def truncate(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """First `dim` coordinates, re-normalised to unit length (so dot products stay cosines)."""
+    return F.normalize(x[..., :dim], dim=-1)
+
+
+def _mask_false_negatives(
+    scores: torch.Tensor, pos_scores: torch.Tensor, is_positive: torch.Tensor, margin: float | None
+) -> torch.Tensor:
+    """Cosine scores with candidates scoring above (positive + margin) set to -inf (never the positive itself)."""
+    if margin is None:
+        return scores
+    with torch.no_grad():
+        drop = (scores > pos_scores.unsqueeze(1) + margin) & ~is_positive
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def in_batch_infonce(
+    q: torch.Tensor,
+    p_all: torch.Tensor,
+    offset: int,
+    temperature: float,
+    false_negative_margin: float | None = None,
+) -> torch.Tensor:
+    """L_ib: query i (local) against all gathered positives; its own positive is row offset + i of `p_all`.
+
+    q: [B, d], p_all: [G, d], both unit length. Returns the mean over the B queries.
+    """
+    scores = q @ p_all.T  # [B, G] cosines
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    is_pos = torch.zeros_like(scores, dtype=torch.bool)
+    is_pos[torch.arange(q.shape[0], device=q.device), labels] = True
+    pos = scores.gather(1, labels.unsqueeze(1)).squeeze(1)
+    scores = _mask_false_negatives(scores, pos, is_pos, false_negative_margin)
+    return F.cross_entropy(scores / temperature, labels)
+
+
+def hard_negative_infonce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    n_neg: int,
+    temperature: float,
+    false_negative_margin: float | None = None,
+) -> torch.Tensor:
+    """L_hn: query i against [p_i, n_i0 .. n_i(k-1)] (its own positive and negatives only).
+
+    q, p: [B, d]; n: [B * k, d] with query i's negatives at rows i*k .. i*k + k - 1. Mean over the B queries.
+    """
+    b = q.shape[0]
+    cands = torch.cat([p.unsqueeze(1), n.view(b, n_neg, -1)], dim=1)  # [B, 1 + k, d]
+    scores = torch.einsum("bd,bcd->bc", q, cands)
+    is_pos = torch.zeros_like(scores, dtype=torch.bool)
+    is_pos[:, 0] = True
+    scores = _mask_false_negatives(scores, scores[:, 0], is_pos, false_negative_margin)
+    labels = torch.zeros(b, dtype=torch.long, device=q.device)
+    return F.cross_entropy(scores / temperature, labels)
+
+
+def distillation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_kd = mean((s - t)^2) over all elements; t = teacher truncated to the student's width and re-normalised."""
+    if teacher.shape[-1] < student.shape[-1]:
+        raise ValueError(
+            f"distillation: teacher width {teacher.shape[-1]} is smaller than the student's {student.shape[-1]}"
+        )
+    t = truncate(teacher.detach().to(student.dtype), student.shape[-1])
+    return F.mse_loss(student, t)
+
+
+@dataclass
+class LossOutput:
+    """The scalar to backpropagate and its parts (floats, this rank, full dim, unweighted)."""
+
+    total: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    n_neg: int,
+    dataset_type: str,
+    cfg: LossConfig,
+) -> LossOutput:
+    """The F2LLM objective of this rank's local embeddings (gathers the positives across ranks inside).
+
+    q, p: [B, d]; n: [B * n_neg, d] (may be empty when n_neg == 0). Inputs are re-normalised (cosine similarity).
+    """
+    if q.shape != p.shape:
+        raise ValueError(f"contrastive_loss: queries {tuple(q.shape)} vs positives {tuple(p.shape)}")
+    if n.shape[0] != q.shape[0] * n_neg:
+        raise ValueError(f"contrastive_loss: {n.shape[0]} negatives for {q.shape[0]} queries x {n_neg}")
+    hidden = q.shape[-1]
+    use_in_batch = dataset_type in cfg.in_batch_types and cfg.in_batch_weight != 0
+    use_hard = n_neg > 0 and cfg.hard_negative_weight != 0
+    if not (use_in_batch or use_hard):
+        raise ValueError(
+            f"contrastive_loss: no loss applies to dataset type {dataset_type!r} with {n_neg} negatives"
+        )
+    if cfg.matryoshka:
+        dims = matryoshka_dims(hidden, cfg.matryoshka_dims)
+        weights = matryoshka_weights(dims, hidden)
+    else:
+        dims, weights = [hidden], [1.0]
+    p_all, offset = p, 0
+    if use_in_batch:
+        sizes = gather_sizes(q.shape[0], q.device)
+        offset = sum(sizes[: rank()])
+        p_all = all_gather_with_grad(p, sizes)
+    total = q.new_zeros(())
+    parts: dict[str, float] = {}
+    for dim, w in zip(dims, weights):
+        qd = truncate(q, dim)
+        if use_in_batch:
+            pd_all = truncate(p_all, dim)
+            l_ib = in_batch_infonce(qd, pd_all, offset, cfg.temperature, cfg.false_negative_margin)
+            total = total + w * cfg.in_batch_weight * l_ib
+            if dim == hidden:
+                parts["in_batch"] = float(l_ib.detach())
+        if use_hard:
+            pd = truncate(p, dim)
+            nd = truncate(n, dim)
+            l_hn = hard_negative_infonce(qd, pd, nd, n_neg, cfg.temperature, cfg.false_negative_margin)
+            total = total + w * cfg.hard_negative_weight * l_hn
+            if dim == hidden:
+                parts["hard_negative"] = float(l_hn.detach())
+    parts["total"] = float(total.detach())
+    return LossOutput(total, parts)

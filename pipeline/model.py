@@ -1,0 +1,306 @@
+"""Embedding model: any transformers AutoModel + pooling + L2 normalisation, fed packed or padded chunks.
+
+embedding(x) = normalize(pool(H(x))), H the backbone's last hidden states, pool one of
+- last_token: H at the sequence's final token (its EOS) - F2LLM's pooling, the default for decoders;
+- mean: average of H over the sequence's real tokens (encoders such as all-MiniLM-L6-v2);
+- cls: H at the sequence's first token.
+normalize(v) = v / ||v||_2, so the dot product of two embeddings is their cosine similarity.
+
+Decoders get padding-free packed chunks (:func:`pipeline.packing.pack`), encoders length-bucketed padded ones:
+BERT-style models ignore restarting position_ids, so packing would let sequences attend to each other.
+The KV cache is always off (``use_cache=False``): with a cache transformers silently skips the packed-sequence mask.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.logs import log
+from pipeline.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
+
+POOLINGS = ("last_token", "mean", "cls")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resolution of the "auto" settings
+# --------------------------------------------------------------------------------------------------------------
+def flash_attn_available() -> bool:
+    """True when the flash-attn package imports (it cannot even be installed without CUDA)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken build is as good as none
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """'auto' -> flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa."""
+    if requested == "auto":
+        return "flash_attention_2" if (device.type == "cuda" and flash_attn_available()) else "sdpa"
+    if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
+        raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and an importable flash-attn")
+    if requested == "varlen":
+        raise ValueError("model.attn_implementation=varlen is not implemented yet; use auto, flash_attention_2 or sdpa")
+    return requested
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def is_decoder_config(config: Any) -> bool:
+    """Decoder-only models: a causal-LM architecture that is not also a masked-LM encoder (BERT is both)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model type {config.model_type!r} is an encoder-decoder; use a decoder or an encoder")
+    mt = config.model_type
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def sentence_transformers_pooling(model_dir: str | None) -> str | None:
+    """The pooling a sentence-transformers model dir declares (1_Pooling/config.json here or one level up)."""
+    if not model_dir:
+        return None
+    for base in (Path(model_dir), Path(model_dir).parent):
+        path = base / "1_Pooling" / "config.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            if cfg.get("pooling_mode_lasttoken"):
+                return "last_token"
+            if cfg.get("pooling_mode_cls_token"):
+                return "cls"
+            if cfg.get("pooling_mode_mean_tokens"):
+                return "mean"
+    return None
+
+
+def resolve_pooling(requested: str, *, decoder: bool, model_dir: str | None) -> str:
+    """'auto' -> last_token for decoders; for encoders the model dir's sentence-transformers pooling, else mean."""
+    if requested != "auto":
+        return requested
+    if decoder:
+        return "last_token"
+    return sentence_transformers_pooling(model_dir) or "mean"
+
+
+def resolve_packing(requested: str, *, decoder: bool) -> bool:
+    """True = packed. 'auto' packs decoders; encoders cannot be packed (they ignore restarting position ids)."""
+    if requested == "packed" and not decoder:
+        raise ValueError("model.packing=packed needs a decoder: encoders ignore packed position_ids; use padded")
+    return requested == "packed" or (requested == "auto" and decoder)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------------------
+def pool(hidden: torch.Tensor, inputs: ChunkInputs, mode: str) -> torch.Tensor:
+    """[n, d] pooled states from hidden [1, T, d] (packed) or [n, L, d] (padded, right-padded)."""
+    lengths = inputs.lengths.to(hidden.device)
+    if inputs.packed:
+        flat = hidden[0]
+        starts = inputs.starts.to(hidden.device)
+        if mode == "last_token":
+            return flat[starts + lengths - 1]
+        if mode == "cls":
+            return flat[starts]
+        if mode == "mean":
+            seg = torch.repeat_interleave(torch.arange(inputs.n, device=hidden.device), lengths)
+            sums = torch.zeros(inputs.n, flat.shape[-1], dtype=flat.dtype, device=flat.device).index_add(0, seg, flat)
+            return sums / lengths.unsqueeze(1).to(flat.dtype)
+    else:
+        rows = torch.arange(inputs.n, device=hidden.device)
+        if mode == "last_token":
+            return hidden[rows, lengths - 1]
+        if mode == "cls":
+            return hidden[:, 0]
+        if mode == "mean":
+            mask = inputs.attention_mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / lengths.unsqueeze(1).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLINGS}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResolvedModelSettings:
+    attn_implementation: str
+    dtype: torch.dtype
+    pooling: str
+    packed: bool
+    decoder: bool
+
+
+def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
+    """transformers AutoModel from a directory/hub name or a config dict ({"model_type": ..., **kwargs})."""
+    from transformers import AutoConfig, AutoModel
+
+    if (cfg.name_or_path is None) == (cfg.from_config is None):
+        raise ValueError("model: set exactly one of name_or_path and from_config")
+    if cfg.from_config is not None:
+        kwargs = dict(cfg.from_config)
+        model_type = kwargs.pop("model_type", None)
+        if not model_type:
+            raise ValueError("model.from_config: missing model_type (e.g. qwen3)")
+        config = AutoConfig.for_model(model_type, **kwargs)
+        config.use_cache = False
+        return AutoModel.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    return AutoModel.from_pretrained(
+        cfg.name_or_path, attn_implementation=attn_implementation, dtype=dtype, use_cache=False
+    )
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone + pooling + optional L2 normalisation. ``forward(chunk_inputs) -> [n, d]`` embeddings."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        pooling: str,
+        normalize: bool = True,
+        packed: bool,
+        pad_id: int = 0,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        self.packed = packed
+        self.pad_id = pad_id
+        self.attn_implementation = attn_implementation
+        if hasattr(self.backbone, "config"):
+            self.backbone.config.use_cache = False
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: torch.device | str | None = None) -> "EmbeddingModel":
+        """Build from :class:`ModelConfig`; resolves the 'auto' settings for `device` and logs them."""
+        from transformers import AutoConfig
+
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        attn = resolve_attn_implementation(cfg.attn_implementation, device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype)
+        hf_config = backbone.config if cfg.from_config is not None else AutoConfig.from_pretrained(cfg.name_or_path)
+        decoder = is_decoder_config(hf_config)
+        pooling = resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path)
+        packed = resolve_packing(cfg.packing, decoder=decoder)
+        if cfg.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pad_id = getattr(hf_config, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(hf_config, "eos_token_id", None)
+        if isinstance(pad_id, list):
+            pad_id = pad_id[0]
+        model = cls(
+            backbone.to(device),
+            pooling=pooling,
+            normalize=cfg.normalize,
+            packed=packed,
+            pad_id=int(pad_id or 0),
+            attn_implementation=attn,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"model: {hf_config.model_type} ({'decoder' if decoder else 'encoder'}), {n_params / 1e6:.2f}M params, "
+            f"attention {attn}, dtype {str(dtype).removeprefix('torch.')}, pooling {pooling}, "
+            f"{'packed' if packed else 'padded'} chunks, gradient checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}, device {device}"
+        )
+        return model
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def make_inputs(self, seqs: list[np.ndarray]) -> ChunkInputs:
+        """Packed or padded inputs for `seqs`, following this model's layout."""
+        return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id)
+
+    def forward(self, inputs: ChunkInputs) -> torch.Tensor:
+        inputs = inputs.to(self.device)
+        kwargs: dict[str, Any] = {"input_ids": inputs.input_ids, "use_cache": False}
+        if inputs.packed:
+            kwargs["position_ids"] = inputs.position_ids
+            kwargs["attention_mask"] = None
+            if self.attn_implementation == "flash_attention_2":
+                kwargs.update(
+                    cu_seq_lens_q=inputs.cu_seqlens,
+                    cu_seq_lens_k=inputs.cu_seqlens,
+                    max_length_q=inputs.max_length,
+                    max_length_k=inputs.max_length,
+                )
+        else:
+            kwargs["attention_mask"] = inputs.attention_mask
+        hidden = self.backbone(**kwargs).last_hidden_state
+        emb = pool(hidden, inputs, self.pooling).float()
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding in chunks
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class EncodeStats:
+    sequences: int
+    chunks: int
+    real_tokens: int
+    computed_tokens: int
+
+    @property
+    def padding_efficiency(self) -> float:
+        return padding_efficiency(self.real_tokens, self.computed_tokens)
+
+
+def encode(
+    model: nn.Module,
+    seqs: list[np.ndarray],
+    *,
+    chunk_tokens: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, EncodeStats]:
+    """Embed `seqs` chunk by chunk (token budget `chunk_tokens`, else `chunk_size` sequences per chunk).
+
+    Runs under the caller's grad mode (wrap in ``torch.no_grad()`` for inference). `model` is an
+    :class:`EmbeddingModel` or a DeepSpeed engine around one. Returns [len(seqs), d] in input order and stats.
+    """
+    base = getattr(model, "module", model)
+    lengths = [len(s) for s in seqs]
+    chunks = plan_chunks(lengths, packed=base.packed, chunk_tokens=chunk_tokens, chunk_size=chunk_size)
+    out: torch.Tensor | None = None
+    computed = 0
+    for idx in chunks:
+        inputs = base.make_inputs([seqs[i] for i in idx])
+        computed += inputs.computed_tokens
+        emb = model(inputs)
+        if out is None:
+            out = emb.new_empty((len(seqs), emb.shape[-1]))
+        out[torch.as_tensor(idx, device=emb.device)] = emb
+    if out is None:
+        raise ValueError("encode: no sequences")
+    return out, EncodeStats(len(seqs), len(chunks), int(sum(lengths)), computed)
