@@ -303,7 +303,10 @@ class SshdCluster:
             script = " && ".join(mounts + ["exec " + " ".join(map(_shq, cmd))])
             return [unshare, "-m", "--propagation", "private", "sh", "-c", script]
 
-        port = self._start_sshd(alias, wrap=wrap)
+        return self.add_alias(alias, self._start_sshd(alias, wrap=wrap))
+
+    def add_alias(self, alias: str, port: int) -> str:
+        """Map one more alias to 127.0.0.1:`port` (anything may listen there, or nothing)."""
         self.ports[alias] = port
         self._write_client_config()
         return alias
