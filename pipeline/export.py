@@ -1,0 +1,156 @@
+"""Export a consolidated Hugging Face + sentence-transformers model directory from a (ZeRO-3 sharded) engine.
+
+Every rank must call :func:`export_model` (under ZeRO-3 each parameter is all-gathered, one at a time, so peak
+memory is one parameter, not the model). Rank 0 writes into a temporary directory and renames it into place:
+
+* ``config.json``, ``model.safetensors``: the backbone, loadable with ``transformers.AutoModel``;
+* the tokenizer; when it does not append EOS by itself (Qwen3, Llama), a post-processor that does is added, so
+  that ``tokenizer(text)`` ends with the EOS that last-token pooling reads, as in training;
+* ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``, ``2_Normalize`` (if normalised) and
+  ``config_sentence_transformers.json`` with one prompt per dataset instruction (``{name}: "Instruct: ...\\nQuery: "``)
+  and cosine similarity: ``SentenceTransformer(dir).encode(q, prompt_name=...)`` reproduces training embeddings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.logs import global_rank, log
+
+ST_POOLING_KEYS = {
+    "last_token": "pooling_mode_lasttoken",
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+}
+
+
+def _is_zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict of `module` on rank 0 (empty elsewhere); all ranks must call it."""
+    state: dict[str, torch.Tensor] = {}
+    rank0 = global_rank() == 0
+    params = dict(module.named_parameters())
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        param = params.get(name)
+        if param is not None and _is_zero3_param(param):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank0:
+                    state[name] = param.data.detach().to("cpu", copy=True)
+        elif rank0:
+            state[name] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def _eos_appending_tokenizer(tokenizer: Any, eos_id: int) -> Any:
+    """Make a fast tokenizer close every sequence with EOS (as the shards do); unchanged if it already does."""
+    probe = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    if probe and probe[-1] == eos_id:
+        return tokenizer
+    from tokenizers import processors
+
+    eos = tokenizer.convert_ids_to_tokens(eos_id)
+    backend = tokenizer.backend_tokenizer
+    bos_id = tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None
+    if bos_id is not None:
+        bos = tokenizer.convert_ids_to_tokens(bos_id)
+        single, pair = f"{bos} $A {eos}", f"{bos} $A {eos} $B:1 {eos}:1"
+        special = [(bos, bos_id), (eos, eos_id)]
+    else:
+        single, pair = f"$A {eos}", f"$A {eos} $B:1 {eos}:1"
+        special = [(eos, eos_id)]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    return tokenizer
+
+
+def query_prompts(instructions: dict[str, str | None], template: str) -> dict[str, str]:
+    """sentence-transformers prompts: the part of the query template before ``{query}``, per dataset."""
+    if not template.endswith("{query}"):
+        log(f"query template {template!r} does not end with {{query}}: no sentence-transformers prompts exported")
+        return {}
+    prefix = template[: -len("{query}")]
+    return {name: prefix.format(instruction=ins) for name, ins in sorted(instructions.items()) if ins}
+
+
+def write_sentence_transformers_files(
+    out: Path, *, dim: int, pooling: str, normalize: bool, max_seq_length: int, prompts: dict[str, str]
+) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
+    )
+    pool_cfg = {"word_embedding_dimension": dim, "include_prompt": True}
+    for mode, key in ST_POOLING_KEYS.items():
+        pool_cfg[key] = mode == pooling
+    pool_cfg.update({"pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+                     "pooling_mode_weightedmean_tokens": False})
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2)
+    )
+
+
+def export_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    eos_id: int,
+    max_seq_length: int,
+    instructions: dict[str, str | None],
+    query_template: str,
+) -> Path:
+    """Write the model directory (see module docstring). `model` is an EmbeddingModel or an engine around one."""
+    base = getattr(model, "module", model)
+    backbone = base.backbone
+    state = consolidated_state_dict(backbone)
+    out = Path(out_dir)
+    error = ""
+    if global_rank() == 0:
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            backbone.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            _eos_appending_tokenizer(tokenizer, eos_id).save_pretrained(str(tmp))
+            write_sentence_transformers_files(
+                tmp,
+                dim=base.hidden_size,
+                pooling=base.pooling,
+                normalize=base.normalize,
+                max_seq_length=max_seq_length,
+                prompts=query_prompts(instructions, query_template),
+            )
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except OSError as exc:
+            error = f"export to {out} failed ({exc.strerror or exc}); nothing was replaced"
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RuntimeError(error)
+    log(f"exported model: {out}")
+    return out

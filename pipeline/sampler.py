@@ -1,0 +1,134 @@
+"""Homogeneous global-batch schedule (F2LLM's "homogeneous macro batches") and hard-negative sampling.
+
+Every optimizer step draws ONE global batch of G = per_device_batch x world_size queries from ONE dataset, so all
+ranks compute the same loss type and in-batch candidates come from the same task. Per epoch e:
+
+* each dataset d's training queries are permuted with a RNG seeded by (seed, e, d) and cut into floor(n_d / G)
+  global batches (the remainder is dropped for this epoch; the permutation differs every epoch);
+* with sampling temperature T = 1 the epoch is a random order (seed, e) of all those batches: equivalent to F2LLM
+  choosing, at every step, a dataset with probability proportional to its remaining batches;
+* with T != 1 each step picks dataset d with probability p_d ~ n_batches_d ** (1 / T) (T > 1 flattens towards
+  uniform), cycling through d's permuted batches; the epoch length stays sum_d n_batches_d.
+
+Rank r takes the disjoint slice [r*B, (r+1)*B) of the global batch, so every rank takes the same number of steps.
+Everything is a pure function of (seed, epoch, step): a resumed run sees exactly the batches it would have seen.
+
+Validation: a fraction of each dataset's queries, chosen with a RNG seeded by (seed, d) and fixed for the run, is
+held out of training.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+
+def _key(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def split_validation(n_queries: int, fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, validation ids) of one dataset; round(fraction * n) queries held out, at least 1 if fraction>0
+    and the dataset has more than one query."""
+    order = np.random.default_rng([seed, _key(name), 1]).permutation(n_queries)
+    n_val = int(round(fraction * n_queries))
+    if fraction > 0 and n_val == 0 and n_queries > 1:
+        n_val = 1
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    dataset: str
+    query_ids: np.ndarray  # the global batch: G query row ids of `dataset`
+
+
+class HomogeneousSchedule:
+    """Deterministic per-epoch list of single-dataset global batches (see module docstring)."""
+
+    def __init__(
+        self,
+        train_ids: dict[str, np.ndarray],
+        global_batch: int,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> None:
+        if global_batch < 1:
+            raise ValueError(f"global batch must be >= 1, got {global_batch}")
+        if temperature <= 0:
+            raise ValueError(f"data.sampling_temperature must be > 0, got {temperature}")
+        self.global_batch = global_batch
+        self.seed = seed
+        self.temperature = temperature
+        self.train_ids = {name: ids for name, ids in sorted(train_ids.items())}
+        self.n_batches = {name: len(ids) // global_batch for name, ids in self.train_ids.items()}
+        self.datasets = [name for name, n in self.n_batches.items() if n > 0]
+        self.skipped = [name for name, n in self.n_batches.items() if n == 0]
+        if not self.datasets:
+            sizes = ", ".join(f"{n}: {len(ids)}" for n, ids in self.train_ids.items())
+            raise ValueError(f"no dataset has a full global batch of {global_batch} training queries ({sizes})")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.n_batches[d] for d in self.datasets)
+
+    def _dataset_batches(self, name: str, epoch: int, cycle: int = 0) -> np.ndarray:
+        ids = self.train_ids[name]
+        perm = np.random.default_rng([self.seed, epoch, _key(name), cycle]).permutation(len(ids))
+        n = self.n_batches[name]
+        return ids[perm[: n * self.global_batch]].reshape(n, self.global_batch)
+
+    @lru_cache(maxsize=2)
+    def epoch_plan(self, epoch: int) -> tuple[list[str], list[int]]:
+        """(dataset of each step, index of that dataset's batch) for `epoch`."""
+        rng = np.random.default_rng([self.seed, epoch, 0xD5])
+        if self.temperature == 1.0:
+            owners = np.repeat(np.arange(len(self.datasets)), [self.n_batches[d] for d in self.datasets])
+            owners = owners[rng.permutation(len(owners))]
+        else:
+            weights = np.array([self.n_batches[d] for d in self.datasets], dtype=np.float64) ** (1.0 / self.temperature)
+            owners = rng.choice(len(self.datasets), size=self.steps_per_epoch, p=weights / weights.sum())
+        counters = np.zeros(len(self.datasets), dtype=np.int64)
+        names, index = [], []
+        for owner in owners:
+            names.append(self.datasets[owner])
+            index.append(int(counters[owner]))
+            counters[owner] += 1
+        return names, index
+
+    def batch(self, epoch: int, step: int) -> ScheduledBatch:
+        """The global batch of `step` (0-based, within `epoch`)."""
+        names, index = self.epoch_plan(epoch)
+        name, k = names[step], index[step]
+        n = self.n_batches[name]
+        cycle, k = divmod(k, n)
+        return ScheduledBatch(name, self._dataset_batches(name, epoch, cycle)[k])
+
+    def rank_slice(self, batch: ScheduledBatch, rank: int, world_size: int) -> np.ndarray:
+        per_rank = self.global_batch // world_size
+        return batch.query_ids[rank * per_rank : (rank + 1) * per_rank]
+
+
+def sample_negatives(
+    pool: np.ndarray, n_neg: int, *, positive: int, n_docs: int, seed: int, epoch: int, dataset: str, query: int
+) -> np.ndarray:
+    """`n_neg` hard-negative corpus ids for one query, a pure function of (seed, epoch, dataset, query).
+
+    `pool` is the query's row of negative ids (-1 = empty slot). Without replacement when the pool is large enough,
+    with replacement when it has fewer valid ids than `n_neg`, and random corpus documents other than the positive
+    when it has none (so every query of a batch gets the same number of negatives).
+    """
+    if n_neg == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, _key(dataset), query, 7])
+    valid = pool[pool >= 0]
+    if len(valid) >= n_neg:
+        return rng.choice(valid, size=n_neg, replace=False)
+    if len(valid) > 0:
+        return rng.choice(valid, size=n_neg, replace=True)
+    if n_docs <= 1:
+        raise ValueError(f"dataset {dataset}: query {query} has no hard negatives and the corpus has one document")
+    picks = rng.integers(0, n_docs - 1, size=n_neg)
+    return picks + (picks >= positive)  # skip the positive

@@ -1,0 +1,260 @@
+"""The training loop: composes data, model, GradCache step, DeepSpeed engine, checkpoints, metrics and export.
+
+One optimizer step per global batch, read top to bottom in :meth:`Trainer.fit`:
+
+    batch  = this rank's slice of the step's single-dataset global batch        (pipeline.data)
+    stats  = cached_step(engine, batch)  # exact full-batch gradient, chunked    (pipeline.gradcache)
+    engine.step()                         # ZeRO-3 optimizer step, clipping, lr  (DeepSpeed)
+    every log_every: metrics; every eval_every: validation loss; every save_every: checkpoint
+    end of each epoch and of the run: consolidated export                       (pipeline.export)
+
+Every rank runs the same steps (the schedule is global), the same chunk count per step (GradCache pads it) and
+the same saves and exports, and the run ends with destroy_process_group().
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.batch import ContrastiveBatch
+from pipeline.checkpoint import CheckpointManager, TrainerState
+from pipeline.config import Config
+from pipeline.data import TrainData, seed_everything
+from pipeline.distributed import init_distributed, teardown
+from pipeline.ds_config import load_ds_config
+from pipeline.export import export_model
+from pipeline.gradcache import StepStats, _plan, _split, base_module, cached_step, plain_step
+from pipeline.logs import is_rank0, log
+from pipeline.losses import contrastive_loss
+from pipeline.lr_schedule import warmup_cosine
+from pipeline.metrics import MetricsWriter
+from pipeline.model import EmbeddingModel
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _load_tokenizer(cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.name_or_path
+    if path is None:
+        raise ValueError("model.tokenizer: required when the model is built from_config")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.tokenizer: cannot load {path!r} ({exc})") from None
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "command": " ".join(sys.argv),
+    }
+
+
+def validation_loss(engine: Any, batch: ContrastiveBatch, cfg: Config) -> float:
+    """Loss of one batch in eval mode without gradients (chunk count padded across ranks like training)."""
+    base = base_module(engine)
+    plan = _plan(base, batch, cfg.gradcache, base.device)
+    pieces = []
+    with torch.no_grad():
+        for inputs, idx in plan.inputs(base):
+            emb = engine(inputs)
+            if idx is not None:
+                pieces.append((idx, emb.float()))
+        e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), device=base.device)
+        for idx, emb in pieces:
+            e[torch.as_tensor(idx, device=base.device)] = emb
+        out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, cfg.loss)
+    return float(out.total)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.dist = init_distributed(use_deepspeed=True)
+        self.device = _device(self.dist.local_rank)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.tokenizer = _load_tokenizer(cfg)
+        self.data = TrainData(
+            cfg.data, cfg.loss, seed=cfg.train.seed, per_device_batch=cfg.train.per_device_batch_size,
+            world_size=self.dist.world_size, rank=self.dist.rank,
+        )
+        self.data.reader.check_tokenizer(self.tokenizer)
+        for name in self.data.schedule.skipped:
+            log(f"dataset {name}: fewer training queries than one global batch; not trained on")
+        self.total_steps = self._total_steps()
+        model = EmbeddingModel.from_config(cfg.model, self.device)
+        vocab = model.backbone.get_input_embeddings().num_embeddings
+        if vocab < len(self.tokenizer):
+            raise ValueError(f"model vocabulary ({vocab}) is smaller than the tokenizer's ({len(self.tokenizer)})")
+        self.engine = self._engine(model)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
+        self.state = TrainerState(config=cfg.to_dict())
+        if resume:
+            tag = self.ckpt.latest() if resume == "auto" else resume
+            if tag is not None:
+                self.state = self.ckpt.load(self.engine, tag)
+                log(f"resumed from {self.ckpt.root / tag}: step {self.state.global_step}, epoch {self.state.epoch}")
+            else:
+                log(f"--resume {resume}: no complete checkpoint in {self.ckpt.root}; starting fresh")
+        self.metrics = MetricsWriter(self.run_dir)
+        if is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.run_dir / "versions.json").write_text(json.dumps(_versions(), indent=2))
+        log(
+            f"plan: world {self.dist.world_size}, batch {cfg.train.per_device_batch_size}/rank "
+            f"({cfg.train.per_device_batch_size * self.dist.world_size} global), {self.data.steps_per_epoch} "
+            f"steps/epoch, {self.total_steps} steps, datasets {', '.join(self.data.schedule.datasets)}"
+        )
+
+    def _total_steps(self) -> int:
+        if self.cfg.train.max_steps is not None:
+            return self.cfg.train.max_steps
+        return max(1, math.ceil(self.cfg.train.epochs * self.data.steps_per_epoch))
+
+    def _engine(self, model: EmbeddingModel) -> Any:
+        import deepspeed
+
+        t = self.cfg.train
+        ds_cfg = load_ds_config(
+            self.cfg.deepspeed, micro_batch=t.per_device_batch_size, world_size=self.dist.world_size,
+            use_bf16=self.device.type == "cuda" and self.cfg.model.dtype in ("auto", "bfloat16"),
+        )
+        ds_cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        ds_cfg["optimizer"].setdefault("params", {}).update(
+            {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay}
+        )
+        ds_cfg["gradient_clipping"] = t.grad_clip
+        ds_cfg.pop("scheduler", None)  # ours below, so that it matches the config exactly
+        total = self.total_steps
+
+        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return warmup_cosine(optimizer, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=total)
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_cfg,
+            lr_scheduler=scheduler,
+        )
+        return engine
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _log_step(self, dataset: str, stats: StepStats, seconds: float) -> None:
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        values: dict[str, Any] = {
+            "loss": stats.loss,
+            f"loss/{dataset}": stats.loss,
+            **{f"{k}": v for k, v in stats.parts.items()},
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": stats.real_tokens / seconds,
+            "samples_per_s": self.cfg.train.per_device_batch_size * self.dist.world_size / seconds,
+            "padding_efficiency": stats.padding_efficiency,
+            "chunks": stats.chunks_run,
+            "epoch": self.state.epoch,
+        }
+        if self.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.metrics.write(self.state.global_step, values)
+
+    def validate(self) -> float | None:
+        self.engine.eval()
+        losses = [validation_loss(self.engine, batch, self.cfg) for batch in self.data.validation_batches()]
+        self.engine.train()
+        if not losses:
+            return None
+        value = float(np.mean(losses))
+        self.metrics.write(self.state.global_step, {"loss": value, "batches": len(losses)}, split="validation")
+        log(f"step {self.state.global_step}: validation loss {value:.4f} over {len(losses)} batches")
+        return value
+
+    def export(self, name: str) -> Path:
+        reader = self.data.reader
+        return export_model(
+            self.engine, self.tokenizer, self.run_dir / "export" / name,
+            eos_id=reader.eos_id, max_seq_length=reader.max_len,
+            instructions={n: ds.instruction for n, ds in reader.datasets.items()},
+            query_template=reader.manifest.get("query_template", "{query}"),
+        )
+
+    def fit(self) -> TrainerState:
+        t = self.cfg.train
+        step_fn = cached_step if self.cfg.gradcache.enabled else plain_step
+        self.engine.train()
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
+                   disable=not is_rank0(), dynamic_ncols=True)
+        while self.state.global_step < self.total_steps:
+            loader = self.data.loader(self.state.epoch, self.state.step_in_epoch)
+            for dataset, batch in loader:
+                started = time.perf_counter()
+                stats = step_fn(self.engine, batch, self.cfg.loss, self.cfg.gradcache)
+                self.engine.step()
+                seconds = time.perf_counter() - started
+                self.state.global_step += 1
+                self.state.step_in_epoch += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
+                                tok_s=f"{stats.real_tokens / seconds:,.0f}", refresh=False)
+                if t.log_every and self.state.global_step % t.log_every == 0 or self.state.global_step == 1:
+                    self._log_step(dataset, stats, seconds)
+                if t.eval_every and self.state.global_step % t.eval_every == 0:
+                    self.validate()
+                if t.save_every and self.state.global_step % t.save_every == 0:
+                    self.ckpt.save(self.engine, self.state)
+                if self.state.global_step >= self.total_steps:
+                    break
+            else:
+                log(f"epoch {self.state.epoch} done at step {self.state.global_step}")
+                self.export(f"epoch_{self.state.epoch}")
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+        bar.close()
+        if self.state.global_step % max(t.save_every, 1) != 0 or not t.save_every:
+            self.ckpt.save(self.engine, self.state)
+        self.export("final")
+        return self.state
+
+    def close(self) -> None:
+        self.metrics.close()
+        teardown()
+
+
+def run(cfg: Config, *, resume: str | None = None) -> TrainerState:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "TrainerState", "run", "validation_loss", "asdict"]
