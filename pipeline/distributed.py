@@ -6,6 +6,7 @@ identities. Collectives here must be called by every rank the same number of tim
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -91,7 +92,9 @@ def all_gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> tor
     padded = t
     if t.shape[0] < longest:
         padded = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
-    parts = dist_fn.all_gather(padded)
+    with warnings.catch_warnings():  # deprecated in favour of functional collectives, whose backward is not wired
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 

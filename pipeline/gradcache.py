@@ -52,6 +52,7 @@ class StepStats:
     computed_tokens: int = 0
     chunks: int = 0  # this rank's real chunks
     chunks_run: int = 0  # chunks run per forward pass, dummies included (equal on all ranks)
+    coalesced: bool = False  # gradient reduction coalesced over the chunks (DeepSpeed)
 
     @property
     def padding_efficiency(self) -> float:
@@ -228,7 +229,9 @@ def cached_step(
     rng_after.restore()
     if engine is None:
         average_gradients([p for p in base.parameters() if p.requires_grad])
-    return _finish_stats(loss, parts, plan, base, device)
+    stats = _finish_stats(loss, parts, plan, base, device)
+    stats.coalesced = coalesce
+    return stats
 
 
 def plain_step(

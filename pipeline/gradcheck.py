@@ -1,0 +1,205 @@
+"""Gradient check: GradCache's parameter gradient against the plain (non-cached) full-batch gradient.
+
+    python -m pipeline.gradcheck --config configs/tiny-cpu.yaml                    # one process, plain model
+    deepspeed --num_gpus 2 --module pipeline.gradcheck --config configs/tiny-cpu.yaml   # DeepSpeed, config's JSON
+    torchrun --nproc_per_node 2 -m pipeline.gradcheck --config configs/tiny-cpu.yaml      # same, torchrun launcher
+    ... --ds-config ds_configs/zero2.json gradcache.coalesce_grad_reduction=false        # other JSON, overrides
+
+Builds the configured model (same seed on every rank) and a random batch per rank (rank-dependent lengths, so ranks
+run different numbers of chunks and the dummy-chunk padding is exercised), then computes from the same RNG state
+(dropout masks included) the gradient of the plain step and of the cached step. Error = ||g_cached - g_plain|| /
+||g_plain|| over all parameters (L2, full gradients; under ZeRO they are assembled with
+deepspeed.utils.safe_get_full_grad on every rank). When distributed it also checks the gradient SCALE: with dropout
+off, the cached distributed gradient against a single-process gradient of the global batch on an unsharded copy
+of the initial model. The last line printed is ``max relative gradient error: X``; the exit code is 1 above the
+tolerance (1e-4).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.batch import ContrastiveBatch, random_batch
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.distributed import init_distributed, launched_distributed, rank, teardown, world_size
+from pipeline.ds_config import load_ds_config
+from pipeline.gradcache import StepStats, base_module, cached_step, is_deepspeed_engine, plain_step
+from pipeline.logs import log
+from pipeline.model import EmbeddingModel
+
+StepFn = Callable[..., StepStats]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.gradcheck", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML recipe (model, loss, gradcache, deepspeed sections)")
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "deepspeed", "torch"],
+        default="auto",
+        help="auto: DeepSpeed with the config's JSON when launched with several processes, else a plain model; "
+        "torch: plain model (+ torch.distributed when launched); deepspeed: always DeepSpeed",
+    )
+    ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON overriding the config's `deepspeed` path")
+    ap.add_argument("--batch-size", type=int, default=None, help="queries per rank (default: train.per_device_batch_size)")
+    ap.add_argument("--dataset-type", default="retrieval", choices=["retrieval", "classification", "clustering"])
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--tolerance", type=float, default=1e-4)
+    ap.add_argument("--no-scale-check", action="store_true", help="skip the distributed gradient-scale check")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. gradcache.chunk_tokens=128")
+    return ap.parse_args(argv)
+
+
+def make_batch(cfg: Config, vocab: int, eos: int, b: int, dataset_type: str, seed: int, r: int) -> ContrastiveBatch:
+    """Rank r's batch: its own seed and longer passages on higher ranks (different chunk counts per rank)."""
+    n_neg = cfg.loss.hard_negatives.get(dataset_type, 0)
+    rng = np.random.default_rng(seed + 1000 * (r + 1))
+    return random_batch(
+        rng, batch_size=b, n_neg=n_neg, vocab_size=vocab, eos_id=eos,
+        query_len=(6, 24), passage_len=(12, 48 + 32 * r), dataset_type=dataset_type,
+    )
+
+
+def full_grad(model: nn.Module) -> torch.Tensor:
+    """The whole gradient as one fp32 vector (assembled across ZeRO partitions; collective under ZeRO-3)."""
+    if is_deepspeed_engine(model):
+        from deepspeed.utils import safe_get_full_grad
+
+        parts = []
+        for p in base_module(model).parameters():
+            g = safe_get_full_grad(p)
+            parts.append(torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape).flatten() if g is None
+                         else g.detach().float().flatten().cpu().clone())
+        return torch.cat(parts)
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().cpu().clone()
+        for p in model.parameters()
+    ])
+
+
+def clear_grads(model: nn.Module) -> None:
+    """Drop the accumulated gradient: an lr-0 optimizer step under DeepSpeed (clears ZeRO's buffers), else zero_grad."""
+    if is_deepspeed_engine(model):
+        model.step()
+        model.zero_grad()
+    else:
+        model.zero_grad(set_to_none=True)
+
+
+def run_gradient(model: nn.Module, step: StepFn, batch: ContrastiveBatch, cfg: Config, seed: int) -> tuple[torch.Tensor, StepStats]:
+    torch.manual_seed(seed)  # same dropout masks for every step function
+    stats = step(model, batch, cfg.loss, cfg.gradcache)
+    g = full_grad(model)
+    clear_grads(model)
+    return g, stats
+
+
+def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def build_engine(model: EmbeddingModel, cfg: Config, ds_path: str, micro_batch: int) -> nn.Module:
+    import deepspeed
+
+    ds = load_ds_config(ds_path, micro_batch=micro_batch, grad_accum=1, world_size=world_size(),
+                        use_bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"))
+    # The optimizer only clears gradients here (lr 0: weights never move). A client torch AdamW replaces the JSON's
+    # DeepSpeed AdamW so that no optimizer op has to be JIT-compiled (minutes on a fresh CPU machine).
+    ds.pop("optimizer", None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    stage = engine.zero_optimization_stage()
+    log(f"deepspeed: ZeRO stage {stage}, world size {world_size()}, {ds_path}")
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    use_ds = args.engine == "deepspeed" or (args.engine == "auto" and launched_distributed())
+    n_ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    my_rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(args.seed)
+    model = EmbeddingModel.from_config(cfg.model, device)
+    b = args.batch_size or cfg.train.per_device_batch_size
+    vocab = model.backbone.config.vocab_size
+    eos = model.backbone.config.eos_token_id
+    eos = int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 1))
+    batches = [make_batch(cfg, vocab, eos, b, args.dataset_type, args.seed, r) for r in range(n_ranks)]
+    g_ref = None
+    if n_ranks > 1 and not args.no_scale_check:
+        # Before any process group exists: one process computing the global batch, unsharded, dropout off.
+        g_ref = reference_gradient(copy.deepcopy(model), batches, cfg)
+    init_distributed(use_deepspeed=use_ds)
+    try:
+        return check(model, batches[my_rank], cfg, args, use_ds, b, g_ref)
+    finally:
+        teardown()
+
+
+def reference_gradient(model: EmbeddingModel, batches: list[ContrastiveBatch], cfg: Config) -> torch.Tensor:
+    """Gradient of the global-batch loss (mean over all ranks' queries) in one process, dropout off."""
+    glob = ContrastiveBatch(
+        queries=[s for bt in batches for s in bt.queries],
+        positives=[s for bt in batches for s in bt.positives],
+        negatives=[s for bt in batches for s in bt.negatives],
+        n_neg=batches[0].n_neg,
+        dataset_type=batches[0].dataset_type,
+    )
+    model.eval()
+    plain_step(model, glob, cfg.loss, cfg.gradcache)
+    return full_grad(model)
+
+
+def check(
+    model: EmbeddingModel,
+    batch: ContrastiveBatch,
+    cfg: Config,
+    args: argparse.Namespace,
+    use_ds: bool,
+    b: int,
+    g_ref: torch.Tensor | None,
+) -> int:
+    runner: nn.Module = build_engine(model, cfg, args.ds_config or cfg.deepspeed, b) if use_ds else model
+    runner.train()
+    step_seed = args.seed + 7 + rank()
+    g_plain, s_plain = run_gradient(runner, plain_step, batch, cfg, step_seed)
+    g_cached, s_cached = run_gradient(runner, cached_step, batch, cfg, step_seed)
+    if abs(s_plain.loss - s_cached.loss) > 1e-5 * max(1.0, abs(s_plain.loss)):
+        log(f"loss differs: plain {s_plain.loss:.8f} vs cached {s_cached.loss:.8f}")
+    err = rel_error(g_cached, g_plain)
+    log(
+        f"batch: {b} queries/rank x {world_size()} ranks, {batch.n_neg} negatives, {s_cached.sequences} sequences, "
+        f"{s_cached.real_tokens} tokens, padding efficiency {s_cached.padding_efficiency:.3f}; "
+        f"chunks on rank 0 {s_cached.chunks}, run {s_cached.chunks_run}; loss {s_cached.loss:.6f}; "
+        f"coalesced grad reduction {'on' if s_cached.coalesced else 'off'}"
+    )
+    log(f"cached vs plain (dropout on): relative gradient error {err:.3e} (||g|| = {float(g_plain.norm()):.4e})")
+    errors = [err]
+    if g_ref is not None:
+        runner.eval()
+        g_dist, _ = run_gradient(runner, cached_step, batch, cfg, step_seed)
+        scale_err = rel_error(g_dist, g_ref)
+        log(f"scale check (dropout off): distributed cached vs single-process global batch: {scale_err:.3e}")
+        errors.append(scale_err)
+    worst = max(errors)
+    if rank() == 0:
+        print(f"max relative gradient error: {worst:.3e}", flush=True)
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
