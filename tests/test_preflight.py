@@ -131,6 +131,16 @@ def recipe(tmp_path) -> Path:
     return cfg
 
 
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A small, stable launch directory (the shared working tree changes under concurrent edits)."""
+    root = tmp_path / "repo"
+    for rel in ("pipeline/__init__.py", "pipeline/logs.py", "launch/multinode.sh", "setup.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    return root
+
+
 def test_cli_help():
     r = _run_cli("--help")
     assert r.returncode == 0 and "--hostfile" in r.stdout and "--ssh-config" in r.stdout
@@ -174,9 +184,9 @@ def _host_lines(stdout: str) -> dict[str, str]:
     return lines
 
 
-def test_ssh_all_hosts_ok(sshd_cluster, tmp_path, recipe):
+def test_ssh_all_hosts_ok(sshd_cluster, tmp_path, recipe, workdir):
     r = _run_cli("--hostfile", str(_hostfile(tmp_path, "node0", "node1")), "--config", str(recipe),
-                 "--ssh-config", str(sshd_cluster.ssh_config), "--json")
+                 "--ssh-config", str(sshd_cluster.ssh_config), "--workdir", str(workdir), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = _host_lines(r.stdout)
     assert lines["node0"].split()[1] == "OK" and lines["node1"].split()[1] == "OK"
@@ -185,17 +195,17 @@ def test_ssh_all_hosts_ok(sshd_cluster, tmp_path, recipe):
                                                            "node1": {"ok": True, "problems": []}}}
 
 
-def test_ssh_closed_port_is_named(sshd_cluster, tmp_path, recipe):
+def test_ssh_closed_port_is_named(sshd_cluster, tmp_path, recipe, workdir):
     r = _run_cli("--hostfile", str(_hostfile(tmp_path, "node0", "deadnode")), "--config", str(recipe),
-                 "--ssh-config", str(sshd_cluster.ssh_config))
+                 "--ssh-config", str(sshd_cluster.ssh_config), "--workdir", str(workdir))
     assert r.returncode == 1, r.stdout + r.stderr
     lines = _host_lines(r.stdout)
-    assert lines["node0"].split()[1] == "OK"
+    assert lines["node0"].split()[1] == "OK", r.stdout
     assert "FAIL  ssh failed:" in lines["deadnode"] and "Connection refused" in lines["deadnode"]
     assert r.stdout.strip().splitlines()[-1] == "preflight: FAIL on 1 of 2 host(s): deadnode"
 
 
-def test_ssh_hung_host_times_out_in_parallel(sshd_cluster, tmp_path, recipe):
+def test_ssh_hung_host_times_out_in_parallel(sshd_cluster, tmp_path, recipe, workdir):
     """A host that accepts TCP but never speaks: bounded by ConnectTimeout, and the other hosts still answer."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -203,29 +213,31 @@ def test_ssh_hung_host_times_out_in_parallel(sshd_cluster, tmp_path, recipe):
         sshd_cluster.add_alias("hungnode", silent.getsockname()[1])
         start = time.monotonic()
         r = _run_cli("--hostfile", str(_hostfile(tmp_path, "hungnode", "node0", "node1")), "--config", str(recipe),
-                     "--ssh-config", str(sshd_cluster.ssh_config), "--connect-timeout", "2", "--timeout", "6")
+                     "--ssh-config", str(sshd_cluster.ssh_config), "--workdir", str(workdir),
+                     "--connect-timeout", "2", "--timeout", "6")
         elapsed = time.monotonic() - start
     assert r.returncode == 1, r.stdout + r.stderr
     lines = _host_lines(r.stdout)
-    assert "FAIL" in lines["hungnode"] and lines["node0"].split()[1] == "OK" and lines["node1"].split()[1] == "OK"
+    assert "FAIL" in lines["hungnode"] and "timed out" in lines["hungnode"], r.stdout
+    assert lines["node0"].split()[1] == "OK" and lines["node1"].split()[1] == "OK", r.stdout
     assert elapsed < 15, f"preflight took {elapsed:.1f}s with a hung host"
 
 
-def test_ssh_host_with_different_files_is_named(sshd_cluster, tmp_path, recipe):
+def test_ssh_host_with_different_files_is_named(sshd_cluster, tmp_path, recipe, workdir):
     """node1x: this machine seen through a private mount namespace where the config, the data manifest and one
     code file have other content at the same paths - a host that honestly disagrees."""
     manifest = tmp_path / "shards" / "manifest.json"
-    code_file = REPO / "pipeline" / "logs.py"
+    code_file = workdir / "pipeline" / "logs.py"
     sshd_cluster.diverged_node("node1x", {
         recipe: recipe.read_text() + "# edited on node1x only\n",
         manifest: '{"format": "test", "datasets": {"other": {}}}\n',
         code_file: code_file.read_text() + "# local patch\n",
     })
     r = _run_cli("--hostfile", str(_hostfile(tmp_path, "node0", "node1x")), "--config", str(recipe),
-                 "--ssh-config", str(sshd_cluster.ssh_config))
+                 "--ssh-config", str(sshd_cluster.ssh_config), "--workdir", str(workdir))
     assert r.returncode == 1, r.stdout + r.stderr
     lines = _host_lines(r.stdout)
-    assert lines["node0"].split()[1] == "OK"
+    assert lines["node0"].split()[1] == "OK", r.stdout
     bad = lines["node1x"]
     assert f"config {recipe} differs" in bad
     assert f"data: {manifest} differs" in bad
