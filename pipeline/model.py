@@ -168,6 +168,15 @@ def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.d
     )
 
 
+def enable_checkpointing(backbone: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every layer (transformers >= 5: activation_checkpointing_*)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class EmbeddingModel(nn.Module):
     """Backbone + pooling + optional L2 normalisation. ``forward(chunk_inputs) -> [n, d]`` embeddings."""
 
@@ -207,7 +216,7 @@ class EmbeddingModel(nn.Module):
         pooling = resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path)
         packed = resolve_packing(cfg.packing, decoder=decoder)
         if cfg.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(backbone)
         pad_id = getattr(hf_config, "pad_token_id", None)
         if pad_id is None:
             pad_id = getattr(hf_config, "eos_token_id", None)

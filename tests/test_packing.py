@@ -1,0 +1,169 @@
+"""Packing: packed embeddings equal padded ones (fp32, <= 1e-5), chunk planning, encoder handling, batch/DS config."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_model import minilm_dir, tiny_model, tiny_model_config
+from pipeline.batch import ContrastiveBatch, random_batch
+from pipeline.config import ModelConfig
+from pipeline.ds_config import load_ds_config
+from pipeline.model import EmbeddingModel, encode, resolve_attn_implementation
+from pipeline.packing import chunk_cost, pack, pad, plan_chunks
+
+
+def seqs_with_edge_lengths(rng: np.random.Generator) -> list[np.ndarray]:
+    lengths = [1, 2, 37, 5, 64, 1, 13, 90, 3]
+    out = []
+    for n in lengths:
+        s = rng.integers(1000, 30000, size=n)
+        s[-1] = 102
+        out.append(s.astype(np.uint16))  # shard dtype
+    return out
+
+
+@pytest.mark.parametrize("pooling", ["last_token", "mean", "cls"])
+def test_packed_equals_padded_and_separate(pooling):
+    model = tiny_model(0, pooling=pooling)
+    model.eval()
+    seqs = seqs_with_edge_lengths(np.random.default_rng(1))
+    with torch.no_grad():
+        packed = model(pack(seqs))
+        padded = model(pad(seqs, pad_id=0))
+        separate = torch.cat([model(pad([s], pad_id=0)) for s in seqs])
+    assert packed.dtype == torch.float32 and packed.shape == (len(seqs), 64)
+    assert (packed - padded).abs().max() <= 1e-5
+    assert (packed - separate).abs().max() <= 1e-5
+    assert torch.allclose(packed.norm(dim=-1), torch.ones(len(seqs)), atol=1e-5)
+
+
+def test_packing_without_position_restarts_leaks_across_sequences():
+    """Negative control: the same row with position_ids 0..T-1 (no restarts) mixes sequences - the test above is
+    sensitive to the block-diagonal mask."""
+    model = tiny_model(0)
+    model.eval()
+    seqs = seqs_with_edge_lengths(np.random.default_rng(1))
+    inputs = pack(seqs)
+    leaky = pack(seqs)
+    leaky.position_ids = torch.arange(inputs.input_ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        diff = (model(inputs) - model(leaky)).abs().max()
+    assert diff > 1e-2
+
+
+def test_encode_chunks_restore_input_order_and_count_padding():
+    model = tiny_model(0)
+    model.eval()
+    seqs = seqs_with_edge_lengths(np.random.default_rng(2)) * 3
+    with torch.no_grad():
+        whole = model(pack(seqs))
+        emb, stats = encode(model, seqs, chunk_tokens=100)
+        model.packed = False
+        emb_pad, stats_pad = encode(model, seqs, chunk_size=4)
+    assert (emb - whole).abs().max() <= 1e-5 and (emb_pad - whole).abs().max() <= 1e-5
+    assert stats.chunks > 3 and stats.padding_efficiency == 1.0
+    assert stats.real_tokens == sum(len(s) for s in seqs) == stats_pad.real_tokens
+    assert 0 < stats_pad.padding_efficiency < 1.0
+
+
+def test_plan_chunks_budget_and_coverage():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=200)
+    lengths[7] = 5000  # longer than the budget: a chunk of its own
+    for packed in (True, False):
+        chunks = plan_chunks(lengths, packed=packed, chunk_tokens=1024)
+        flat = np.sort(np.concatenate(chunks))
+        assert (flat == np.arange(200)).all()
+        for c in chunks:
+            assert chunk_cost(lengths[c], packed=packed) <= 1024 or len(c) == 1
+    packed_chunks = plan_chunks(lengths, packed=True, chunk_tokens=1024)
+    assert (np.concatenate(packed_chunks) == np.arange(200)).all()  # packed keeps the input order
+    # length bucketing: padded cost with bucketing well below the cost without
+    bucketed = sum(chunk_cost(lengths[c], packed=False) for c in plan_chunks(lengths, packed=False, chunk_size=8))
+    unsorted = sum(chunk_cost(lengths[c], packed=False)
+                   for c in plan_chunks(lengths, packed=False, chunk_size=8, bucket=False))
+    assert bucketed < 0.8 * unsorted
+    assert [len(c) for c in plan_chunks(lengths, packed=True, chunk_size=64)] == [64, 64, 64, 8]
+    assert len(plan_chunks(lengths, packed=True)) == 1
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        plan_chunks(lengths, packed=True, chunk_tokens=0)
+
+
+def test_pack_layout():
+    inputs = pack([np.array([5, 6, 7]), np.array([8]), np.array([9, 10])])
+    assert inputs.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert inputs.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert inputs.cu_seqlens.tolist() == [0, 3, 4, 6] and inputs.cu_seqlens.dtype == torch.int32
+    assert inputs.attention_mask is None and inputs.max_length == 3
+    padded = pad([np.array([5, 6, 7]), np.array([8])], pad_id=0)
+    assert padded.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert padded.real_tokens == 4 and padded.computed_tokens == 6
+
+
+def test_encoder_minilm_padded_matches_sentence_transformers():
+    """BERT encoder: 'auto' resolves to padded chunks and the model dir's mean pooling; equals sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    path = minilm_dir()
+    model = EmbeddingModel.from_config(ModelConfig(name_or_path=path), "cpu")
+    assert model.pooling == "mean" and model.packed is False and model.attn_implementation == "sdpa"
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = ["a short one", "a somewhat longer sentence about gradient caching and packing", "x"]
+    seqs = [np.array(ids) for ids in tok(texts)["input_ids"]]
+    with torch.no_grad():
+        ours, stats = encode(model, seqs, chunk_size=2)
+    ref = SentenceTransformer(path, device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    assert (ours - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="encoders ignore packed"):
+        EmbeddingModel.from_config(ModelConfig(name_or_path=path, packing="packed"), "cpu")
+
+
+def test_settings_resolution_on_cpu():
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="flash_attention_2 needs CUDA"):
+        resolve_attn_implementation("flash_attention_2", torch.device("cpu"))
+    model = tiny_model(0)
+    assert model.pooling == "last_token" and model.packed and next(model.parameters()).dtype == torch.float32
+    assert model.backbone.config.use_cache is False
+    with pytest.raises(ValueError, match="exactly one"):
+        EmbeddingModel.from_config(ModelConfig(), "cpu")
+    ckpt = EmbeddingModel.from_config(tiny_model_config(gradient_checkpointing=True), "cpu")
+    flag = getattr(ckpt.backbone, "is_activation_checkpointing", None)
+    assert flag if flag is not None else ckpt.backbone.is_gradient_checkpointing
+
+
+def test_batch_validation():
+    rng = np.random.default_rng(0)
+    b = random_batch(rng, batch_size=2, n_neg=3, vocab_size=100, eos_id=7)
+    assert len(b.sequences()) == 2 + 2 + 6 and all(s[-1] == 7 for s in b.sequences())
+    with pytest.raises(ValueError, match="expected 2 \\* 2 negatives"):
+        ContrastiveBatch(b.queries, b.positives, b.negatives, 2, "retrieval")
+    with pytest.raises(ValueError, match="dataset_type"):
+        ContrastiveBatch(b.queries, b.positives, b.negatives, 3, "qa")
+
+
+def test_ds_config_batch_fields_follow_training_config(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("zero2.json", "zero3.json"):
+        cfg = load_ds_config(repo / "ds_configs" / name, micro_batch=16, grad_accum=1, world_size=4, use_bf16=False)
+        assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 16
+        assert cfg["gradient_accumulation_steps"] == 1 and cfg["bf16"]["enabled"] is False
+        assert cfg["optimizer"]["type"] == "AdamW"
+    z3 = load_ds_config(repo / "ds_configs" / "zero3.json", micro_batch=2, world_size=1, use_bf16=True)
+    assert z3["bf16"]["enabled"] is True
+    zo = z3["zero_optimization"]
+    assert zo["stage"] == 3 and zo["overlap_comm"] and zo["contiguous_gradients"]
+    assert zo["stage3_gather_16bit_weights_on_model_save"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_ds_config(bad, micro_batch=1, world_size=1, use_bf16=False)
+    assert json.loads((repo / "ds_configs" / "zero3.json").read_text())["bf16"]["enabled"] == "auto"
