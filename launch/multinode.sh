@@ -43,6 +43,14 @@ Example:
 EOF
 }
 
+# Print a command so that it can be pasted back into a shell (quotes only where needed).
+print_cmd() {
+  local a out=()
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
 die() { echo "multinode.sh: error: $*" >&2; exit 2; }
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -188,8 +196,8 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "# environment exported to every rank (DS_ENV_FILE):"
   sed 's/^/#   /' "$ENV_FILE"
   [ -z "${PDSH_SSH_ARGS_APPEND:-}" ] || echo "PDSH_SSH_ARGS_APPEND=\"$PDSH_SSH_ARGS_APPEND\""
-  [ "$SKIP_PREFLIGHT" = 1 ] || printf '%q ' "${PREFLIGHT[@]}" | sed 's/ $/\n/'
-  printf '%q ' "${LAUNCH[@]}" | sed 's/ $/\n/'
+  [ "$SKIP_PREFLIGHT" = 1 ] || print_cmd "${PREFLIGHT[@]}"
+  print_cmd "${LAUNCH[@]}"
   exit 0
 fi
 

@@ -33,6 +33,14 @@ Examples:
 EOF
 }
 
+# Print a command so that it can be pasted back into a shell (quotes only where needed).
+print_cmd() {
+  local a out=()
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
 die() { echo "train.sh: error: $*" >&2; exit 2; }
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,7 +119,7 @@ LAUNCH=("$PYTHON" -m deepspeed.launcher.runner "${PLACEMENT[@]}" --master_port "
         "${ENTRY[@]}" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$DRY_RUN" = 1 ]; then
   echo "# $DEVICE: $NRANKS rank(s); OMP_NUM_THREADS=$OMP_NUM_THREADS${NCCL_DEBUG:+ NCCL_DEBUG=$NCCL_DEBUG}${GLOO_SOCKET_IFNAME:+ GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME}"
-  printf '%q ' "${LAUNCH[@]}" | sed 's/ $/\n/'
+  print_cmd "${LAUNCH[@]}"
   exit 0
 fi
 echo "train.sh: $NRANKS rank(s) on $DEVICE, OMP_NUM_THREADS=$OMP_NUM_THREADS, master port $MASTER_PORT" >&2

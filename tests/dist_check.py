@@ -19,6 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="directory for rank<R>.json")
     parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--config", default=None, help="(passed by the launch scripts; recorded, not read)")
     parser.add_argument("--local_rank", type=int, default=None, help="(passed by deepspeed's launcher)")
     args = parser.parse_args()
 
@@ -49,6 +50,9 @@ def main() -> int:
             "all_reduce": t.item(),
             "all_reduce_ok": t.item() == expected,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+            "config": args.config,
+            "cwd": os.getcwd(),
         }
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

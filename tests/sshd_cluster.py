@@ -330,6 +330,23 @@ class SshdCluster:
             capture_output=True, text=True, timeout=timeout,
         )
 
+    def sessions(self) -> list:
+        """Live processes started through the sshds (ssh sessions and what they run); needs psutil."""
+        return [c for proc in self.procs for c in _descendants(proc.pid) if _alive(c)]
+
+    def kill_sessions(self) -> None:
+        """Kill every process started through the sshds (e.g. ranks left by a timed-out launch); sshds keep running."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            live = self.sessions()
+            for c in live:
+                try:
+                    c.send_signal(sig)
+                except Exception:
+                    pass
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and self.sessions():
+                time.sleep(0.05)
+
     def close(self) -> None:
         for proc in self.procs:
             _kill_group(proc)
