@@ -100,37 +100,45 @@ def _descendants(pid: int) -> list:
         return []
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop an sshd started with start_new_session=True: its process group, and every descendant.
-
-    sshd puts each connection (and so each remote command) in a new session, out of the listener's process group,
-    so the descendants are collected first (psutil) and killed along with the group.
-    """
-    children = _descendants(proc.pid)
-    pgid = proc.pid
+def _terminate(procs: list, grace: float = 3.0) -> None:
+    """SIGTERM the given psutil processes, wait up to `grace` s, SIGKILL the survivors (the list is fixed up front)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for child in children:
+        for p in procs:
             try:
-                child.send_signal(sig)
+                p.send_signal(sig)
             except Exception:  # already gone
                 pass
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or it stays a zombie member of the group
-            alive = [c for c in children if _alive(c)]
-            try:
-                os.killpg(pgid, 0)
-                group_alive = True
-            except ProcessLookupError:
-                group_alive = False
-            if not alive and not group_alive:
-                return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in procs):
             time.sleep(0.05)
-    proc.wait(timeout=5)
+        procs = [p for p in procs if _alive(p)]
+        if not procs:
+            return
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop an sshd started with start_new_session=True: every descendant, and its process group.
+
+    sshd puts each connection (and so each remote command) in a new session, out of the listener's process group,
+    so the descendants are collected first (psutil) and killed by pid, before the group.
+    """
+    _terminate(_descendants(proc.pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is reaped; anything else left in the group?
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
 
 
 def _alive(p) -> bool:
@@ -335,17 +343,16 @@ class SshdCluster:
         return [c for proc in self.procs for c in _descendants(proc.pid) if _alive(c)]
 
     def kill_sessions(self) -> None:
-        """Kill every process started through the sshds (e.g. ranks left by a timed-out launch); sshds keep running."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        """Kill every process started through the sshds (e.g. ranks left by a timed-out launch); sshds keep running.
+
+        The process list is taken before signalling: a killed session's children are re-parented to init and
+        would no longer show up as descendants of sshd.
+        """
+        for _ in range(3):  # again, for anything spawned while the first list was being killed
             live = self.sessions()
-            for c in live:
-                try:
-                    c.send_signal(sig)
-                except Exception:
-                    pass
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and self.sessions():
-                time.sleep(0.05)
+            if not live:
+                return
+            _terminate(live)
 
     def close(self) -> None:
         for proc in self.procs:
