@@ -38,6 +38,13 @@ def test_parse_hostfile_bad_line_names_file_and_line(tmp_path, bad):
     assert msg.startswith(f"{f}:2: expected 'HOSTNAME slots=N'") and "\n" not in msg
 
 
+def test_hostfile_example_parses_like_deepspeed():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    example = REPO / "launch" / "hostfile.example"
+    assert parse_hostfile(example) == dict(fetch_hostfile(str(example))) == {"worker-0": 8, "worker-1": 8}
+
+
 def test_parse_hostfile_duplicate_empty_missing(tmp_path):
     f = tmp_path / "hosts"
     f.write_text("node0 slots=1\nnode0 slots=2\n")
