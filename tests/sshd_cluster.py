@@ -22,7 +22,9 @@ which some files are bind-mounted over by other content: a host that really sees
 the same path, for preflight's mismatch tests.
 
 Use the ``sshd_cluster`` fixture (import it into a test module), or :class:`SshdCluster` as a context manager.
-Teardown kills each sshd's process group (sessions included) and removes the temp dir.
+Teardown kills every process started through each sshd (psutil: sshd puts each connection in a new session, so
+the listener's process group alone would miss them), then the sshd's process group, and removes the temp dir.
+``kill_sessions()`` does the first part between tests (e.g. after a launch that timed out).
 
 Under ``CI=true`` a missing sshd / ssh / pdsh fails the test with a clear message; elsewhere it skips with a reason.
 """
