@@ -211,6 +211,8 @@ class Trainer:
         t = self.cfg.train
         step_fn = cached_step if self.cfg.gradcache.enabled else plain_step
         self.engine.train()
+        if t.eval_every and self.state.global_step == 0:
+            self.validate()  # the untrained model's validation loss, the baseline of the curve
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    disable=not is_rank0(), dynamic_ncols=True)
         while self.state.global_step < self.total_steps:

@@ -1,0 +1,136 @@
+"""The trainer end to end: 2-process DeepSpeed ZeRO-3 on CPU (gloo) through the deepspeed launcher.
+
+One uninterrupted reference run is shared by the tests: its loss must fall, a run SIGKILLed mid-way and resumed
+must log the same losses and end with the same weights, and its export must load in transformers and
+sentence-transformers with the training model's embeddings.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train_helpers import kill_group, run_training, start_training, train_losses, wait_for
+
+STEPS = 10
+SAVE_EVERY = 4
+
+
+def overrides(shards: Path, out: Path, **extra: str) -> list[str]:
+    values = {
+        "data.shards": str(shards),
+        "data.datasets": "[web_search]",
+        "data.validation_fraction": "0.11",  # 33 held-out queries: 2 validation batches of 16
+        "data.num_workers": "1",
+        "train.output_dir": str(out),
+        "train.max_steps": str(STEPS),
+        "train.lr": "1e-3",
+        "train.min_lr": "1e-4",
+        "train.warmup_steps": "1",
+        "train.log_every": "1",
+        "train.save_every": str(SAVE_EVERY),
+        "train.eval_every": "5",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(example_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_training(overrides(example_shards, out), log=out.parent / "log.txt")
+    return out
+
+
+def test_zero3_training_loss_decreases(reference_run):
+    losses = train_losses(reference_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert all(r["padding_efficiency"] == 1.0 for r in train)  # packed decoder chunks
+    assert all(k in train[-1] for k in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "loss/web_search"))
+    validation = {r["step"]: r["loss"] for r in records if r["split"] == "validation"}
+    assert sorted(validation) == [0, 5, 10]
+    assert validation[10] < validation[0] - 0.05, validation
+    assert (reference_run / "config.json").is_file() and (reference_run / "versions.json").is_file()
+    assert (reference_run / "tensorboard").is_dir()
+    ckpts = reference_run / "checkpoints"
+    assert (ckpts / "latest_complete").read_text() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000010"]
+
+
+def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    proc = start_training(overrides(example_shards, out), log=log)
+    try:
+        wait_for(lambda: max(train_losses(out), default=0) >= SAVE_EVERY + 2, 400, "step 6", proc)
+    finally:
+        kill_group(proc)
+    ckpts = out / "checkpoints"
+    resumed_from = int((ckpts / "latest_complete").read_text().removeprefix("step_"))
+    assert resumed_from >= SAVE_EVERY and resumed_from % SAVE_EVERY == 0
+    assert not (out / "export" / "final").exists()
+    before = len((out / "metrics.jsonl").read_text().splitlines())
+    run_training(overrides(example_shards, out), resume=True, log=tmp_path / "resume_log.txt")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[before:]
+    resumed = {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
+    reference = train_losses(reference_run)
+    assert sorted(resumed) == list(range(resumed_from + 1, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
+    ours, theirs = _weights(out / "export" / "final"), _weights(reference_run / "export" / "final")
+    assert ours.keys() == theirs.keys()
+    for name in ours:  # equal up to fp32 rounding: relative L2 distance <= 1e-6 per tensor
+        rel = (ours[name] - theirs[name]).norm() / theirs[name].norm()
+        assert rel <= 1e-6, (name, float(rel))
+
+
+def test_export_loads_in_transformers_and_sentence_transformers(reference_run, example_shards, example_raw):
+    import pyarrow.parquet as pq
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import EmbeddingModel, encode
+    from pipeline.shards import ShardReader
+
+    export = reference_run / "export" / "final"
+    ds = ShardReader(example_shards)["web_search"]
+    rows = pq.read_table(example_raw / "web_search.parquet").slice(0, 6).to_pylist()
+    query_tokens = [np.array(ds.queries[i]) for i in range(6)]
+    doc_tokens = [np.array(ds.corpus[int(ds.positives[i])]) for i in range(6)]
+
+    # The training model's forward on the shard tokens, from the exported weights.
+    model = EmbeddingModel.from_config(ModelConfig(name_or_path=str(export), pooling="last_token"))
+    model.eval()
+    with torch.no_grad():
+        ours_q, _ = encode(model, query_tokens, chunk_size=1)
+        ours_d, _ = encode(model, doc_tokens, chunk_size=1)
+
+    # Plain transformers: last hidden state at the final (EOS) token, L2-normalised.
+    tok = AutoTokenizer.from_pretrained(str(export))
+    hf = AutoModel.from_pretrained(str(export)).eval()
+    with torch.no_grad():
+        for i, row in enumerate(rows[:3]):
+            ids = tok(row["passage"], truncation=True, max_length=64, return_tensors="pt")
+            assert ids["input_ids"][0].tolist() == doc_tokens[i].tolist()
+            h = hf(**ids).last_hidden_state[0, -1]
+            torch.testing.assert_close(torch.nn.functional.normalize(h, dim=-1), ours_d[i], atol=1e-5, rtol=1e-5)
+
+    # sentence-transformers, with the dataset's instruction prompt for queries.
+    st = SentenceTransformer(str(export), device="cpu")
+    assert st.max_seq_length == 64
+    st_q = st.encode([r["query"] for r in rows], prompt_name="web_search", convert_to_tensor=True, batch_size=2)
+    st_d = st.encode([r["passage"] for r in rows], convert_to_tensor=True, batch_size=2)
+    torch.testing.assert_close(st_q, ours_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(st_d, ours_d, atol=1e-5, rtol=1e-5)
