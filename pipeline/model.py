@@ -25,7 +25,14 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.logs import log
-from pipeline.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
+from pipeline.packing import (
+    VARLEN,
+    ChunkInputs,
+    build_inputs,
+    padding_efficiency,
+    plan_chunks,
+    register_segment_attention,
+)
 
 POOLINGS = ("last_token", "mean", "cls")
 
@@ -45,13 +52,14 @@ def flash_attn_available() -> bool:
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
-    """'auto' -> flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa."""
+    """'auto' -> flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa.
+
+    'varlen' is :func:`pipeline.packing.segment_attention` (causal sdpa per packed sequence; packed decoders only).
+    """
     if requested == "auto":
         return "flash_attention_2" if (device.type == "cuda" and flash_attn_available()) else "sdpa"
     if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
         raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and an importable flash-attn")
-    if requested == "varlen":
-        raise ValueError("model.attn_implementation=varlen is not implemented yet; use auto, flash_attention_2 or sdpa")
     return requested
 
 
@@ -162,7 +170,11 @@ def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.d
             raise ValueError("model.from_config: missing model_type (e.g. qwen3)")
         config = AutoConfig.for_model(model_type, **kwargs)
         config.use_cache = False
+        if attn_implementation == VARLEN:
+            register_segment_attention()
         return AutoModel.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    if attn_implementation == VARLEN:
+        register_segment_attention()
     return AutoModel.from_pretrained(
         cfg.name_or_path, attn_implementation=attn_implementation, dtype=dtype, use_cache=False
     )
@@ -215,6 +227,8 @@ class EmbeddingModel(nn.Module):
         decoder = is_decoder_config(hf_config)
         pooling = resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path)
         packed = resolve_packing(cfg.packing, decoder=decoder)
+        if attn == VARLEN and not packed:
+            raise ValueError("model.attn_implementation=varlen needs packed chunks (a decoder with packing auto/packed)")
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
         pad_id = getattr(hf_config, "pad_token_id", None)
@@ -252,6 +266,9 @@ class EmbeddingModel(nn.Module):
         return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id)
 
     def forward(self, inputs: ChunkInputs) -> torch.Tensor:
+        if not inputs.packed and self.attn_implementation == VARLEN:
+            raise ValueError("varlen attention needs packed inputs")
+        cu_host = inputs.cu_seqlens  # segment bounds stay on the host for varlen (no device sync per layer)
         inputs = inputs.to(self.device)
         kwargs: dict[str, Any] = {"input_ids": inputs.input_ids, "use_cache": False}
         if inputs.packed:
@@ -264,6 +281,8 @@ class EmbeddingModel(nn.Module):
                     max_length_q=inputs.max_length,
                     max_length_k=inputs.max_length,
                 )
+            elif self.attn_implementation == VARLEN:
+                kwargs["cu_seq_lens_q"] = cu_host
         else:
             kwargs["attention_mask"] = inputs.attention_mask
         hidden = self.backbone(**kwargs).last_hidden_state
