@@ -46,6 +46,15 @@ class TokenTable:
         return np.diff(self.offsets)
 
 
+def _numpy_view(array: pa.Array, path: Path) -> np.ndarray:
+    """Zero-copy numpy view of a primitive Arrow array without nulls (``Array.to_numpy`` imports pandas on first
+    use, which costs ~0.5 s and ~45 MiB at every open)."""
+    if array.null_count:
+        raise ShardError(f"{path}: unexpected null values in a token or id column")
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def _token_table(column: pa.ChunkedArray, path: Path) -> TokenTable:
     if column.num_chunks != 1:
         raise ShardError(f"{path}: expected one record batch, found {column.num_chunks}")
@@ -53,8 +62,8 @@ def _token_table(column: pa.ChunkedArray, path: Path) -> TokenTable:
     if chunk.offset != 0:
         raise ShardError(f"{path}: sliced token column is not supported")
     return TokenTable(
-        values=chunk.values.to_numpy(zero_copy_only=True),
-        offsets=chunk.offsets.to_numpy(zero_copy_only=True),
+        values=_numpy_view(chunk.values, path),
+        offsets=_numpy_view(chunk.offsets, path),
     )
 
 
@@ -89,11 +98,11 @@ class ShardDataset:
         negatives = queries_table.column("negatives")
         if positive.num_chunks != 1 or negatives.num_chunks != 1:
             raise ShardError(f"{queries_path}: expected one record batch")
-        self.positives = positive.chunk(0).to_numpy(zero_copy_only=True)
+        self.positives = _numpy_view(positive.chunk(0), queries_path)
         neg_chunk = negatives.chunk(0)
         width = neg_chunk.type.list_size
         k = int((queries_table.schema.metadata or {}).get(b"num_negatives", width))
-        flat = neg_chunk.values.to_numpy(zero_copy_only=True)
+        flat = _numpy_view(neg_chunk.values, queries_path)
         self.negatives = flat.reshape(len(neg_chunk), width)[:, :k]
 
     @property

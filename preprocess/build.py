@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,7 +41,15 @@ from pipeline.shard_format import (
 )
 from preprocess.raw import RawRow, RawStats, discover, read_rows
 from preprocess.registry import DatasetSpec, Registry, load_registry
-from preprocess.tokenization import MIN_MAX_LEN, EncodeSpec, TokenSink, Tokenizer, load_tokenizer, token_list_array
+from preprocess.tokenization import (
+    MIN_MAX_LEN,
+    EncodeSpec,
+    TokenSink,
+    Tokenizer,
+    load_tokenizer,
+    token_list_array,
+    write_backend,
+)
 
 
 class BuildError(ValueError):
@@ -145,13 +154,7 @@ class ShardBuilder:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.token_dtype = token_dtype_for_vocab(max(self.fingerprint["vocab_size"], len(self.tokenizer)))
-        self.encode_spec = EncodeSpec(
-            tokenizer=options.tokenizer,
-            max_len=options.max_len,
-            eos_id=self.eos_id,
-            appends_eos=appends_eos,
-            dtype=self.token_dtype.name,
-        )
+        self.appends_eos = appends_eos
 
     # ---------------------------------------------------------------------------------------------------------
     def _check_existing_output(self) -> None:
@@ -283,22 +286,36 @@ class ShardBuilder:
         tmp.rename(final)
         return meta
 
+    def _build_all(self, tokenizer: Tokenizer) -> list[DatasetResult]:
+        results: list[DatasetResult] = []
+        for spec in self.specs:
+            source = self.sources[spec.name]
+            key = self._build_key(spec, source)
+            started = time.perf_counter()
+            meta = None if self.opts.overwrite else self._reusable(spec, key)
+            if meta is not None:
+                log(f"{spec.name}: up to date, reused ({self.out / spec.name})")
+                results.append(DatasetResult(spec.name, meta, 0.0, True))
+                continue
+            meta = self._build_one(spec, source, key, tokenizer)
+            results.append(DatasetResult(spec.name, meta, time.perf_counter() - started, False))
+        return results
+
     def run(self) -> list[DatasetResult]:
         self._check_existing_output()
         self.out.mkdir(parents=True, exist_ok=True)
         results: list[DatasetResult] = []
-        with Tokenizer(self.encode_spec, self.opts.workers) as tokenizer:
-            for spec in self.specs:
-                source = self.sources[spec.name]
-                key = self._build_key(spec, source)
-                started = time.perf_counter()
-                meta = None if self.opts.overwrite else self._reusable(spec, key)
-                if meta is not None:
-                    log(f"{spec.name}: up to date, reused ({self.out / spec.name})")
-                    results.append(DatasetResult(spec.name, meta, 0.0, True))
-                    continue
-                meta = self._build_one(spec, source, key, tokenizer)
-                results.append(DatasetResult(spec.name, meta, time.perf_counter() - started, False))
+        with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=self.out) as scratch:
+            spec = EncodeSpec(
+                backend_file=str(write_backend(self.tokenizer, self.opts.max_len, self.appends_eos,
+                                               Path(scratch) / "tokenizer.json")),
+                max_len=self.opts.max_len,
+                eos_id=self.eos_id,
+                appends_eos=self.appends_eos,
+                dtype=self.token_dtype.name,
+            )
+            with Tokenizer(spec, self.opts.workers) as tokenizer:
+                results = self._build_all(tokenizer)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
