@@ -1,0 +1,80 @@
+"""Typed config loading and the deterministic homogeneous batch schedule."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.lr_schedule import lr_at
+from pipeline.sampler import HomogeneousSchedule, sample_negatives, split_validation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "f2llm-0.6b", "f2llm-1.7b", "f2llm-4b"])
+def test_shipped_recipes_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert Path(cfg.deepspeed).is_file()
+    assert cfg.loss.temperature == 0.05 and cfg.train.betas == [0.9, 0.98]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  lrate: 1.0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train.lrate: unknown key"):
+        load_config(bad)
+    bad.write_text("train:\n  per_device_batch_size: sixteen\n")
+    with pytest.raises(ConfigError, match=r"train.per_device_batch_size: expected an integer"):
+        load_config(bad)
+    bad.write_text("model:\n  pooling: max\n")
+    with pytest.raises(ConfigError, match=r"model.pooling: expected one of"):
+        load_config(bad)
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["train.lr=1e-5", "data.datasets=[a, b]"])
+    assert cfg.train.lr == 1e-5 and cfg.data.datasets == ["a", "b"]
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(REPO / "configs" / "tiny-cpu.yaml", ["train.lr"])
+
+
+def test_schedule_is_homogeneous_deterministic_and_rank_disjoint():
+    ids = {"a": np.arange(100), "b": np.arange(40), "tiny": np.arange(5)}
+    sched = HomogeneousSchedule(ids, global_batch=16, seed=3)
+    assert sched.skipped == ["tiny"] and sched.steps_per_epoch == 6 + 2
+    seen = {"a": [], "b": []}
+    for step in range(sched.steps_per_epoch):
+        batch = sched.batch(0, step)
+        parts = [sched.rank_slice(batch, r, 4) for r in range(4)]
+        assert all(len(p) == 4 for p in parts)
+        assert len(np.unique(np.concatenate(parts))) == 16  # disjoint slices covering the global batch
+        seen[batch.dataset].extend(batch.query_ids.tolist())
+    assert len(set(seen["a"])) == 96 and len(set(seen["b"])) == 32  # each query at most once per epoch
+    again = HomogeneousSchedule(ids, global_batch=16, seed=3)
+    assert all(np.array_equal(again.batch(0, s).query_ids, sched.batch(0, s).query_ids) for s in range(8))
+    assert not all(np.array_equal(sched.batch(1, s).query_ids, sched.batch(0, s).query_ids) for s in range(8))
+
+
+def test_sampling_temperature_flattens_dataset_mix():
+    ids = {"big": np.arange(16 * 90), "small": np.arange(16 * 10)}
+    flat = HomogeneousSchedule(ids, global_batch=16, seed=0, temperature=1e6)
+    names, _ = flat.epoch_plan(0)
+    assert 30 < names.count("small") < 70  # ~uniform instead of 10%
+
+
+def test_negative_sampling_is_pure_and_fills_short_pools():
+    pool = np.array([5, 6, 7, -1, -1])
+    kw = dict(positive=0, n_docs=50, seed=1, epoch=2, dataset="d", query=9)
+    a = sample_negatives(pool, 3, **kw)
+    assert sorted(a.tolist()) == [5, 6, 7] and np.array_equal(a, sample_negatives(pool, 3, **kw))
+    assert set(sample_negatives(pool, 5, **kw).tolist()) <= {5, 6, 7}
+    empty = sample_negatives(np.array([-1, -1]), 4, **kw)
+    assert len(empty) == 4 and 0 not in empty.tolist() and empty.max() < 50
+
+
+def test_validation_split_and_lr_schedule():
+    train, val = split_validation(200, 0.05, seed=1, name="d")
+    assert len(val) == 10 and len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 200
+    assert lr_at(0, lr=1.0, min_lr=0.1, warmup=4, total=20) == 0.25
+    assert lr_at(4, lr=1.0, min_lr=0.1, warmup=4, total=20) == 1.0
+    assert lr_at(12, lr=1.0, min_lr=0.1, warmup=4, total=20) == pytest.approx(0.55)
+    assert lr_at(25, lr=1.0, min_lr=0.1, warmup=4, total=20) == 0.1
