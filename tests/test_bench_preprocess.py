@@ -20,7 +20,6 @@ def _rows() -> tuple[str, ...]:
     return module.ROWS
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="the seed baseline needs pandas")
 def test_quick_bench_prints_full_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--work", str(tmp_path / "work")],
