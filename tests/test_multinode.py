@@ -2,8 +2,8 @@
 
 The two-node run goes through launch/multinode.sh -> pipeline.preflight -> `deepspeed --hostfile` -> pdsh -> ssh
 into a private sshd on loopback (tests/sshd_cluster.py), where node0 and node1 are two aliases of this machine with
-one slot each. The workload is a parameter of the `multinode_run` fixture: pipeline.gradcheck on the tiny CPU
-config (when that module exists) and tests/dist_check.py (all-reduce + per-rank report of the alias it ran on).
+one slot each. The workload is a parameter of the `multinode_run` fixture: launch/train.py on the tiny CPU recipe and the example
+shards (the product's main path), and tests/dist_check.py (all-reduce + per-rank report of the alias it ran on).
 """
 from __future__ import annotations
 
@@ -141,6 +141,7 @@ class Workload:
     entry: list[str]                     # multinode.sh / train.sh entry options
     config: Callable[[Path, Path], Path]  # (launch_dir, tmp_path) -> config path
     args: list[str] = field(default_factory=list)  # after --; "{out}" is replaced by the output dir
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE before --; "{out}", "{shards}" replaced
 
 
 def _data_config(launch_dir: Path, tmp_path: Path) -> Path:
@@ -154,12 +155,12 @@ def _data_config(launch_dir: Path, tmp_path: Path) -> Path:
 
 
 WORKLOADS = {
-    "gradcheck": Workload("gradcheck", ["--module", "pipeline.gradcheck"],
-                          lambda d, t: d / "configs" / "tiny-cpu.yaml"),
+    "train": Workload("train", [], lambda d, t: d / "configs" / "tiny-cpu.yaml",
+                      overrides=["data.shards={shards}", "train.output_dir={out}", "train.max_steps=3",
+                                 "train.save_every=0", "train.eval_every=0", "data.datasets=[web_search]"]),
     "dist_check": Workload("dist_check", ["--script", "tests/dist_check.py"], _data_config, ["--out", "{out}"]),
 }
-HAVE_GRADCHECK = (REPO / "pipeline" / "gradcheck.py").is_file() and (REPO / "configs" / "tiny-cpu.yaml").is_file()
-MULTINODE_WORKLOADS = (["gradcheck"] if HAVE_GRADCHECK else []) + ["dist_check"]
+MULTINODE_WORKLOADS = ["train", "dist_check"]
 
 
 @dataclass
@@ -199,6 +200,8 @@ def multinode_run(request, sshd_cluster, launch_dir, tmp_path) -> RunResult:  # 
     cmd = [str(launch_dir / "launch" / "multinode.sh"), "--hostfile", str(hostfile),
            "--config", str(wl.config(launch_dir, tmp_path)), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "--ssh-config", str(sshd_cluster.ssh_config), *wl.entry]
+    shards = str(request.getfixturevalue("example_shards")) if wl.name == "train" else ""
+    cmd += [o.replace("{out}", str(out)).replace("{shards}", shards) for o in wl.overrides]
     if wl.args:
         cmd += ["--", *[a.replace("{out}", str(out)) for a in wl.args]]
     env = dict(sshd_cluster.env(), PYTHON=sys.executable)
@@ -229,10 +232,10 @@ def test_multinode_both_nodes_contribute(multinode_run):
             line.startswith(f"{node}: ") and "exits successfully" in line for line in r.output.splitlines()
         ), f"no successful rank exit reported by {node}\n{tail}"
     assert "nnodes=2, num_local_procs=1, node_rank=0" in r.output and "node_rank=1" in r.output
-    if r.workload.name == "gradcheck":
-        last = [ln for ln in r.output.splitlines() if "max relative gradient error:" in ln]
-        assert last and last[-1].startswith("node0: "), tail
-        assert float(last[-1].rsplit(":", 1)[1]) < 1e-4
+    if r.workload.name == "train":
+        steps = [json.loads(line)["step"] for line in (r.out_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3], tail
+        assert "plan: world 2" in r.output and (r.out_dir / "export" / "final" / "model.safetensors").is_file()
     if r.workload.name == "dist_check":
         ranks = r.ranks()
         assert sorted(ranks) == [0, 1], tail
