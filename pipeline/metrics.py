@@ -39,3 +39,27 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+# Dense bf16 tensor-core peak per GPU (FLOP/s), by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def model_flops_per_token(n_params_non_embedding: int, n_layers: int, hidden: int, mean_seq_len: float) -> float:
+    """Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L d s, where N excludes the
+    embedding table and s is the mean attended length (sequences are attended separately when packed). GradCache's
+    extra no-grad forward is overhead and not counted, so MFU measures useful work."""
+    return 6.0 * n_params_non_embedding + 12.0 * n_layers * hidden * mean_seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_size: int) -> float | None:
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token / (peak * world_size)

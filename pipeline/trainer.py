@@ -37,7 +37,7 @@ from pipeline.gradcache import StepStats, _plan, _split, base_module, cached_ste
 from pipeline.logs import is_rank0, log
 from pipeline.losses import contrastive_loss
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.metrics import MetricsWriter
+from pipeline.metrics import MetricsWriter, mfu, model_flops_per_token, peak_flops
 from pipeline.model import EmbeddingModel
 
 
@@ -109,6 +109,10 @@ class Trainer:
         vocab = model.backbone.get_input_embeddings().num_embeddings
         if vocab < len(self.tokenizer):
             raise ValueError(f"model vocabulary ({vocab}) is smaller than the tokenizer's ({len(self.tokenizer)})")
+        embedding = model.backbone.get_input_embeddings().weight
+        self._params_non_embedding = sum(
+            getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding
+        )
         self.engine = self._engine(model)
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last)
@@ -181,6 +185,16 @@ class Trainer:
         }
         if self.device.type == "cuda":
             values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            base = base_module(self.engine)
+            config = base.backbone.config
+            mean_len = stats.real_tokens / max(stats.sequences, 1)
+            per_token = model_flops_per_token(
+                self._params_non_embedding, config.num_hidden_layers, config.hidden_size, mean_len
+            )
+            value = mfu(stats.real_tokens / seconds, per_token, peak_flops(torch.cuda.get_device_name(self.device)),
+                        self.dist.world_size)
+            if value is not None:
+                values["mfu"] = value
         else:
             import resource
 
