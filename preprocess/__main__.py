@@ -1,4 +1,5 @@
-"""Command line of the offline data jobs: ``python -m preprocess {build,validate,stats,show,example} --help``."""
+"""Command line of the offline data jobs:
+``python -m preprocess {build,validate,stats,show,example,code-pairs,mine-negatives} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=7, help="hard negatives per retrieval query (default 7)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_example)
+
+    from preprocess import code_pairs, mine_negatives
+
+    p = sub.add_parser("code-pairs", help="docstring -> code retrieval pairs (raw JSONL, split by module) from a "
+                       "Python source tree")
+    code_pairs.add_arguments(p)
+    p.set_defaults(func=code_pairs.run_cli)
+
+    p = sub.add_parser("mine-negatives", help="mine hard negatives for raw datasets with an embedding model")
+    mine_negatives.add_arguments(p)
+    p.set_defaults(func=mine_negatives.run_cli)
     return parser
 
 
