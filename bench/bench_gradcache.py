@@ -65,7 +65,7 @@ def realistic_batch(seed: int, batch_size: int, n_neg: int):
                             [p() for _ in range(batch_size * n_neg)], n_neg, "retrieval")
 
 
-def build_model(attn: str = "sdpa", packing: str = "packed", seed: int = 0):
+def build_model(attn: str = "sdpa", packing: str = "packed", seed: int = 0, dropout: float = 0.1):
     import torch
 
     from pipeline.config import ModelConfig
@@ -73,7 +73,8 @@ def build_model(attn: str = "sdpa", packing: str = "packed", seed: int = 0):
 
     torch.manual_seed(seed)
     model = EmbeddingModel.from_config(
-        ModelConfig(from_config=dict(TINY_QWEN3), attn_implementation=attn, packing=packing), "cpu"
+        ModelConfig(from_config={**TINY_QWEN3, "attention_dropout": dropout}, attn_implementation=attn, packing=packing),
+        "cpu",
     )
     model.train()
     return model
@@ -185,7 +186,7 @@ def bench_packing(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, threads: int) -> dict:
+def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, threads: int, dropout: float) -> dict:
     """One cached step in this (fresh) process; peak RSS and its increase over the RSS before the step."""
     import torch
 
@@ -193,7 +194,7 @@ def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, thr
     from pipeline.gradcache import cached_step
 
     torch.set_num_threads(threads)
-    model = build_model(attn)
+    model = build_model(attn, dropout=dropout)
     loss_cfg, gc_cfg = LossConfig(matryoshka=True), GradCacheConfig(chunk_tokens=chunk_tokens)
     timed_step(model, cached_step, realistic_batch(2, 1, n_neg), loss_cfg, gc_cfg)  # warm-up, tiny
     batch = realistic_batch(4, batch_size, n_neg)
@@ -205,31 +206,39 @@ def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, thr
                 tokens=stats.real_tokens, chunks=stats.chunks)
 
 
-def bench_memory(args: argparse.Namespace) -> list[Row]:
+def memory_sweep(args: argparse.Namespace, dropout: float) -> list[dict]:
     results = []
     for b in args.memory_batches:
         out = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--worker", "memory", "--batch-size", str(b),
              "--n-neg", str(args.memory_n_neg), "--chunk-tokens", str(args.chunk_tokens), "--attn", args.attn[-1],
-             "--threads", str(args.threads)],
+             "--threads", str(args.threads), "--dropout", str(dropout)],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1200,
         )
         if out.returncode != 0:
             raise RuntimeError(f"memory worker B={b} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first = results[0]
-    desc = ", ".join(f"B={r['batch_size']}: {r['delta'] / MIB:.0f} MiB (peak {r['peak'] / MIB:.0f})" for r in results)
-    last = results[-1]
-    return [Row(
-        "peak memory vs batch size",
-        f"cached step, chunk_tokens {args.chunk_tokens}, {args.memory_n_neg} hard neg, packed {args.attn[-1]}; "
-        f"B={last['batch_size']} is {last['tokens']} tokens in {last['chunks']} chunks; step memory = peak RSS - "
-        f"RSS before the step",
-        f"{desc}; B={last['batch_size']} / B={first['batch_size']}: **{last['delta'] / first['delta']:.2f}x** step "
-        f"memory, {last['peak'] / first['peak']:.2f}x peak RSS",
-        "<= 1.5x (flat)",
-        cmd("memory", f" --memory-batches {' '.join(map(str, args.memory_batches))}"),
-    )]
+    return results
+
+
+def bench_memory(args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for dropout in args.memory_dropout:
+        results = memory_sweep(args, dropout)
+        first, last = results[0], results[-1]
+        desc = ", ".join(f"B={r['batch_size']}: {r['delta'] / MIB:.0f} MiB (peak {r['peak'] / MIB:.0f})"
+                         for r in results)
+        rows.append(Row(
+            "peak memory vs batch size",
+            f"cached step, chunk_tokens {args.chunk_tokens}, {args.memory_n_neg} hard neg, packed {args.attn[-1]}, "
+            f"attention dropout {dropout}; B={last['batch_size']} is {last['tokens']} tokens in {last['chunks']} "
+            f"chunks; step memory = peak RSS - RSS before the step (fresh process per B)",
+            f"{desc}; B={last['batch_size']} / B={first['batch_size']}: **{last['peak'] / first['peak']:.2f}x** peak "
+            f"RSS, {last['delta'] / first['delta']:.2f}x step memory",
+            "<= 1.5x (flat)",
+            cmd("memory", f" --memory-batches {' '.join(map(str, args.memory_batches))} --memory-dropout {dropout}"),
+        ))
+    return rows
 
 
 def coalesce_worker(args: argparse.Namespace) -> None:
@@ -317,12 +326,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--chunk-tokens", type=int, default=2048)
     ap.add_argument("--padded-group", type=int, default=16, help="sequences per padded-unsorted group")
     ap.add_argument("--attn", nargs="+", default=["varlen"], help="attention of the packed model(s) in 'time'")
-    ap.add_argument("--memory-batches", type=int, nargs="+", default=[8, 64, 256, 1024])
+    ap.add_argument("--memory-batches", type=int, nargs="+", default=[8, 128, 1024])
     ap.add_argument("--memory-n-neg", type=int, default=1)
+    ap.add_argument("--memory-dropout", type=float, nargs="+", default=[0.1, 0.0],
+                    help="attention dropout of the memory sweep(s); CPU sdpa materialises L x L scores with dropout")
     ap.add_argument("--coalesce-batch", type=int, default=16)
     ap.add_argument("--coalesce-chunk", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine OpenMP spin-waits make 2 threads 10-100x slower)")
+    ap.add_argument("--dropout", type=float, default=0.1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["memory", "coalesce"], help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -330,7 +342,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker == "memory":
-        print(json.dumps(memory_worker(args.batch_size, args.n_neg, args.chunk_tokens, args.attn[-1], args.threads)))
+        print(json.dumps(memory_worker(args.batch_size, args.n_neg, args.chunk_tokens, args.attn[-1], args.threads,
+                                        args.dropout)))
         return
     if args.worker == "coalesce":
         coalesce_worker(args)

@@ -32,6 +32,19 @@ TINY_QWEN3 = dict(
 )
 
 
+def one_torch_thread():
+    """Generator for a module-scoped autouse fixture: torch on 1 thread, restored afterwards. On a shared 2-core
+    machine OpenMP spin-waits make tiny ops 10-100x slower with 2 threads."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def tiny_model_config(**overrides):
     """ModelConfig of a tiny random Qwen3 (dropout on); keyword args override ModelConfig fields."""
     from pipeline.config import ModelConfig

@@ -12,13 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_model import REPO, last_line, run_torchrun, tiny_model
+from helpers_model import REPO, last_line, one_torch_thread, run_torchrun, tiny_model
 from pipeline.batch import random_batch
 from pipeline.config import GradCacheConfig, LossConfig
 from pipeline.gradcache import cached_step, plain_step
 
 TOL = 1e-5
 CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def grad_vector(model) -> torch.Tensor:
@@ -42,6 +47,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         ("retrieval", 3, {}),
         ("clustering", 3, {"packing": "padded"}),
         ("classification", 1, {"gradient_checkpointing": True}),
+        ("retrieval", 2, {"attn_implementation": "varlen"}),
     ],
 )
 def test_cached_equals_full_batch_single_process(dataset_type, n_neg, overrides):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers_model import REPO  # noqa: F401  (puts the repo on sys.path)
+from helpers_model import one_torch_thread
 from pipeline.config import LossConfig
 from pipeline.losses import (
     contrastive_loss,
@@ -16,6 +16,11 @@ from pipeline.losses import (
     matryoshka_dims,
     matryoshka_weights,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:

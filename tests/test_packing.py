@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_model import minilm_dir, tiny_model, tiny_model_config
+from helpers_model import minilm_dir, one_torch_thread, tiny_model, tiny_model_config
 from pipeline.batch import ContrastiveBatch, random_batch
 from pipeline.config import ModelConfig
 from pipeline.ds_config import load_ds_config
 from pipeline.model import EmbeddingModel, encode, resolve_attn_implementation
 from pipeline.packing import chunk_cost, pack, pad, plan_chunks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def seqs_with_edge_lengths(rng: np.random.Generator) -> list[np.ndarray]:
@@ -25,15 +30,20 @@ def seqs_with_edge_lengths(rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("pooling", ["last_token", "mean", "cls"])
-def test_packed_equals_padded_and_separate(pooling):
-    model = tiny_model(0, pooling=pooling)
+@pytest.mark.parametrize(
+    "pooling,attn", [("last_token", "sdpa"), ("mean", "sdpa"), ("cls", "sdpa"), ("last_token", "varlen")]
+)
+def test_packed_equals_padded_and_separate(pooling, attn):
+    """Packed rows (sdpa with transformers' block-diagonal mask, or segment attention) == padded == one by one."""
+    model = tiny_model(0, pooling=pooling, attn_implementation=attn)
+    reference = tiny_model(0, pooling=pooling)  # same weights, sdpa
     model.eval()
+    reference.eval()
     seqs = seqs_with_edge_lengths(np.random.default_rng(1))
     with torch.no_grad():
         packed = model(pack(seqs))
-        padded = model(pad(seqs, pad_id=0))
-        separate = torch.cat([model(pad([s], pad_id=0)) for s in seqs])
+        padded = reference(pad(seqs, pad_id=0))
+        separate = torch.cat([reference(pad([s], pad_id=0)) for s in seqs])
     assert packed.dtype == torch.float32 and packed.shape == (len(seqs), 64)
     assert (packed - padded).abs().max() <= 1e-5
     assert (packed - separate).abs().max() <= 1e-5
@@ -52,6 +62,14 @@ def test_packing_without_position_restarts_leaks_across_sequences():
     with torch.no_grad():
         diff = (model(inputs) - model(leaky)).abs().max()
     assert diff > 1e-2
+
+
+def test_varlen_attention_rejects_padded_inputs():
+    model = tiny_model(0, attn_implementation="varlen")
+    with pytest.raises(ValueError, match="varlen attention needs packed inputs"):
+        model(pad([np.array([5, 6, 102])], pad_id=0))
+    with pytest.raises(ValueError, match="varlen needs packed chunks"):
+        tiny_model(0, attn_implementation="varlen", packing="padded")
 
 
 def test_encode_chunks_restore_input_order_and_count_padding():
