@@ -100,18 +100,38 @@ def last_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Peak-memory worker: one step in a fresh process, RSS measured around it.
 # ---------------------------------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(reset_worked: bool) -> int:
+    """Peak RSS since the last reset (VmHWM), or the lifetime peak (ru_maxrss) where resetting is impossible."""
+    if reset_worked:
+        return _status_kib("VmHWM") * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_worker(mode: str, batch_size: int, chunk_size: int, n_neg: int, seed: int) -> dict:
-    """Peak RSS (ru_maxrss) of one `mode` step, and its increase over the RSS just before the step.
+    """Peak RSS of one `mode` step and its increase over the RSS just before the step.
 
-    Everything but the step (imports, model, batch, thread pools warmed by a 1-query step that is then discarded)
-    is in place before the baseline is read, so ``delta`` is what the step itself needs: activations, cached
-    embeddings, parameter gradients, the loss. ru_maxrss is the process's lifetime peak, so the warm-up's own peak
-    is kept small (one query) and reported."""
+    Everything but the step (imports, model, batch, thread pools warmed by a 1-query step) is in place before the
+    baseline is read, and the kernel's peak mark is reset right then, so transient peaks of start-up do not count:
+    ``delta`` = VmHWM after the step - VmRSS before it = what the step itself needs (activations, cached embeddings,
+    parameter gradients, the loss)."""
     import numpy as np
     import torch
 
@@ -132,13 +152,13 @@ def memory_worker(mode: str, batch_size: int, chunk_size: int, n_neg: int, seed:
     step = cached_step if mode == "cached" else plain_step
     step(model, batch(1), loss_cfg, gc_cfg)  # warm-up: allocator, thread pools, autograd
     model.zero_grad(set_to_none=True)
-    warm_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     data = batch(batch_size)
-    base = _rss_bytes()
+    reset = reset_peak_rss()
+    base = _status_kib("VmRSS") * 1024
     stats = step(model, data, loss_cfg, gc_cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes(reset)
     return dict(mode=mode, batch_size=batch_size, chunk_size=chunk_size, base=base, peak=peak,
-                delta=peak - base, warm_peak=warm_peak, tokens=stats.real_tokens, chunks=stats.chunks)
+                delta=peak - base, peak_reset=reset, tokens=stats.real_tokens, chunks=stats.chunks)
 
 
 def measure_memory(mode: str, batch_size: int, chunk_size: int = 8, n_neg: int = 3, seed: int = 0,
