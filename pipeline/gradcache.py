@@ -271,3 +271,13 @@ def plain_step(
         engine.set_gradient_accumulation_boundary(True)
         engine.backward(total, scale_wrt_gas=False)
     return _finish_stats(float(out.total.detach()), out.parts, plan, base, device)
+
+
+def train_step(
+    model: nn.Module,
+    batch: ContrastiveBatch,
+    loss_cfg: LossConfig,
+    gc_cfg: GradCacheConfig,
+) -> StepStats:
+    """:func:`cached_step` when ``gc_cfg.enabled``, else :func:`plain_step` (same gradient, memory grows with B)."""
+    return (cached_step if gc_cfg.enabled else plain_step)(model, batch, loss_cfg, gc_cfg)

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if (args.batch_size or cfg.train.per_device_batch_size) < 1:
+            raise ConfigError("--batch-size / train.per_device_batch_size must be >= 1")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(use_deepspeed=use_ds)
     try:
         return check(model, batches[my_rank], cfg, args, use_ds, b, g_ref)
+    except ValueError as exc:  # bad DeepSpeed JSON, batch or setting: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         teardown()
 
