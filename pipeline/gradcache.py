@@ -165,6 +165,37 @@ def _finish_stats(loss: float, parts: dict[str, float], plan: _Plan, model: nn.M
 # --------------------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------------------
+def _embed_without_grad(
+    model: nn.Module, base: nn.Module, plan: _Plan, device: torch.device, states: list[RngState] | None = None
+) -> torch.Tensor:
+    """[n_seqs, d] fp32 embeddings of every chunk of `plan` (dummy chunks run, results dropped), no graph.
+    When `states` is given, the RNG state each chunk started from is appended to it."""
+    pieces: list[tuple[np.ndarray, torch.Tensor]] = []
+    with torch.no_grad():
+        for inputs, idx in plan.inputs(base):
+            if states is not None:
+                states.append(RngState.capture(device))
+            emb = model(inputs)
+            if idx is not None:
+                pieces.append((idx, emb))
+    cache = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
+    for idx, emb in pieces:
+        cache[torch.as_tensor(idx, device=device)] = emb.float()
+    return cache
+
+
+def batch_loss(model: nn.Module, batch: ContrastiveBatch, loss_cfg: LossConfig, gc_cfg: GradCacheConfig) -> float:
+    """The contrastive loss of `batch` without gradients (validation): chunked like training, with the chunk
+    count padded across ranks, so ZeRO-3's parameter gathers stay in step. Call in eval mode for no dropout."""
+    base = base_module(model)
+    device = base.device
+    plan = _plan(base, batch, gc_cfg, device)
+    embeddings = _embed_without_grad(model, base, plan, device)
+    with torch.no_grad():
+        out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg)
+    return float(out.total)
+
+
 def cached_step(
     model: nn.Module,
     batch: ContrastiveBatch,
@@ -185,19 +216,8 @@ def cached_step(
 
     # 1. Embeddings without a graph, remembering the RNG state each chunk started from.
     states: list[RngState] = []
-    pieces: list[tuple[np.ndarray, torch.Tensor]] = []
-    with torch.no_grad():
-        for inputs, idx in plan.inputs(base):
-            states.append(RngState.capture(device))
-            emb = model(inputs)
-            if idx is not None:
-                pieces.append((idx, emb))
+    cache = _embed_without_grad(model, base, plan, device, states)
     rng_after = RngState.capture(device)
-    dim = pieces[0][1].shape[-1]
-    cache = torch.empty((len(plan.seqs), dim), dtype=torch.float32, device=device)
-    for idx, emb in pieces:
-        cache[torch.as_tensor(idx, device=device)] = emb.float()
-    del pieces
 
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)

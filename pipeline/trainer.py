@@ -18,7 +18,6 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.batch import ContrastiveBatch
 from pipeline.checkpoint import CheckpointManager, TrainerState
 from pipeline.config import Config
 from pipeline.data import TrainData, seed_everything
 from pipeline.distributed import init_distributed, teardown
 from pipeline.ds_config import load_ds_config
 from pipeline.export import export_model
-from pipeline.gradcache import StepStats, _plan, _split, base_module, cached_step, plain_step
+from pipeline.gradcache import StepStats, base_module, batch_loss, train_step
 from pipeline.logs import is_rank0, log
-from pipeline.losses import contrastive_loss
 from pipeline.lr_schedule import warmup_cosine
 from pipeline.metrics import MetricsWriter, mfu, model_flops_per_token, peak_flops
 from pipeline.model import EmbeddingModel
@@ -71,23 +68,6 @@ def _versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "command": " ".join(sys.argv),
     }
-
-
-def validation_loss(engine: Any, batch: ContrastiveBatch, cfg: Config) -> float:
-    """Loss of one batch in eval mode without gradients (chunk count padded across ranks like training)."""
-    base = base_module(engine)
-    plan = _plan(base, batch, cfg.gradcache, base.device)
-    pieces = []
-    with torch.no_grad():
-        for inputs, idx in plan.inputs(base):
-            emb = engine(inputs)
-            if idx is not None:
-                pieces.append((idx, emb.float()))
-        e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), device=base.device)
-        for idx, emb in pieces:
-            e[torch.as_tensor(idx, device=base.device)] = emb
-        out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, cfg.loss)
-    return float(out.total)
 
 
 class Trainer:
@@ -203,7 +183,9 @@ class Trainer:
 
     def validate(self) -> float | None:
         self.engine.eval()
-        losses = [validation_loss(self.engine, batch, self.cfg) for batch in self.data.validation_batches()]
+        losses = [
+            batch_loss(self.engine, batch, self.cfg.loss, self.cfg.gradcache) for batch in self.data.validation_batches()
+        ]
         self.engine.train()
         if not losses:
             return None
@@ -223,7 +205,6 @@ class Trainer:
 
     def fit(self) -> TrainerState:
         t = self.cfg.train
-        step_fn = cached_step if self.cfg.gradcache.enabled else plain_step
         self.engine.train()
         if t.eval_every and self.state.global_step == 0:
             self.validate()  # the untrained model's validation loss, the baseline of the curve
@@ -233,7 +214,7 @@ class Trainer:
             loader = self.data.loader(self.state.epoch, self.state.step_in_epoch)
             for dataset, batch in loader:
                 started = time.perf_counter()
-                stats = step_fn(self.engine, batch, self.cfg.loss, self.cfg.gradcache)
+                stats = train_step(self.engine, batch, self.cfg.loss, self.cfg.gradcache)
                 self.engine.step()
                 seconds = time.perf_counter() - started
                 self.state.global_step += 1
@@ -273,4 +254,4 @@ def run(cfg: Config, *, resume: str | None = None) -> TrainerState:
         trainer.close()
 
 
-__all__ = ["Trainer", "TrainerState", "run", "validation_loss", "asdict"]
+__all__ = ["Trainer", "TrainerState", "run"]
