@@ -20,7 +20,8 @@ deepspeed launcher (gloo), OMP_NUM_THREADS=1 per rank. Methods:
 - ours: ``pipeline.trainer.Trainer`` built from the config (its TrainData batches, EmbeddingModel, engine) and its
   step exactly as ``Trainer.fit`` runs it: ``cached_step`` (GradCache over packed chunks of ``gradcache.chunk_tokens``
   tokens) + ``engine.step()``; defaults: chunk_tokens 8192 (GradCacheConfig's default) and ``varlen`` attention.
-  tiny-cpu.yaml's own settings (chunk_tokens 256, sdpa) are much slower under ZeRO-3 on CPU: every chunk forward,
+  tiny-cpu.yaml's chunk_tokens 256 (with sdpa, its attention before f85c5f9) is much slower under ZeRO-3 on CPU:
+  every chunk forward,
   replay and backward re-gathers the partitioned parameters (3 collectives per chunk), and packed sdpa builds a
   T x T mask; measured once at B=16: ours 22-31 s/step vs the seed's 12-19 s (``--chunk-tokens 256 --attn auto``);
 - ours, no GradCache: the same trainer with ``plain_step`` (packed chunks, one backward of the whole batch; what
