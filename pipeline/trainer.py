@@ -222,7 +222,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
                                 tok_s=f"{stats.real_tokens / seconds:,.0f}", refresh=False)
-                if t.log_every and self.state.global_step % t.log_every == 0 or self.state.global_step == 1:
+                if t.log_every and (self.state.global_step % t.log_every == 0 or self.state.global_step == 1):
                     self._log_step(dataset, stats, seconds)
                 if t.eval_every and self.state.global_step % t.eval_every == 0:
                     self.validate()
