@@ -77,7 +77,7 @@ def test_cached_equals_full_batch_single_process(dataset_type, n_neg, overrides)
 def test_gradcheck_cli_single_process(capsys):
     from pipeline.gradcheck import main
 
-    assert main(["--config", CONFIG]) == 0
+    assert main(["--config", CONFIG, "gradcache.chunk_tokens=256"]) == 0  # several chunks: a real check
     line = last_line(capsys.readouterr().out)
     m = re.fullmatch(r"max relative gradient error: (\S+)", line)
     assert m and float(m.group(1)) <= TOL
@@ -86,7 +86,7 @@ def test_gradcheck_cli_single_process(capsys):
 def test_gradcheck_cli_fails_above_tolerance(capsys):
     from pipeline.gradcheck import main
 
-    assert main(["--config", CONFIG, "--tolerance", "1e-12"]) == 1
+    assert main(["--config", CONFIG, "--tolerance", "1e-12", "gradcache.chunk_tokens=256"]) == 1
     assert last_line(capsys.readouterr().out).startswith("max relative gradient error: ")
 
 
