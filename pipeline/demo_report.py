@@ -155,7 +155,7 @@ def plot(path: Path, train: list[tuple[int, float]], validation: list[tuple[int,
     ax_loss.set_ylabel("contrastive loss (InfoNCE)")
     ax_loss.set_title("training loss")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(loc="best", framealpha=0.6)
+    ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
 
     width = 0.8 / (2 * len(comparison))
     xs = range(len(METRICS))
