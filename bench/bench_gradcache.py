@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -202,27 +203,13 @@ def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, thr
     reset = reset_peak_rss()
     base = status_kib("VmRSS") * 1024
     dt, stats = timed_step(model, cached_step, batch, loss_cfg, gc_cfg)
-    peak = status_kib("VmHWM") * 1024 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes(reset)
     return dict(batch_size=batch_size, base=base, peak=peak, delta=peak - base, seconds=dt, peak_reset=reset,
                 tokens=stats.real_tokens, chunks=stats.chunks)
 
 
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS: start-up transients do not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_sweep(args: argparse.Namespace, dropout: float) -> list[dict]:

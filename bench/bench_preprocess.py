@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline.process_memory import status_kib  # noqa: E402  (stdlib only: no cost in the measured imports)
+
 READ_DATASET = "synthetic_retrieval"
 READ_INSTRUCTION = "Given a web search query, retrieve relevant passages"
 EOS_ID = 102  # all-MiniLM-L6-v2's [SEP]
@@ -142,14 +144,6 @@ def _pad(seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
     return out
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
 def _peak_rss_mib() -> float:
     """Peak RSS of this process: VmHWM of /proc/self/status.
 
@@ -157,7 +151,7 @@ def _peak_rss_mib() -> float:
     ``execve``, i.e. of the benchmark parent that started this child (measured here: a child of a 400 MiB parent
     reported 401 MiB ru_maxrss and 13 MiB VmHWM). ru_maxrss is the fallback where /proc is missing.
     """
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if hwm >= 0:
         return hwm / 1024.0
     import resource
@@ -230,8 +224,8 @@ def read_child(args: argparse.Namespace) -> dict[str, float]:
         "fetches_per_s": args.fetches / fetch_s,
         "rss_after_open_mib": rss_open,
         "peak_rss_mib": _peak_rss_mib(),
-        "rss_anon_end_mib": _status_kib("RssAnon") / 1024.0,
-        "rss_file_end_mib": _status_kib("RssFile") / 1024.0,
+        "rss_anon_end_mib": status_kib("RssAnon") / 1024.0,
+        "rss_file_end_mib": status_kib("RssFile") / 1024.0,
     }
 
 

@@ -6,11 +6,12 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -100,29 +101,10 @@ def last_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Peak-memory worker: one step in a fresh process, RSS measured around it.
 # ---------------------------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def peak_rss_bytes(reset_worked: bool) -> int:
-    """Peak RSS since the last reset (VmHWM), or the lifetime peak (ru_maxrss) where resetting is impossible."""
-    if reset_worked:
-        return _status_kib("VmHWM") * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_worker(mode: str, batch_size: int, chunk_size: int, n_neg: int, seed: int) -> dict:
@@ -154,7 +136,7 @@ def memory_worker(mode: str, batch_size: int, chunk_size: int, n_neg: int, seed:
     model.zero_grad(set_to_none=True)
     data = batch(batch_size)
     reset = reset_peak_rss()
-    base = _status_kib("VmRSS") * 1024
+    base = status_kib("VmRSS") * 1024
     stats = step(model, data, loss_cfg, gc_cfg)
     peak = peak_rss_bytes(reset)
     return dict(mode=mode, batch_size=batch_size, chunk_size=chunk_size, base=base, peak=peak,
