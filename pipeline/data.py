@@ -8,9 +8,10 @@ sampler offset. Workers open the shards themselves (memory maps are not shipped 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
 from pipeline.sampler import HomogeneousSchedule, sample_negatives, split_validation
-from pipeline.shards import ShardDataset, ShardReader
+from pipeline.shard_format import MANIFEST, ShardError
+from pipeline.shards import ShardDataset, ShardReader, read_manifest
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,56 @@ class DataPlan:
     seed: int
     per_device_batch: int
     world_size: int
+
+
+def select_datasets(cfg: DataConfig, manifest: dict[str, Any]) -> list[str]:
+    """The datasets to train on (``data.datasets``, default all), sorted; a name the shards lack is a ShardError
+    naming the key."""
+    have = list(manifest["datasets"])
+    if cfg.datasets is None:
+        return sorted(have)
+    if not cfg.datasets:
+        raise ShardError("data.datasets: empty list (null = every dataset of the shards)")
+    missing = [n for n in cfg.datasets if n not in have]
+    if missing:
+        raise ShardError(
+            f"data.datasets: {', '.join(missing)} not in the shards {cfg.shards}/{MANIFEST} (have: {', '.join(have)})"
+        )
+    return sorted(set(cfg.datasets))
+
+
+def node_share() -> tuple[int, int]:
+    """(local rank, processes on this node) from the launcher's environment (torchrun: LOCAL_WORLD_SIZE,
+    deepspeed: LOCAL_SIZE); (0, 1) in a plain process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    if not 0 <= local_rank < local_size:
+        return 0, 1
+    return local_rank, local_size
+
+
+def check_data(cfg: DataConfig, tokenizer: Any | None = None, *, verify: bool | None = None) -> ShardReader:
+    """Check the shard directory before training, cheapest first; raises ShardError with a one-line message.
+
+    1. ``data.shards`` is set, the directory and its manifest exist and parse (format, version, entries);
+    2. every dataset of ``data.datasets`` is in the shards;
+    3. every file of those datasets exists with the manifest's size (``stat``: a truncated file is caught here);
+    4. `tokenizer` (when given) is the one the shards were built with;
+    5. when ``verify`` (default ``data.verify_checksums``) every file's sha256 matches the manifest. The ranks of a
+       node split the files between them (:func:`node_share`), so hashing costs about total size / (local ranks x
+       ~1 GiB/s); a rank that finds a bad file exits and the launcher stops the others.
+    Returns the opened reader.
+    """
+    if not cfg.shards:
+        raise ShardError("data.shards: not set (the shard directory written by `python -m preprocess build`)")
+    names = select_datasets(cfg, read_manifest(cfg.shards))
+    reader = ShardReader(cfg.shards, datasets=names)
+    if tokenizer is not None:
+        reader.check_tokenizer(tokenizer)
+    if cfg.verify_checksums if verify is None else verify:
+        part, parts = node_share()
+        reader.verify_checksums(names, part=part, parts=parts)
+    return reader
 
 
 def negatives_per_dataset(reader: ShardReader, names: list[str], loss: LossConfig) -> dict[str, int]:
@@ -69,6 +121,17 @@ def build_batch(
     return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type)
 
 
+def rank_batch(
+    plan: DataPlan, schedule: HomogeneousSchedule, reader: ShardReader, epoch: int, step: int, rank: int
+) -> tuple[str, ContrastiveBatch]:
+    """(dataset name, rank `rank`'s slice of global batch `step` of `epoch`), as the training loop receives it."""
+    global_batch = schedule.batch(epoch, step)
+    ids = schedule.rank_slice(global_batch, rank, plan.world_size)
+    return global_batch.dataset, build_batch(
+        reader[global_batch.dataset], ids, plan.n_neg[global_batch.dataset], seed=plan.seed, epoch=epoch,
+    )
+
+
 class StepBatches(Dataset):
     """Item `step` = (dataset name, this rank's batch) of global step `step` of `epoch`."""
 
@@ -86,12 +149,7 @@ class StepBatches(Dataset):
         return self.schedule.steps_per_epoch
 
     def __getitem__(self, step: int) -> tuple[str, ContrastiveBatch]:
-        global_batch = self.schedule.batch(self.epoch, step)
-        ids = self.schedule.rank_slice(global_batch, self.rank, self.plan.world_size)
-        return global_batch.dataset, build_batch(
-            self.reader[global_batch.dataset], ids, self.plan.n_neg[global_batch.dataset],
-            seed=self.plan.seed, epoch=self.epoch,
-        )
+        return rank_batch(self.plan, self.schedule, self.reader, self.epoch, step, self.rank)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -103,11 +161,14 @@ class TrainData:
     """Train/validation split, schedule and loaders over a shard directory."""
 
     def __init__(
-        self, cfg: DataConfig, loss: LossConfig, *, seed: int, per_device_batch: int, world_size: int, rank: int
+        self, cfg: DataConfig, loss: LossConfig, *, seed: int, per_device_batch: int, world_size: int, rank: int,
+        verify: bool | None = None,
     ) -> None:
+        """`verify`: hash every shard file (default ``data.verify_checksums``); False when :func:`check_data`
+        already did."""
         self.cfg = cfg
         self.rank = rank
-        self.reader = ShardReader(cfg.shards, datasets=cfg.datasets, verify=cfg.verify_checksums)
+        self.reader = check_data(cfg, verify=verify)
         names = sorted(self.reader.datasets)
         splits = {n: split_validation(self.reader[n].num_queries, cfg.validation_fraction, seed, n) for n in names}
         self.train_ids = {n: s[0] for n, s in splits.items()}

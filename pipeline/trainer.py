@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointManager, TrainerState
 from pipeline.config import Config
-from pipeline.data import TrainData, seed_everything
+from pipeline.data import TrainData, check_data, seed_everything
 from pipeline.distributed import init_distributed, teardown
 from pipeline.ds_config import load_ds_config
 from pipeline.export import export_model
@@ -73,15 +73,17 @@ def _versions() -> dict[str, str]:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None) -> None:
         self.cfg = cfg
+        # Input checks before any process group or model exists (one-line errors): shard directory, manifest,
+        # datasets, file sizes, tokenizer, then checksums (pipeline.data.check_data).
+        self.tokenizer = _load_tokenizer(cfg)
+        check_data(cfg.data, self.tokenizer)
         self.dist = init_distributed(use_deepspeed=True)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        self.tokenizer = _load_tokenizer(cfg)
         self.data = TrainData(
             cfg.data, cfg.loss, seed=cfg.train.seed, per_device_batch=cfg.train.per_device_batch_size,
-            world_size=self.dist.world_size, rank=self.dist.rank,
+            world_size=self.dist.world_size, rank=self.dist.rank, verify=False,
         )
-        self.data.reader.check_tokenizer(self.tokenizer)
         for name in self.data.schedule.skipped:
             log(f"dataset {name}: fewer training queries than one global batch; not trained on")
         self.total_steps = self._total_steps()
