@@ -23,16 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attention import VARLEN, register_varlen_attention, torch_varlen_available
 from pipeline.config import ModelConfig
 from pipeline.logs import log
-from pipeline.packing import (
-    VARLEN,
-    ChunkInputs,
-    build_inputs,
-    padding_efficiency,
-    plan_chunks,
-    register_segment_attention,
-)
+from pipeline.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
 
 POOLINGS = ("last_token", "mean", "cls")
 
@@ -51,16 +45,34 @@ def flash_attn_available() -> bool:
     return True
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
-    """'auto' -> flash_attention_2 when flash-attn imports and the device is CUDA, else sdpa.
+def resolve_attn_implementation(requested: str, device: torch.device, *, packed: bool = False) -> str:
+    """The transformers attn_implementation to build the backbone with.
 
-    'varlen' is :func:`pipeline.packing.segment_attention` (causal sdpa per packed sequence; packed decoders only).
+    * 'auto': flash_attention_2 when flash-attn imports on CUDA; else 'varlen' for packed chunks, sdpa for padded.
+    * 'varlen' (packed chunks only): per-sequence attention of packed rows - flash-attn's varlen kernel
+      (flash_attention_2, fed ``cu_seq_lens``) when it imports on CUDA, else :func:`pipeline.attention.varlen_attention`
+      (PyTorch's ``varlen_attn`` on CUDA, per-sequence sdpa on CPU).
+    * anything else as given; flash_attention_2 must be importable on CUDA.
     """
+    flash = device.type == "cuda" and flash_attn_available()
     if requested == "auto":
-        return "flash_attention_2" if (device.type == "cuda" and flash_attn_available()) else "sdpa"
-    if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
+        return "flash_attention_2" if flash else (VARLEN if packed else "sdpa")
+    if requested == VARLEN:
+        if not packed:
+            raise ValueError("model.attn_implementation=varlen needs packed chunks (a decoder with packing auto/packed)")
+        return "flash_attention_2" if flash else VARLEN
+    if requested == "flash_attention_2" and not flash:
         raise ValueError("model.attn_implementation=flash_attention_2 needs CUDA and an importable flash-attn")
     return requested
+
+
+def describe_attention(attn: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel behind `attn` on `device`, for the startup log line."""
+    if attn != VARLEN:
+        return attn
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and torch_varlen_available():
+        return "varlen (torch.nn.attention.varlen.varlen_attn; per-sequence sdpa when attention dropout > 0)"
+    return "varlen (per-sequence sdpa)"
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -157,9 +169,9 @@ class ResolvedModelSettings:
     decoder: bool
 
 
-def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
-    """transformers AutoModel from a directory/hub name or a config dict ({"model_type": ..., **kwargs})."""
-    from transformers import AutoConfig, AutoModel
+def load_hf_config(cfg: ModelConfig) -> Any:
+    """The transformers config of the model: from the directory/hub name, or built from ``model.from_config``."""
+    from transformers import AutoConfig
 
     if (cfg.name_or_path is None) == (cfg.from_config is None):
         raise ValueError("model: set exactly one of name_or_path and from_config")
@@ -170,11 +182,20 @@ def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.d
             raise ValueError("model.from_config: missing model_type (e.g. qwen3)")
         config = AutoConfig.for_model(model_type, **kwargs)
         config.use_cache = False
-        if attn_implementation == VARLEN:
-            register_segment_attention()
-        return AutoModel.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        return config
+    return AutoConfig.from_pretrained(cfg.name_or_path)
+
+
+def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.dtype, hf_config: Any = None) -> nn.Module:
+    """transformers AutoModel from a directory/hub name (pretrained weights) or a config dict (random weights)."""
+    from transformers import AutoModel
+
+    if hf_config is None:
+        hf_config = load_hf_config(cfg)
     if attn_implementation == VARLEN:
-        register_segment_attention()
+        register_varlen_attention()
+    if cfg.from_config is not None:
+        return AutoModel.from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
     return AutoModel.from_pretrained(
         cfg.name_or_path, attn_implementation=attn_implementation, dtype=dtype, use_cache=False
     )
@@ -217,18 +238,14 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, device: torch.device | str | None = None) -> "EmbeddingModel":
         """Build from :class:`ModelConfig`; resolves the 'auto' settings for `device` and logs them."""
-        from transformers import AutoConfig
-
         device = torch.device(device) if device is not None else torch.device("cpu")
-        attn = resolve_attn_implementation(cfg.attn_implementation, device)
-        dtype = resolve_dtype(cfg.dtype, device)
-        backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype)
-        hf_config = backbone.config if cfg.from_config is not None else AutoConfig.from_pretrained(cfg.name_or_path)
+        hf_config = load_hf_config(cfg)
         decoder = is_decoder_config(hf_config)
         pooling = resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path)
         packed = resolve_packing(cfg.packing, decoder=decoder)
-        if attn == VARLEN and not packed:
-            raise ValueError("model.attn_implementation=varlen needs packed chunks (a decoder with packing auto/packed)")
+        attn = resolve_attn_implementation(cfg.attn_implementation, device, packed=packed)
+        dtype = resolve_dtype(cfg.dtype, device)
+        backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype, hf_config=hf_config)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
         pad_id = getattr(hf_config, "pad_token_id", None)
@@ -247,7 +264,7 @@ class EmbeddingModel(nn.Module):
         n_params = sum(p.numel() for p in model.parameters())
         log(
             f"model: {hf_config.model_type} ({'decoder' if decoder else 'encoder'}), {n_params / 1e6:.2f}M params, "
-            f"attention {attn}, dtype {str(dtype).removeprefix('torch.')}, pooling {pooling}, "
+            f"attention {describe_attention(attn, device, dtype)}, dtype {str(dtype).removeprefix('torch.')}, pooling {pooling}, "
             f"{'packed' if packed else 'padded'} chunks, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}, device {device}"
         )
@@ -268,7 +285,7 @@ class EmbeddingModel(nn.Module):
     def forward(self, inputs: ChunkInputs) -> torch.Tensor:
         if not inputs.packed and self.attn_implementation == VARLEN:
             raise ValueError("varlen attention needs packed inputs")
-        cu_host = inputs.cu_seqlens  # segment bounds stay on the host for varlen (no device sync per layer)
+        cu_host = inputs.cu_seqlens  # sequence bounds on the host for per-sequence sdpa (no device sync per layer)
         inputs = inputs.to(self.device)
         kwargs: dict[str, Any] = {"input_ids": inputs.input_ids, "use_cache": False}
         if inputs.packed:
@@ -282,7 +299,9 @@ class EmbeddingModel(nn.Module):
                     max_length_k=inputs.max_length,
                 )
             elif self.attn_implementation == VARLEN:
-                kwargs["cu_seq_lens_q"] = cu_host
+                on_gpu = inputs.input_ids.is_cuda  # PyTorch's varlen kernel wants the bounds on the device
+                kwargs["cu_seq_lens_q"] = inputs.cu_seqlens if on_gpu else cu_host
+                kwargs["max_length_q"] = inputs.max_length
         else:
             kwargs["attention_mask"] = inputs.attention_mask
         hidden = self.backbone(**kwargs).last_hidden_state

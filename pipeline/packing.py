@@ -13,19 +13,16 @@ L close to every member's length.
 
 Padding efficiency = real tokens / computed tokens.
 
-Segment attention (``attn_implementation: varlen``): sdpa with a block-diagonal mask still computes all T x T
-scores of the packed row (on CPU the mask and the scores are materialised: cost ~ T^2 instead of sum(len_i^2)).
-:func:`segment_attention`, registered with transformers' AttentionInterface under the name "varlen", runs causal
-sdpa on each sequence's slice of the row instead (no mask at all), so a packed chunk costs what its sequences cost.
+Varlen attention (``attn_implementation: varlen``, :mod:`pipeline.attention`): sdpa with a block-diagonal mask
+still computes all T x T scores of the packed row (cost ~ T^2 instead of sum(len_i^2)); varlen attention attends
+within each sequence only, with no mask at all, so a packed chunk costs what its sequences cost.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -185,51 +182,3 @@ def plan_chunks(
 def padding_efficiency(real_tokens: int, computed_tokens: int) -> float:
     """real tokens / computed tokens (1.0 = no padding)."""
     return real_tokens / computed_tokens if computed_tokens else 1.0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Segment-wise attention for packed rows ("varlen")
-# --------------------------------------------------------------------------------------------------------------
-VARLEN = "varlen"
-
-
-def segment_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: causal sdpa per packed sequence, sequence bounds from ``cu_seq_lens_q``.
-
-    query [1, Hq, T, D], key/value [1, Hkv, T, D] -> output [1, T, Hq, D] (transformers' layout), no weights.
-    For sequence i occupying [c_i, c_{i+1}) of the row: out_i = softmax(q_i k_i^T * scale + causal) v_i.
-    """
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError("varlen attention needs packed inputs (one row and cu_seq_lens_q); use sdpa for padded ones")
-    if sliding_window is not None:
-        raise ValueError("varlen attention does not support sliding-window layers")
-    bounds = cu_seq_lens_q.tolist()
-    gqa = query.shape[1] != key.shape[1]
-    causal = getattr(module, "is_causal", True)
-    outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=gqa,
-        )
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_segment_attention() -> None:
-    """Register :func:`segment_attention` as attn_implementation "varlen" (idempotent). Not registering a mask
-    function for it makes transformers skip mask construction entirely (the mask would be ignored anyway)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN, segment_attention)

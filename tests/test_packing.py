@@ -36,7 +36,7 @@ def seqs_with_edge_lengths(rng: np.random.Generator) -> list[np.ndarray]:
 def test_packed_equals_padded_and_separate(pooling, attn):
     """Packed rows (sdpa with transformers' block-diagonal mask, or segment attention) == padded == one by one."""
     model = tiny_model(0, pooling=pooling, attn_implementation=attn)
-    reference = tiny_model(0, pooling=pooling)  # same weights, sdpa
+    reference = tiny_model(0, pooling=pooling, attn_implementation="sdpa")  # same weights
     model.eval()
     reference.eval()
     seqs = seqs_with_edge_lengths(np.random.default_rng(1))
@@ -53,7 +53,7 @@ def test_packed_equals_padded_and_separate(pooling, attn):
 def test_packing_without_position_restarts_leaks_across_sequences():
     """Negative control: the same row with position_ids 0..T-1 (no restarts) mixes sequences - the test above is
     sensitive to the block-diagonal mask."""
-    model = tiny_model(0)
+    model = tiny_model(0, attn_implementation="sdpa")
     model.eval()
     seqs = seqs_with_edge_lengths(np.random.default_rng(1))
     inputs = pack(seqs)
@@ -73,7 +73,7 @@ def test_varlen_attention_rejects_padded_inputs():
 
 
 def test_encode_chunks_restore_input_order_and_count_padding():
-    model = tiny_model(0)
+    model = tiny_model(0, attn_implementation="sdpa")  # runs both layouts
     model.eval()
     seqs = seqs_with_edge_lengths(np.random.default_rng(2)) * 3
     with torch.no_grad():
@@ -143,10 +143,16 @@ def test_encoder_minilm_padded_matches_sentence_transformers():
 
 
 def test_settings_resolution_on_cpu():
-    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+    cpu = torch.device("cpu")
+    assert resolve_attn_implementation("auto", cpu) == "sdpa"
+    assert resolve_attn_implementation("auto", cpu, packed=True) == "varlen"
+    assert resolve_attn_implementation("varlen", cpu, packed=True) == "varlen"
+    with pytest.raises(ValueError, match="varlen needs packed chunks"):
+        resolve_attn_implementation("varlen", cpu, packed=False)
     with pytest.raises(ValueError, match="flash_attention_2 needs CUDA"):
         resolve_attn_implementation("flash_attention_2", torch.device("cpu"))
     model = tiny_model(0)
+    assert model.attn_implementation == "varlen"  # auto: packed decoder
     assert model.pooling == "last_token" and model.packed and next(model.parameters()).dtype == torch.float32
     assert model.backbone.config.use_cache is False
     with pytest.raises(ValueError, match="exactly one"):

@@ -1,0 +1,171 @@
+"""Variable-length ("varlen") attention for packed rows, registered as the transformers attention function "varlen".
+
+A packed row holds n sequences back to back (:mod:`pipeline.packing`); sequence i occupies [c_i, c_{i+1}) of the
+row, c = ``cu_seq_lens_q``. Varlen attention computes, for every sequence separately,
+
+    out_i = softmax(q_i k_i^T * scale + causal mask) v_i,
+
+never the T x T scores of the whole row, so a packed chunk costs sum_i len_i^2 attention work instead of T^2 and
+needs no mask tensor at all. Kernels, by what the device offers (:func:`varlen_kernel`):
+
+* ``flash_attention_2`` (chosen at model build time by :func:`pipeline.model.resolve_attn_implementation`, not
+  here): the flash-attn package's varlen kernel through transformers, when flash-attn imports on CUDA;
+* ``torch``: PyTorch's own flash kernel :func:`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) on CUDA in
+  bf16/fp16 - packing on GPUs where flash-attn is not installed. Its signature changed between releases (2.10:
+  ``is_causal``; later: ``window_size=(-1, 0)``, ``scale``, ``enable_gqa``); :func:`torch_varlen_attention` adapts,
+  repeating K/V heads for grouped-query attention and pre-scaling the query where the keywords are missing;
+* ``segments``: causal :func:`torch.nn.functional.scaled_dot_product_attention` on each sequence's slice (CPU,
+  fp32, attention dropout > 0 - the torch kernel has no dropout - or torch < 2.10).
+
+Layouts (transformers' attention-function contract): query [1, Hq, T, D], key/value [1, Hkv, T, D] in; output
+[1, T, Hq, D], attention weights None.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "varlen"
+KERNELS = ("torch", "segments")
+
+
+@functools.cache
+def _torch_varlen() -> tuple[Callable[..., Any], frozenset[str]] | None:
+    """PyTorch's varlen_attn and the names of its parameters, or None when this torch has none (< 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_available() -> bool:
+    return _torch_varlen() is not None
+
+
+def varlen_kernel(query: torch.Tensor, dropout: float) -> str:
+    """'torch' when PyTorch's flash varlen kernel can run this call (CUDA, bf16/fp16, no dropout), else 'segments'."""
+    if (
+        query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and dropout == 0.0
+        and torch_varlen_available()
+    ):
+        return "torch"
+    return "segments"
+
+
+def torch_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    *,
+    scale: float | None,
+    causal: bool,
+    varlen_fn: Callable[..., Any] | None = None,
+) -> torch.Tensor:
+    """PyTorch's varlen_attn on q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], whatever its release's keywords.
+
+    `varlen_fn` replaces the kernel (tests); its parameter names are read the same way.
+    """
+    if varlen_fn is None:
+        found = _torch_varlen()
+        if found is None:
+            raise RuntimeError("torch.nn.attention.varlen.varlen_attn needs torch >= 2.10")
+        varlen_fn, params = found
+    else:
+        params = frozenset(inspect.signature(varlen_fn).parameters)
+    kwargs: dict[str, Any] = {}
+    if causal:
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0)  # torch >= 2.11: causal is a left-unbounded, right-0 window
+        else:
+            kwargs["is_causal"] = True  # torch 2.10
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    if hq != hkv:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+    if scale is not None and not math.isclose(scale, d**-0.5, rel_tol=1e-6):
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:
+            q = q * (scale * math.sqrt(d))  # softmax((q s sqrt(d)) k^T / sqrt(d)) = softmax(q k^T s)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return varlen_fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    *,
+    dropout: float,
+    scale: float | None,
+    causal: bool,
+) -> torch.Tensor:
+    """sdpa on each sequence's slice: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]."""
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+            dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa,
+        )
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The transformers attention function "varlen": per-sequence attention of a packed row (see module docstring).
+
+    ``cu_seq_lens_q`` [n + 1] are the sequence bounds (for the segments kernel best a CPU tensor: no device sync),
+    ``max_length_q`` the longest sequence (computed from the bounds when not given).
+    """
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError("varlen attention needs packed inputs (one row and cu_seq_lens_q); use sdpa for padded ones")
+    if sliding_window is not None:
+        raise ValueError("varlen attention does not support sliding-window layers")
+    causal = bool(getattr(module, "is_causal", True))
+    if varlen_kernel(query, dropout) == "torch":
+        if max_length_q is None:
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
+        out = torch_varlen_attention(
+            query[0].transpose(0, 1).contiguous(),
+            key[0].transpose(0, 1).contiguous(),
+            value[0].transpose(0, 1).contiguous(),
+            cu_seq_lens_q, int(max_length_q), scale=scaling, causal=causal,
+        )
+        return out.unsqueeze(0), None
+    bounds = cu_seq_lens_q.tolist()
+    return segment_attention(query, key, value, bounds, dropout=dropout, scale=scaling, causal=causal), None
+
+
+def register_varlen_attention() -> None:
+    """Register :func:`varlen_attention` as attn_implementation "varlen" (idempotent). No mask function is
+    registered for it, so transformers builds no mask at all (it would be ignored anyway)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)

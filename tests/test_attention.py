@@ -1,0 +1,102 @@
+"""Varlen attention (pipeline/attention.py): the adapter to PyTorch's varlen_attn, whatever its release's keywords,
+and the model's packed forward through it, checked on CPU against reference kernels with the same contracts.
+
+PyTorch's real kernel needs CUDA; ``bench/gpu_bench.py`` checks it against the padded sdpa path on a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline.attention as attention
+from helpers_model import tiny_model
+from pipeline.attention import segment_attention, torch_varlen_attention, varlen_kernel
+from pipeline.packing import pack, pad
+
+
+def _per_segment(query, key, value, cu, *, causal, scale, gqa):
+    """Reference: q/k/v [T, H, D] -> [T, Hq, D], sdpa on each [c_i, c_{i+1}) slice."""
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def kernel_current(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False):
+    """The contract of torch >= 2.11's varlen_attn (causal = window (-1, 0))."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise RuntimeError("heads differ without enable_gqa")
+    return _per_segment(query, key, value, cu_seq_q, causal=tuple(window_size) == (-1, 0), scale=scale,
+                        gqa=enable_gqa)
+
+
+def kernel_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """The contract of torch 2.10's varlen_attn: no scale, no GQA."""
+    if key.shape[1] != query.shape[1]:
+        raise RuntimeError("heads differ")
+    return _per_segment(query, key, value, cu_seq_q, causal=is_causal, scale=None, gqa=False)
+
+
+@pytest.mark.parametrize("kernel", [kernel_current, kernel_2_10])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_torch_varlen_adapter_matches_per_sequence_sdpa(kernel, scale):
+    torch.manual_seed(0)
+    lengths = [5, 1, 17, 3]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    t, hq, hkv, d = sum(lengths), 4, 2, 8
+    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    got = torch_varlen_attention(q, k, v, cu, max(lengths), scale=scale, causal=True, varlen_fn=kernel)
+    expected = segment_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        cu.tolist(), dropout=0.0, scale=scale, causal=True,
+    )[0]
+    assert got.shape == (t, hq, d)
+    assert (got - expected).abs().max() <= 1e-5
+    # Negative control: dropping causality changes the result, so the mapping of "causal" is what is tested.
+    acausal = torch_varlen_attention(q, k, v, cu, max(lengths), scale=scale, causal=False, varlen_fn=kernel)
+    assert (acausal - expected).abs().max() > 1e-2
+
+
+def test_kernel_choice():
+    x = torch.zeros(1, 2, 4, 8)
+    assert varlen_kernel(x, 0.0) == "segments"  # CPU
+    assert varlen_kernel(x.bfloat16(), 0.0) == "segments"
+
+
+def test_model_forward_through_the_torch_kernel_path(monkeypatch):
+    """The packed model forward with the CUDA branch taken (kernel replaced by the reference above, fp32 on CPU):
+    transformers' call, the layout transposes, cu_seq_lens and max_length all line up, and equal padded sdpa."""
+    calls = []
+
+    def recording_kernel(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel_current(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda query, dropout: "torch")
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: (recording_kernel, frozenset(
+        ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale", "window_size",
+         "enable_gqa"])))
+    model = tiny_model(0, attn_implementation="varlen")
+    reference = tiny_model(0, attn_implementation="sdpa")
+    model.eval()
+    reference.eval()
+    rng = np.random.default_rng(3)
+    seqs = []
+    for n in (1, 2, 9, 31, 4):
+        s = rng.integers(1000, 30000, size=n)
+        s[-1] = 102
+        seqs.append(s)
+    with torch.no_grad():
+        packed = model(pack(seqs))
+        padded = reference(pad(seqs, pad_id=0))
+    assert len(calls) == model.backbone.config.num_hidden_layers
+    assert calls[0]["window_size"] == (-1, 0) and calls[0]["enable_gqa"] is True
+    assert (packed - padded).abs().max() <= 1e-5
