@@ -39,7 +39,9 @@ class ModelConfig:
     # "last_token" (hidden state of the final EOS, decoders; F2LLM), "mean" (encoders), "cls".
     pooling: Literal["auto", "last_token", "mean", "cls"] = "auto"
     normalize: bool = True
-    # "auto": flash_attention_2 when flash-attn imports and the model is on CUDA, else sdpa.
+    # "auto": flash_attention_2 when flash-attn imports on CUDA, else "varlen" for packed chunks and sdpa for padded.
+    # "varlen": per-sequence attention of packed rows: flash-attn's varlen kernel when installed, else PyTorch's
+    # varlen_attn on CUDA (bf16/fp16), per-sequence sdpa on CPU (pipeline/attention.py).
     attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
     # "auto": bf16 on CUDA, fp32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
