@@ -25,11 +25,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'auto' = latest complete checkpoint in train.output_dir, or a checkpoint tag")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-5")
+    check = parser.add_argument_group(
+        "dry run", "--check validates the config, DeepSpeed JSON, data, tokenizer and hostfile without starting "
+        "training (no process group, no model weights) and prints the resolved plan; exit 0 if valid, else 2 with "
+        "one 'error: <key or file>: <what>' line per problem. The world size comes from --world-size, --hostfile "
+        "(sum of slots, limited by --num_nodes / --num_gpus like deepspeed), --num_nodes x --num_gpus, or this "
+        "machine (its GPUs, else 1 process).")
+    check.add_argument("--check", action="store_true", help="validate everything and print the plan; do not train")
+    check.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('HOST slots=N' lines) for the world size")
+    check.add_argument("--num_nodes", "--num-nodes", type=int, default=None,
+                       help="use the first N hosts of --hostfile, or N nodes of --num_gpus each")
+    check.add_argument("--num_gpus", "--num-gpus", type=int, default=None, help="ranks per node")
+    check.add_argument("--world-size", type=int, default=None, help="the world size, directly")
+    check.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                       help="device of the ranks, for dtype/attention/bf16 (auto: this machine's)")
+    check.add_argument("--sample-steps", type=int, default=8,
+                       help="steps whose batches are built to measure chunks and tokens per step (default 8)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check:
+        from pipeline.plan import check_command
+
+        return check_command(
+            args.config, args.overrides, hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus,
+            world_size=args.world_size, device=args.device, sample_steps=max(args.sample_steps, 1),
+        )
+    check_only = ("hostfile", "num_nodes", "num_gpus", "world_size")
+    if any(getattr(args, name) is not None for name in check_only):
+        parser.error("--hostfile, --num_nodes, --num_gpus and --world-size go with --check "
+                     "(a launcher sets the world of a real run)")
     # DeepSpeed calls torch.distributed collectives that torch 2.13 marks deprecated, once per step per rank.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:

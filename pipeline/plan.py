@@ -1,0 +1,626 @@
+"""Dry run of a training launch (``launch/train.py --check``): validate every input, then describe the run.
+
+Nothing here initialises torch.distributed or allocates model weights. Checked, cheapest first:
+
+* the YAML recipe (:func:`pipeline.config.load_config`: keys and types) and the values a type cannot catch
+  (positive batch size and learning rate, fractions in range, ...);
+* the world size: ``--hostfile`` (parsed like DeepSpeed does, :func:`pipeline.preflight.parse_hostfile`) with
+  ``--num_nodes`` / ``--num_gpus`` limits, ``--world-size N``, or this machine's GPUs (1 process without any);
+* the DeepSpeed JSON (:func:`pipeline.ds_config.load_ds_config`, DeepSpeed's own ZeRO section model) and its
+  consistency with the recipe: batch fields that are not ``"auto"`` must equal what the recipe implies,
+  gradient_accumulation_steps must be 1 (GradCache), fp16 and bf16 are not both on;
+* the tokenizer loads; the model's transformers config loads (parameters counted on the meta device, no
+  memory), pooling / packing / attention resolve for the ranks' device, the vocabulary covers the tokenizer;
+* the data exactly as the trainer checks it at start (:func:`pipeline.data.check_data`: directory, manifest,
+  datasets, file sizes, tokenizer, sha256 when ``data.verify_checksums``), then the split and schedule for the
+  resolved world size (at least one global batch per trained dataset, hard-negative counts per type).
+
+The plan: world size, batch per rank and global, steps per epoch and in total, datasets with their share of the
+steps, chunks per rank and real tokens per step - measured by building the first steps' batches of every rank with
+the trainer's own code (:func:`pipeline.data.rank_batch`) and chunking them with
+:func:`pipeline.packing.plan_chunks` as GradCache does - ZeRO stage, precision, attention, output directory and the
+checkpoint ``--resume auto`` would load.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One problem: where (a config key or a file, with line when known) and what is wrong."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+    @classmethod
+    def from_message(cls, message: str) -> "Problem":
+        """Split a one-line ``"<where>: <what>"`` message (ConfigError, ShardError, ...) into a Problem."""
+        where, sep, what = " ".join(str(message).split()).partition(": ")
+        return cls(where, what) if sep else cls("config", where)
+
+
+class _Stop(Exception):
+    """Internal: a check that other checks depend on failed."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+@dataclass
+class WorldPlan:
+    """How many ranks the run will have, and from what."""
+
+    size: int
+    source: str
+    hosts: dict[str, int] | None = None
+
+
+@dataclass
+class DatasetPlan:
+    """One trained (or skipped) dataset."""
+
+    name: str
+    type: str
+    train_queries: int
+    validation_queries: int
+    batches_per_epoch: int  # global batches available per epoch
+    steps_epoch0: int  # steps the schedule gives it in epoch 0
+    weight: float  # sampling probability per step (n_batches ** (1 / T), normalised)
+    hard_negatives: int
+    validation_batches: int
+
+
+@dataclass
+class StepSample:
+    """Per-step work measured on the first `steps` global batches of epoch 0, every rank's slice."""
+
+    steps: int
+    chunks_run_mean: float  # chunks every rank runs (max over ranks, as GradCache pads to it)
+    chunks_run_max: int
+    chunks_run_min: int
+    real_tokens_mean: float  # summed over ranks
+    real_tokens_min: int
+    real_tokens_max: int
+    computed_tokens_mean: float  # real + padding, summed over ranks
+    sequences_per_step: float  # summed over ranks
+    chunks_run: list[int] = field(default_factory=list)  # per measured step
+    real_tokens: list[int] = field(default_factory=list)  # per measured step
+
+
+@dataclass
+class ModelPlan:
+    """The model as the ranks will build it, resolved from its config only."""
+
+    model_type: str
+    decoder: bool
+    parameters: int | None
+    non_embedding_parameters: int | None
+    hidden_size: int | None
+    layers: int | None
+    attention: str
+    dtype: str
+    pooling: str
+    packed: bool
+    gradient_checkpointing: bool
+
+
+@dataclass
+class DeepSpeedPlan:
+    path: str
+    zero_stage: int
+    offload: str
+    bf16: bool
+    fp16: bool
+
+
+@dataclass
+class RunPlan:
+    """Everything ``--check`` resolved."""
+
+    config: str
+    world: WorldPlan
+    device: str
+    per_device_batch: int
+    global_batch: int
+    steps_per_epoch: int
+    epochs: float
+    max_steps: int | None
+    total_steps: int
+    sampling_temperature: float
+    datasets: list[DatasetPlan]
+    skipped: list[str]
+    sample: StepSample
+    model: ModelPlan
+    deepspeed: DeepSpeedPlan
+    gradcache: str
+    shards: str
+    verify_checksums: bool
+    output_dir: str
+    resume: str | None
+
+
+@dataclass
+class CheckReport:
+    plan: RunPlan | None
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# --------------------------------------------------------------------------------------------------------------
+# World size
+# --------------------------------------------------------------------------------------------------------------
+def resolve_world(
+    *,
+    hostfile: str | None = None,
+    num_nodes: int | None = None,
+    num_gpus: int | None = None,
+    world_size: int | None = None,
+    device: str = "cpu",
+) -> WorldPlan:
+    """World size as the DeepSpeed launcher would make it (raises _Stop on a bad hostfile or option).
+
+    ``--hostfile``: the first ``num_nodes`` hosts (default all), ``num_gpus`` ranks on each (default its slots,
+    at most its slots). Without a hostfile: ``num_nodes`` x ``num_gpus``, ``num_gpus`` defaulting to this
+    machine's GPUs when the ranks use CUDA, else 1. ``world_size`` sets it directly.
+    """
+    from pipeline.preflight import PreflightError, parse_hostfile
+
+    for name, value in (("--num_nodes", num_nodes), ("--num_gpus", num_gpus), ("--world-size", world_size)):
+        if value is not None and value < 1:
+            raise _Stop(Problem(name, f"must be >= 1, got {value}"))
+    if world_size is not None:
+        return WorldPlan(world_size, "--world-size")
+    if hostfile is not None:
+        try:
+            hosts = parse_hostfile(hostfile)
+        except PreflightError as exc:
+            raise _Stop(Problem.from_message(str(exc))) from None
+        if num_nodes is not None:
+            if num_nodes > len(hosts):
+                raise _Stop(Problem("--num_nodes", f"{num_nodes} but {hostfile} lists {len(hosts)} host(s)"))
+            hosts = dict(list(hosts.items())[:num_nodes])
+        if num_gpus is not None:
+            short = [h for h, slots in hosts.items() if slots < num_gpus]
+            if short:
+                raise _Stop(Problem("--num_gpus", f"{num_gpus} but host {short[0]} has {hosts[short[0]]} slot(s)"))
+            hosts = {h: num_gpus for h in hosts}
+        listing = ", ".join(f"{h} {s}" for h, s in hosts.items())
+        return WorldPlan(sum(hosts.values()), f"hostfile {hostfile}: {len(hosts)} host(s) ({listing})", hosts)
+    nodes = num_nodes or 1
+    if num_gpus is not None:
+        per_node, what = num_gpus, "--num_gpus"
+    elif device == "cuda":
+        import torch
+
+        per_node, what = max(torch.cuda.device_count(), 1), "this machine's GPUs"
+    else:
+        per_node, what = 1, "one CPU process (set --world-size, --num_gpus or --hostfile)"
+    return WorldPlan(nodes * per_node, f"{nodes} node(s) x {per_node} ({what})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Individual checks
+# --------------------------------------------------------------------------------------------------------------
+def value_problems(cfg: Config) -> list[Problem]:
+    """Values that have the right type but cannot work."""
+    t, d, g, lo = cfg.train, cfg.data, cfg.gradcache, cfg.loss
+    rules: list[tuple[str, bool, str]] = [
+        ("train.per_device_batch_size", t.per_device_batch_size >= 1, f"must be >= 1, got {t.per_device_batch_size}"),
+        ("train.epochs", t.epochs > 0 or t.max_steps is not None, f"must be > 0, got {t.epochs}"),
+        ("train.max_steps", t.max_steps is None or t.max_steps >= 1, f"must be >= 1 or null, got {t.max_steps}"),
+        ("train.lr", t.lr > 0, f"must be > 0, got {t.lr}"),
+        ("train.min_lr", 0 <= t.min_lr and (t.lr <= 0 or t.min_lr <= t.lr), f"must be in [0, train.lr], got {t.min_lr}"),
+        ("train.warmup_steps", t.warmup_steps >= 0, f"must be >= 0, got {t.warmup_steps}"),
+        ("train.betas", len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"expected [b1, b2] in [0, 1), got {t.betas}"),
+        ("train.grad_clip", t.grad_clip >= 0, f"must be >= 0, got {t.grad_clip}"),
+        ("train.keep_last", t.keep_last >= 1, f"must be >= 1, got {t.keep_last}"),
+        ("train.log_every", t.log_every >= 0, f"must be >= 0, got {t.log_every}"),
+        ("train.eval_every", t.eval_every >= 0, f"must be >= 0, got {t.eval_every}"),
+        ("train.save_every", t.save_every >= 0, f"must be >= 0, got {t.save_every}"),
+        ("data.validation_fraction", 0 <= d.validation_fraction < 1, f"must be in [0, 1), got {d.validation_fraction}"),
+        ("data.sampling_temperature", d.sampling_temperature > 0, f"must be > 0, got {d.sampling_temperature}"),
+        ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
+        ("loss.temperature", lo.temperature > 0, f"must be > 0, got {lo.temperature}"),
+        ("gradcache.chunk_tokens", g.chunk_tokens is None or g.chunk_tokens >= 1, f"must be >= 1 or null, got {g.chunk_tokens}"),
+        ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1, f"must be >= 1 or null, got {g.chunk_size}"),
+        ("model", (cfg.model.name_or_path is None) != (cfg.model.from_config is None),
+         "set exactly one of name_or_path and from_config"),
+    ]
+    problems = [Problem(key, what) for key, ok, what in rules if not ok]
+    for key, count in lo.hard_negatives.items():
+        if count < 0:
+            problems.append(Problem(f"loss.hard_negatives.{key}", f"must be >= 0, got {count}"))
+    out = Path(t.output_dir)
+    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+        problems.append(Problem("train.output_dir", f"{existing} is not a writable directory"))
+    return problems
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    """The tokenizer the trainer will load (``model.tokenizer``, else ``model.name_or_path``); raises _Stop."""
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.name_or_path
+    if path is None:
+        raise _Stop(Problem("model.tokenizer", "required when the model is built from_config"))
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
+        raise _Stop(Problem("model.tokenizer", f"cannot load {path!r} ({type(exc).__name__})")) from None
+
+
+def check_deepspeed(cfg: Config, world: int, device: str) -> DeepSpeedPlan:
+    """The DeepSpeed JSON: readable, a valid ZeRO section, consistent with the recipe; raises _Stop."""
+    import json
+
+    from pipeline.ds_config import load_ds_config
+
+    path = cfg.deepspeed
+    micro = cfg.train.per_device_batch_size
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise _Stop(Problem(path, f"cannot read DeepSpeed config ({exc.strerror}; key deepspeed)")) from None
+    except json.JSONDecodeError as exc:
+        raise _Stop(Problem(path, f"invalid JSON ({exc.msg} at line {exc.lineno})")) from None
+    if not isinstance(raw, dict):
+        raise _Stop(Problem(path, "expected a JSON object at the top level"))
+    expected = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                "train_batch_size": micro * world}
+    for key, want in expected.items():
+        value = raw.get(key, "auto")
+        if value != "auto" and value != want:
+            why = "GradCache needs 1" if key == "gradient_accumulation_steps" else "from train.per_device_batch_size"
+            raise _Stop(Problem(f"{path}: {key}", f"is {value!r}, expected \"auto\" or {want} ({why})"))
+    zero = raw.get("zero_optimization", {})
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        zcfg = DeepSpeedZeroConfig(**zero)
+    except TypeError:
+        raise _Stop(Problem(f"{path}: zero_optimization", "expected a JSON object")) from None
+    except Exception as exc:  # noqa: BLE001 - pydantic.ValidationError
+        errors = getattr(exc, "errors", None)
+        if callable(errors) and errors():
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise _Stop(Problem(f"{path}: zero_optimization.{loc}".rstrip("."), first.get("msg", str(exc)))) from None
+        raise _Stop(Problem(f"{path}: zero_optimization", " ".join(str(exc).split()))) from None
+    use_bf16 = device == "cuda" and cfg.model.dtype in ("auto", "bfloat16")
+    try:
+        ds = load_ds_config(path, micro_batch=micro, world_size=world, use_bf16=use_bf16)
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+    fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") in (True, "auto") and device == "cuda"
+    if fp16 and use_bf16:
+        raise _Stop(Problem(f"{path}: fp16.enabled", "fp16 is on but the run uses bf16 (model.dtype); set it false"))
+    offload = [f"{what} -> {getattr(getattr(zcfg, attr), 'device', 'none')}"
+               for what, attr in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+               if getattr(zcfg, attr) is not None and str(getattr(getattr(zcfg, attr), "device", "none")) != "none"]
+    stage = int(zcfg.stage)
+    return DeepSpeedPlan(path, stage, ", ".join(str(o) for o in offload) or "no offload", use_bf16, fp16)
+
+
+def _hf_config(cfg: Config) -> Any:
+    from transformers import AutoConfig
+
+    if cfg.model.from_config is not None:
+        kwargs = dict(cfg.model.from_config)
+        model_type = kwargs.pop("model_type", None)
+        if not model_type:
+            raise _Stop(Problem("model.from_config", "missing model_type (e.g. qwen3)"))
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - unknown model type, bad kwargs
+            raise _Stop(Problem("model.from_config", " ".join(str(exc).split())[:300])) from None
+    try:
+        return AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except Exception as exc:  # noqa: BLE001
+        raise _Stop(Problem("model.name_or_path", f"cannot load the model config of {cfg.model.name_or_path!r} "
+                                                  f"({type(exc).__name__})")) from None
+
+
+def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[Problem]) -> ModelPlan:
+    """Resolve the model settings from its config only (parameters counted on the meta device); raises _Stop."""
+    import torch
+    from transformers import AutoModel
+
+    from pipeline import model as model_lib
+
+    hf = _hf_config(cfg)
+    try:
+        decoder = model_lib.is_decoder_config(hf)
+        pooling = model_lib.resolve_pooling(cfg.model.pooling, decoder=decoder, model_dir=cfg.model.name_or_path)
+        packed = model_lib.resolve_packing(cfg.model.packing, decoder=decoder)
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+    requested = cfg.model.attn_implementation
+    here = device == "cpu" or torch.cuda.is_available()
+    resolve = model_lib.resolve_attn_implementation
+    kwargs = {"packed": packed} if "packed" in inspect.signature(resolve).parameters else {}
+    try:
+        attention = resolve(requested, torch.device(device), **kwargs)
+    except ValueError as exc:
+        if here:
+            raise _Stop(Problem.from_message(str(exc))) from None
+        attention = requested
+        warnings.append(Problem("model.attn_implementation", f"{requested}: flash-attn cannot be checked without "
+                                                             "CUDA on this machine; make sure it imports on the GPU nodes"))
+    if attention == "varlen" and not packed:
+        raise _Stop(Problem("model.attn_implementation", "varlen needs packed chunks (a decoder with packing auto/packed)"))
+    if not here:
+        attention += " (resolved for CUDA without flash-attn here; flash_attention_2 where it imports)" \
+            if requested == "auto" else ""
+    dtype = str(model_lib.resolve_dtype(cfg.model.dtype, torch.device(device))).removeprefix("torch.")
+    params = non_embedding = None
+    try:
+        with torch.device("meta"):
+            backbone = AutoModel.from_config(hf)
+        params = sum(p.numel() for p in backbone.parameters())
+        non_embedding = params - backbone.get_input_embeddings().weight.numel()
+        vocab = backbone.get_input_embeddings().num_embeddings
+    except Exception as exc:  # noqa: BLE001 - the count is information; the build itself is the trainer's
+        vocab = getattr(hf, "vocab_size", None)
+        warnings.append(Problem("model", f"parameters not counted ({type(exc).__name__})"))
+    if tokenizer is not None and vocab is not None and vocab < len(tokenizer):
+        raise _Stop(Problem("model", f"vocabulary ({vocab}) is smaller than the tokenizer's ({len(tokenizer)})"))
+    return ModelPlan(
+        model_type=hf.model_type, decoder=decoder, parameters=params, non_embedding_parameters=non_embedding,
+        hidden_size=getattr(hf, "hidden_size", None), layers=getattr(hf, "num_hidden_layers", None),
+        attention=attention, dtype=dtype, pooling=pooling, packed=packed,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+
+
+def check_data_plan(
+    cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, sample_steps: int, warnings: list[Problem]
+) -> tuple[list[DatasetPlan], list[str], int, StepSample]:
+    """The trainer's data checks, split and schedule for `world` ranks, and the first steps measured."""
+    from pipeline.data import TrainData, check_data, rank_batch
+    from pipeline.packing import chunk_cost, plan_chunks
+    from pipeline.shard_format import ShardError
+
+    try:
+        check_data(cfg.data, tokenizer)
+        data = TrainData(cfg.data, cfg.loss, seed=cfg.train.seed, per_device_batch=cfg.train.per_device_batch_size,
+                         world_size=world, rank=0, verify=False)
+    except ShardError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+    except ValueError as exc:  # schedule: no dataset with a full global batch; hard negatives per type
+        raise _Stop(Problem("data", " ".join(str(exc).split()))) from None
+    schedule = data.schedule
+    names, _ = schedule.epoch_plan(0)
+    steps_epoch0 = {n: names.count(n) for n in schedule.datasets}
+    weights = {n: schedule.n_batches[n] ** (1.0 / schedule.temperature) for n in schedule.datasets}
+    total_weight = sum(weights.values())
+    global_batch = schedule.global_batch
+    datasets = []
+    for name in sorted(data.reader.datasets):
+        ds = data.reader[name]
+        n_val = len(data.val_ids[name])
+        datasets.append(DatasetPlan(
+            name=name, type=ds.type, train_queries=len(data.train_ids[name]), validation_queries=n_val,
+            batches_per_epoch=schedule.n_batches[name], steps_epoch0=steps_epoch0.get(name, 0),
+            weight=weights.get(name, 0.0) / total_weight, hard_negatives=data.plan.n_neg[name],
+            validation_batches=n_val // global_batch,
+        ))
+    for name in schedule.skipped:
+        warnings.append(Problem(f"data: dataset {name}", f"{len(data.train_ids[name])} training queries, fewer than "
+                                                         f"one global batch of {global_batch}: not trained on"))
+    if cfg.train.eval_every and not any(d.validation_batches for d in datasets):
+        warnings.append(Problem("data.validation_fraction", f"no dataset holds out a full global batch of "
+                                                            f"{global_batch} queries: no validation loss"))
+    steps = min(sample_steps, schedule.steps_per_epoch)
+    chunks_run, real, computed, seqs = [], [], [], []
+    gc = cfg.gradcache
+    for step in range(steps):
+        per_rank_chunks, step_real, step_computed, step_seqs = [], 0, 0, 0
+        for rank in range(world):
+            _, batch = rank_batch(data.plan, schedule, data.reader, 0, step, rank)
+            lengths = [len(s) for s in batch.sequences()]
+            chunks = plan_chunks(lengths, packed=packed, chunk_tokens=gc.chunk_tokens, chunk_size=gc.chunk_size)
+            per_rank_chunks.append(len(chunks))
+            step_real += sum(lengths)
+            step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed) for idx in chunks)
+            step_seqs += len(lengths)
+        chunks_run.append(max(per_rank_chunks))
+        real.append(step_real)
+        computed.append(step_computed)
+        seqs.append(step_seqs)
+    sample = StepSample(
+        steps=steps, chunks_run_mean=float(np.mean(chunks_run)), chunks_run_max=max(chunks_run),
+        chunks_run_min=min(chunks_run), real_tokens_mean=float(np.mean(real)), real_tokens_min=min(real),
+        real_tokens_max=max(real), computed_tokens_mean=float(np.mean(computed)),
+        sequences_per_step=float(np.mean(seqs)), chunks_run=chunks_run, real_tokens=real,
+    )
+    return datasets, list(schedule.skipped), schedule.steps_per_epoch, sample
+
+
+def resume_checkpoint(cfg: Config) -> str | None:
+    """The complete checkpoint ``--resume auto`` would load, as ``tag (step N)``, or None."""
+    import json
+
+    from pipeline.checkpoint import COMPLETE, CheckpointManager
+
+    manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
+    tag = manager.latest()
+    if tag is None:
+        return None
+    try:
+        step = json.loads((manager.root / tag / COMPLETE).read_text())["global_step"]
+        return f"{manager.root / tag} (step {step})"
+    except (OSError, ValueError, KeyError):
+        return str(manager.root / tag)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole check
+# --------------------------------------------------------------------------------------------------------------
+def check_run(
+    config: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    hostfile: str | None = None,
+    num_nodes: int | None = None,
+    num_gpus: int | None = None,
+    world_size: int | None = None,
+    device: str = "auto",
+    sample_steps: int = 8,
+) -> CheckReport:
+    """Run every check; problems are collected (one per failed check), the plan is built when there are none."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = CheckReport(plan=None)
+    problems, warnings = report.problems, report.warnings
+
+    def attempt(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _Stop as stop:
+            problems.append(stop.problem)
+            return None
+
+    cfg = None
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        problems.append(Problem.from_message(str(exc)))
+    world = attempt(resolve_world, hostfile=hostfile, num_nodes=num_nodes, num_gpus=num_gpus,
+                    world_size=world_size, device=device)
+    if cfg is None:
+        return report
+    problems.extend(value_problems(cfg))
+    if problems:  # the remaining checks assume sane values
+        return report
+    size = world.size if world is not None else 1
+    tokenizer = attempt(load_tokenizer, cfg)
+    ds_plan = attempt(check_deepspeed, cfg, size, device)
+    model = attempt(check_model, cfg, device, tokenizer, warnings)
+    data = None
+    if world is not None:
+        packed = model.packed if model is not None else True
+        data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, sample_steps=sample_steps,
+                       warnings=warnings)
+    if problems or world is None or ds_plan is None or model is None or data is None:
+        return report
+    datasets, skipped, steps_per_epoch, sample = data
+    t = cfg.train
+    total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+    gc = cfg.gradcache
+    budget = f"chunk_tokens {gc.chunk_tokens}" if gc.chunk_tokens is not None else (
+        f"chunk_size {gc.chunk_size}" if gc.chunk_size is not None else "one chunk")
+    report.plan = RunPlan(
+        config=str(config), world=world, device=device, per_device_batch=t.per_device_batch_size,
+        global_batch=t.per_device_batch_size * size, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
+        max_steps=t.max_steps, total_steps=total, sampling_temperature=cfg.data.sampling_temperature,
+        datasets=datasets, skipped=skipped, sample=sample, model=model, deepspeed=ds_plan,
+        gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
+        shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
+        resume=resume_checkpoint(cfg),
+    )
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------
+def _millions(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(plan: RunPlan) -> str:
+    """The plan as aligned text lines (what ``--check`` prints)."""
+    m, ds, s = plan.model, plan.deepspeed, plan.sample
+    if plan.max_steps is not None:
+        steps = f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in total (train.max_steps)"
+    else:
+        steps = (f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in total ({plan.epochs:g} "
+                 f"epoch{'' if plan.epochs == 1 else 's'})")
+    precision = f"{m.dtype} weights and compute" + (", DeepSpeed bf16" if ds.bf16 else "") + (
+        ", DeepSpeed fp16" if ds.fp16 else "")
+    real_per_rank = s.real_tokens_mean / plan.world.size
+    lines = [
+        f"plan for {plan.config} (checked without starting training)",
+        f"  world size         {plan.world.size}   [{plan.world.source}]",
+        f"  device             {plan.device}",
+        f"  batch              {plan.per_device_batch} queries per rank, {plan.global_batch} global",
+        f"  steps              {steps}",
+        f"  datasets           {len(plan.datasets) - len(plan.skipped)} trained of {len(plan.datasets)} "
+        f"(sampling temperature {plan.sampling_temperature:g}; weight = share of steps)",
+        f"    {'name':<20} {'type':<15} {'train q':>8} {'val q':>6} {'batches/ep':>10} {'steps ep0':>9} "
+        f"{'weight':>7} {'hard neg':>8} {'val batches':>11}",
+    ]
+    for d in plan.datasets:
+        lines.append(
+            f"    {d.name:<20} {d.type:<15} {d.train_queries:>8} {d.validation_queries:>6} {d.batches_per_epoch:>10} "
+            f"{d.steps_epoch0:>9} {d.weight:>7.3f} {d.hard_negatives:>8} {d.validation_batches:>11}"
+        )
+    lines += [
+        f"  per step           measured on the first {s.steps} steps' batches of epoch 0, every rank's slice:",
+        f"    sequences        {s.sequences_per_step:,.0f} per step (queries, positives, hard negatives; all ranks)",
+        f"    chunks per rank  mean {s.chunks_run_mean:.2f}, min {s.chunks_run_min}, max {s.chunks_run_max} "
+        f"(the most any rank needs; gradcache {plan.gradcache}, {'packed' if m.packed else 'padded'} chunks)",
+        f"    tokens per step  mean {s.real_tokens_mean:,.0f} real tokens (min {s.real_tokens_min:,}, max "
+        f"{s.real_tokens_max:,}; {real_per_rank:,.0f} per rank); computed {s.computed_tokens_mean:,.0f} "
+        f"(padding efficiency {s.real_tokens_mean / max(s.computed_tokens_mean, 1):.1%})",
+        f"  model              {m.model_type} ({'decoder' if m.decoder else 'encoder'}), {_millions(m.parameters)} "
+        f"parameters ({_millions(m.non_embedding_parameters)} non-embedding; counted from the config), hidden "
+        f"{m.hidden_size}, {m.layers} layers",
+        f"  attention          {m.attention}; pooling {m.pooling}; gradient checkpointing "
+        f"{'on' if m.gradient_checkpointing else 'off'}",
+        f"  precision          {precision}",
+        f"  deepspeed          {ds.path}: ZeRO stage {ds.zero_stage}, {ds.offload}",
+        f"  shards             {plan.shards} (sizes checked, "
+        f"{'sha256 verified' if plan.verify_checksums else 'sha256 not verified: data.verify_checksums false'})",
+        f"  output dir         {plan.output_dir}",
+        f"  resume             {plan.resume + ' (--resume auto loads it)' if plan.resume else 'no complete checkpoint'}",
+    ]
+    return "\n".join(lines)
+
+
+def check_command(config: str | Path, overrides: list[str] | None = None, **options: Any) -> int:
+    """``--check``: run :func:`check_run` with `options`, print problems (stderr) or the plan (stdout).
+
+    Returns the exit status: 0 when everything is valid, 2 otherwise (every problem on its own line,
+    ``error: <key or file>: <what>``). Warnings (``warning: ...``) do not change the status.
+    """
+    import sys
+
+    report = check_run(config, overrides, **options)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not report.ok or report.plan is None:
+        if report.ok:  # pragma: no cover - every failed check records a problem
+            print("error: check: incomplete (a check failed without a message)", file=sys.stderr)
+        return 2
+    print(format_plan(report.plan))
+    print("check: OK")
+    return 0

@@ -1,0 +1,206 @@
+"""`launch/train.py --check`: validates config, DeepSpeed JSON, data, tokenizer and hostfile; prints the plan.
+
+The valid case runs the real entry point as a subprocess and checks the plan's numbers against values computed
+here independently (world size from the hostfile's slots, steps from the manifest's counts, chunks from
+GradCache's own chunk planner); the invalid cases call ``main()`` in-process (fast) and check exit status 2 and
+the named problem, and one runs as a subprocess to check that several problems come out one per line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from data_helpers import make_word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+sys.path.insert(0, str(REPO / "launch"))
+sys.path.insert(0, str(REPO))
+
+import train as train_entry  # noqa: E402  (launch/train.py)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        env.pop(key, None)
+    return env
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(TINY), "--check", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def check_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = train_entry.main(["--config", str(TINY), "--check", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def expected_steps_per_epoch(shards: Path, global_batch: int, fraction: float = 0.05) -> int:
+    """Global batches per epoch from the manifest's query counts (the split holds out round(f * n), at least 1)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    total = 0
+    for entry in manifest["datasets"].values():
+        n = entry["counts"]["queries"]
+        n_val = max(int(round(fraction * n)), 1 if n > 1 else 0)
+        total += (n - n_val) // global_batch
+    return total
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory) -> str:
+    return make_word_tokenizer(tmp_path_factory.mktemp("word_tok"))
+
+
+def test_valid_check_prints_the_plan(example_shards, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode0 slots=2\n\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    proc = run_check("--hostfile", str(hosts), f"data.shards={example_shards}", f"train.output_dir={out}",
+                     "train.max_steps=null", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not errors(proc.stderr) and "Traceback" not in proc.stderr
+    text = proc.stdout
+    steps = expected_steps_per_epoch(example_shards, global_batch=8 * 3)
+    assert re.search(r"world size\s+3\s", text), text
+    assert "8 queries per rank, 24 global" in text
+    assert f"{steps} per epoch; {2 * steps} in total (2 epochs)" in text
+    assert re.search(r"ZeRO stage 3, no offload", text)
+    assert "sha256 verified" in text and "no complete checkpoint" in text
+    for name in ("paper_topics", "product_reviews", "web_search"):
+        assert name in text
+    assert text.rstrip().endswith("check: OK")
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_plan_numbers_match_the_trainer_code(example_shards):
+    """Chunks and tokens per step equal what GradCache's planner gives for the trainer's own batches."""
+    from pipeline.config import load_config
+    from pipeline.data import StepBatches, TrainData
+    from pipeline.gradcache import _plan
+    from pipeline.plan import check_run
+
+    world, steps = 3, 4
+    report = check_run(TINY, [f"data.shards={example_shards}"], world_size=world, sample_steps=steps)
+    assert report.ok, report.problems
+    plan = report.plan
+    assert plan.world.size == world and plan.global_batch == 24 and plan.total_steps == 30
+    assert plan.steps_per_epoch == expected_steps_per_epoch(example_shards, 24)
+    assert sum(d.steps_epoch0 for d in plan.datasets) == plan.steps_per_epoch
+    cfg = load_config(TINY, [f"data.shards={example_shards}"])
+    model = SimpleNamespace(packed=True)
+    data = TrainData(cfg.data, cfg.loss, seed=cfg.train.seed, per_device_batch=8, world_size=world, rank=0,
+                     verify=False)
+    chunks, tokens = [], []
+    for step in range(steps):
+        per_rank, real = [], 0
+        for rank in range(world):
+            _, batch = StepBatches(data.plan, data.schedule, 0, rank)[step]
+            per_rank.append(len(_plan(model, batch, cfg.gradcache, "cpu").chunks))
+            real += batch.real_tokens()
+        chunks.append(max(per_rank))
+        tokens.append(real)
+    assert plan.sample.chunks_run == chunks
+    assert plan.sample.real_tokens == tokens
+    assert plan.model.parameters is not None and plan.model.parameters > 1_000_000  # 30522 x 64 embedding alone
+
+
+def test_num_nodes_limits_the_hostfile(example_shards, tmp_path, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=4\nb slots=4\n")
+    code, out, err = check_main(capsys, "--hostfile", str(hosts), "--num_nodes", "1", "--num_gpus", "2",
+                                f"data.shards={example_shards}", f"train.output_dir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert re.search(r"world size\s+2\s", out) and "16 global" in out
+
+
+def _ds_file(tmp_path: Path, **changes) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    for key, value in changes.items():
+        if key == "stage":
+            cfg["zero_optimization"]["stage"] = value
+        else:
+            cfg[key] = value
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "config_key", "config_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
+    "dataset", "tokenizer", "too_few_queries",
+])
+def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
+    args = [f"data.shards={example_shards}", f"train.output_dir={tmp_path / 'run'}"]
+    if case == "config_key":
+        args.append("train.bogus=1")
+        expected = f"error: {TINY}: train.bogus: unknown key"
+    elif case == "config_value":
+        args.append("train.per_device_batch_size=0")
+        expected = "error: train.per_device_batch_size: must be >= 1, got 0"
+    elif case == "ds_missing":
+        args.append(f"deepspeed={tmp_path / 'nope.json'}")
+        expected = f"error: {tmp_path / 'nope.json'}: cannot read DeepSpeed config"
+    elif case == "ds_invalid":
+        (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3,}}')
+        args.append(f"deepspeed={tmp_path / 'bad.json'}")
+        expected = f"error: {tmp_path / 'bad.json'}: invalid JSON"
+    elif case == "ds_accumulation":
+        args.append(f"deepspeed={_ds_file(tmp_path, gradient_accumulation_steps=4)}")
+        expected = f"error: {tmp_path / 'ds.json'}: gradient_accumulation_steps: is 4, expected \"auto\" or 1"
+    elif case == "ds_stage":
+        args.append(f"deepspeed={_ds_file(tmp_path, stage=7)}")
+        expected = f"error: {tmp_path / 'ds.json'}: zero_optimization.stage:"
+    elif case == "hostfile":
+        hosts = tmp_path / "hosts"
+        hosts.write_text("node0 slots=2\nnode1 slots=two\n")
+        args += ["--hostfile", str(hosts)]
+        expected = f"error: {hosts}:2: expected 'HOSTNAME slots=N'"
+    elif case == "dataset":
+        args.append("data.datasets=[web_search, nope]")
+        expected = "error: data.datasets: nope not in the shards"
+    elif case == "tokenizer":
+        args.append(f"model.tokenizer={word_tokenizer}")
+        expected = f"error: {example_shards / 'manifest.json'}: shards were tokenized with"
+    else:
+        args += ["--world-size", "64"]
+        expected = "error: data: no dataset has a full global batch of 512 training queries"
+    code, out, err = check_main(capsys, *args)
+    assert code == 2, err
+    assert len(errors(err)) == 1, err
+    assert errors(err)[0].startswith(expected), errors(err)
+    assert "check: OK" not in out and not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_listed_one_per_line(example_shards, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node0 slots=2 # inline comment\n")
+    proc = run_check("--hostfile", str(hosts), f"data.shards={example_shards}", "train.lr=-1",
+                     "data.validation_fraction=1.5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = errors(proc.stderr)
+    assert len(lines) == 3, proc.stderr
+    assert lines[0].startswith(f"error: {hosts}:1: expected 'HOSTNAME slots=N'")
+    assert "error: train.lr: must be > 0, got -1.0" in lines
+    assert "error: data.validation_fraction: must be in [0, 1), got 1.5" in lines
+
+
+def test_world_options_need_check():
+    with pytest.raises(SystemExit) as exc:
+        train_entry.main(["--config", str(TINY), "--world-size", "4"])
+    assert exc.value.code == 2
