@@ -1,0 +1,437 @@
+"""GPU benchmark: the seed's padded step vs ours (packed varlen + GradCache), Qwen3-0.6B-sized, one GPU, bf16.
+
+    python bench/gpu_bench.py --out gpu_bench.json             # on one H100/H200: about 4-6 minutes
+    python bench/gpu_bench.py --dry-run --out dry.json         # CPU, tiny Qwen3, same code path (tested in CI)
+
+Model: a Qwen3-0.6B-shaped decoder built from its config with random weights (28 layers, hidden 1024, 16 query and
+8 key/value heads of dim 128, MLP 3072, vocabulary 151,936; 596M parameters, 440M without the embedding table),
+bf16 weights under a DeepSpeed engine (ZeRO stage ``--zero-stage``, 2 by default: F2LLM's stage; on one GPU
+stage 3 only adds per-module parameter gathers), the same engine type and optimizer (torch AdamW, fused) for both
+methods, one process.
+
+Data: random token ids with lengths drawn like retrieval data at F2LLM's max length 1024: queries log-normal with
+median 24 tokens (sigma 0.5, clipped to [6, 128]), passages log-normal with median 160 (sigma 0.7, clipped to
+[16, 1024]); each sequence ends in EOS; 7 hard negatives per query (F2LLM's retrieval setting), dataset type
+retrieval (in-batch + hard-negative InfoNCE, Matryoshka on, as configs/f2llm-0.6b.yaml).
+
+Methods, each step timed between CUDA synchronisations, `train_step` + ``engine.step()``:
+
+* seed (``bench/seed_step.py``, F2LLM's step): 16 queries x (1 positive + 7 negatives) = 144 sequences right-padded
+  to the longest into ONE tensor, sdpa with the padding mask, gradient checkpointing on (F2LLM needs it for 16 x 9 at
+  1024 tokens), one backward of the whole batch, no GradCache. flash-attn is not installed here, so the seed runs
+  sdpa, not FlashAttention-2 (which would unpad the attention but not the MLPs).
+* ours (``pipeline.gradcache.cached_step``): global batch 512 on one GPU = 512 queries + 4,608 passages, packed
+  into chunks of ``--chunk-tokens`` real tokens (no padding), varlen attention (flash-attn's kernel when installed,
+  else PyTorch's ``varlen_attn``), GradCache (exact full-batch gradient; one extra no-grad forward), no gradient
+  checkpointing (a chunk's activations fit).
+* fit: one step of ours at global batch 4096 (36,864 sequences): does it fit, and its peak memory.
+
+Reported per method: samples/s (queries per second), real tokens/s, peak GPU memory (max_memory_allocated), MFU =
+real tokens/s x (6 N + 12 L a s) / peak bf16 FLOP/s (N non-embedding parameters, L layers, a attention width, s mean
+sequence length; PaLM's formula: padding, recomputation and GradCache's extra forward are not useful work and not
+counted). Medians over the measured steps. ``varlen_check``: embeddings of the same sequences through the packed
+varlen path and the padded sdpa path (same weights): max |difference| and min cosine, bf16 tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+QWEN3_06B = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
+    pad_token_id=151643, eos_token_id=151645,
+)
+TINY_QWEN3 = dict(
+    model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, attention_dropout=0.0,
+    pad_token_id=0, eos_token_id=2,
+)
+QUERY_LEN = dict(median=24, sigma=0.5, low=6, high=128)
+PASSAGE_LEN = dict(median=160, sigma=0.7, low=16, high=1024)
+N_NEG = 7
+
+
+@dataclass
+class Plan:
+    """Sizes of one benchmark run (full on a GPU, shrunk for --dry-run)."""
+
+    model: dict[str, Any]
+    seed_batch: int = 16
+    ours_batch: int = 512
+    fit_batch: int = 4096
+    chunk_tokens: int = 16384
+    warmup: int = 2
+    steps: int = 5
+    ours_steps: int = 3
+    max_len: int = 1024
+    check_sequences: int = 48
+
+    @classmethod
+    def dry_run(cls) -> "Plan":
+        return cls(model=TINY_QWEN3, seed_batch=4, ours_batch=16, fit_batch=64, chunk_tokens=1024, warmup=1,
+                   steps=2, ours_steps=2, max_len=256, check_sequences=12)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    global_batch: int
+    sequences_per_step: int
+    step_seconds: list[float] = field(default_factory=list)
+    real_tokens_per_step: int = 0
+    computed_tokens_per_step: int = 0
+    chunks_per_step: int = 0
+    peak_memory_gib: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    status: str = "ok"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def sample_lengths(rng: np.random.Generator, n: int, spec: dict[str, float], max_len: int) -> np.ndarray:
+    raw = rng.lognormal(np.log(spec["median"]), spec["sigma"], size=n)
+    return np.clip(np.rint(raw), spec["low"], min(spec["high"], max_len)).astype(np.int64)
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, model_cfg: dict[str, Any], max_len: int):
+    """A retrieval ContrastiveBatch of random ids with the documented length distributions, EOS-terminated."""
+    from pipeline.batch import ContrastiveBatch
+
+    vocab, eos = model_cfg["vocab_size"], model_cfg["eos_token_id"]
+
+    def seqs(lengths: np.ndarray) -> list[np.ndarray]:
+        out = []
+        for n in lengths:
+            ids = rng.integers(3, min(vocab, 151000), size=int(n), dtype=np.int64)  # no special tokens
+            ids[-1] = eos
+            out.append(ids)
+        return out
+
+    queries = seqs(sample_lengths(rng, batch_size, QUERY_LEN, max_len))
+    positives = seqs(sample_lengths(rng, batch_size, PASSAGE_LEN, max_len))
+    negatives = seqs(sample_lengths(rng, batch_size * N_NEG, PASSAGE_LEN, max_len))
+    return ContrastiveBatch(queries, positives, negatives, N_NEG, "retrieval")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and engine
+# ---------------------------------------------------------------------------------------------------------------
+def model_config(plan: Plan, *, attn: str, packing: str, checkpointing: bool):
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(from_config=dict(plan.model), pooling="last_token", attn_implementation=attn, dtype="auto",
+                       gradient_checkpointing=checkpointing, packing=packing)
+
+
+def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, device: torch.device) -> Any:
+    import deepspeed
+
+    from pipeline.ds_config import load_ds_config
+
+    ds_cfg = load_ds_config(REPO / "ds_configs" / f"zero{zero_stage}.json", micro_batch=micro_batch, world_size=1,
+                            use_bf16=device.type == "cuda")
+    ds_cfg.pop("optimizer", None)
+    ds_cfg.pop("scheduler", None)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01,
+                                  fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    return engine
+
+
+def non_embedding_params(module: torch.nn.Module) -> int:
+    backbone = getattr(module, "backbone", module)
+    embedding = backbone.get_input_embeddings().weight
+    return sum(p.numel() for p in module.parameters() if p is not embedding)
+
+
+def flops_per_token(plan: Plan, n_params: int, mean_len: float) -> float:
+    from pipeline.metrics import model_flops_per_token
+
+    m = plan.model
+    return model_flops_per_token(n_params, m["num_hidden_layers"], m["num_attention_heads"] * m["head_dim"], mean_len)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def finish(result: MethodResult, plan: Plan, n_params: int, mean_len: float, device: torch.device) -> MethodResult:
+    from pipeline.metrics import mfu, peak_flops
+
+    if result.step_seconds:
+        median = statistics.median(result.step_seconds)
+        result.samples_per_s = result.global_batch / median
+        result.tokens_per_s = result.real_tokens_per_step / median
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        result.mfu = mfu(result.tokens_per_s, flops_per_token(plan, n_params, mean_len), peak, 1)
+    if device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
+    """Packed varlen vs padded sdpa embeddings of the same sequences with the same weights."""
+    from pipeline.model import EmbeddingModel
+    from pipeline.packing import pack, pad
+
+    with torch.device(device):
+        packed_model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed",
+                                                               checkpointing=False), device)
+        padded_model = EmbeddingModel.from_config(model_config(plan, attn="sdpa", packing="padded",
+                                                               checkpointing=False), device)
+    padded_model.load_state_dict(packed_model.state_dict())
+    packed_model.eval()
+    padded_model.eval()
+    batch = make_batch(rng, plan.check_sequences // (2 + N_NEG) + 1, plan.model, plan.max_len)
+    seqs = batch.sequences()[: plan.check_sequences]
+    with torch.no_grad():
+        a = packed_model(pack(seqs))
+        b = padded_model(pad(seqs, pad_id=padded_model.pad_id))
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    # Gradients through both paths: d/dtheta sum(e * r) for a fixed random r, compared on every weight matrix.
+    r = torch.randn(a.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    (packed_model(pack(seqs)) * r).sum().backward()
+    (padded_model(pad(seqs, pad_id=padded_model.pad_id)) * r).sum().backward()
+    grad_cos = []
+    for (name, p1), (_, p2) in zip(packed_model.named_parameters(), padded_model.named_parameters()):
+        if p1.grad is not None and p2.grad is not None and p1.ndim == 2 and "embed" not in name:
+            g1, g2 = p1.grad.float().flatten(), p2.grad.float().flatten()
+            grad_cos.append(float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)))
+    from pipeline.attention import varlen_kernel
+
+    probe = torch.zeros(1, 1, 1, 1, device=device, dtype=next(packed_model.parameters()).dtype)
+    out = {
+        "attn_implementation": packed_model.attn_implementation,
+        "kernel": "flash_attention_2" if packed_model.attn_implementation == "flash_attention_2"
+        else varlen_kernel(probe, 0.0),
+        "sequences": len(seqs),
+        "max_abs_diff": float((a - b).abs().max()),
+        "min_cosine": float(cos.min()),
+        "min_grad_cosine": min(grad_cos),
+        "weight_matrices_compared": len(grad_cos),
+        "dtype": str(next(packed_model.parameters()).dtype).removeprefix("torch."),
+    }
+    tol, grad_tol = (0.995, 0.99) if device.type == "cuda" else (0.99999, 0.9999)  # bf16 on CUDA, fp32 on CPU
+    out["ok"] = out["min_cosine"] >= tol and out["min_grad_cosine"] >= grad_tol
+    del packed_model, padded_model
+    return out
+
+
+def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_stage: int) -> MethodResult:
+    from bench.seed_step import SeedEmbedder, seed_collate, seed_step
+    from pipeline.config import LossConfig
+    from pipeline.model import build_backbone, enable_checkpointing, resolve_dtype
+
+    cfg = model_config(plan, attn="sdpa", packing="padded", checkpointing=True)
+    with torch.device(device):
+        backbone = build_backbone(cfg, attn_implementation="sdpa", dtype=resolve_dtype("auto", device))
+    enable_checkpointing(backbone)
+    module = SeedEmbedder(backbone.to(device))
+    n_params = non_embedding_params(module)
+    engine = build_engine(module, micro_batch=plan.seed_batch, zero_stage=zero_stage, device=device)
+    engine.train()
+    loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"])
+    pad_id = plan.model["pad_token_id"]
+    result = MethodResult("seed", plan.seed_batch, plan.seed_batch * (2 + N_NEG))
+    reset_peak(device)
+    real, computed, lens = [], [], []
+    for i in range(plan.warmup + plan.steps):
+        batch = make_batch(rng, plan.seed_batch, plan.model, plan.max_len)
+        padded = seed_collate(batch, pad_id, "batch")  # collate runs in F2LLM's data loader: not timed
+
+        def step() -> None:
+            seed_step(engine, padded, loss_cfg, device)
+            engine.step()
+
+        seconds, _ = timed(step, device)
+        if i >= plan.warmup:
+            result.step_seconds.append(seconds)
+            real.append(padded.real_tokens)
+            computed.append(padded.computed_tokens)
+            lens.extend(len(s) for s in batch.sequences())
+    result.real_tokens_per_step = int(np.median(real))
+    result.computed_tokens_per_step = int(np.median(computed))
+    result.chunks_per_step = 1
+    finish(result, plan, n_params, float(np.mean(lens)), device)
+    engine.destroy()
+    del engine, module, backbone
+    return result
+
+
+def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int):
+    from pipeline.model import EmbeddingModel
+
+    with torch.device(device):
+        model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False),
+                                           device)
+    n_params = non_embedding_params(model)
+    engine = build_engine(model, micro_batch=micro_batch, zero_stage=zero_stage, device=device)
+    engine.train()
+    return engine, n_params
+
+
+def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: np.random.Generator, *,
+             name: str, batch_size: int, warmup: int, steps: int) -> MethodResult:
+    from pipeline.config import GradCacheConfig, LossConfig
+    from pipeline.gradcache import cached_step
+
+    loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"], matryoshka=True)
+    gc_cfg = GradCacheConfig(enabled=True, chunk_tokens=plan.chunk_tokens, coalesce_grad_reduction=True)
+    result = MethodResult(name, batch_size, batch_size * (2 + N_NEG))
+    reset_peak(device)
+    real, computed, chunks, lens = [], [], [], []
+    try:
+        for i in range(warmup + steps):
+            batch = make_batch(rng, batch_size, plan.model, plan.max_len)
+
+            def step():
+                stats = cached_step(engine, batch, loss_cfg, gc_cfg)
+                engine.step()
+                return stats
+
+            seconds, stats = timed(step, device)
+            if i >= warmup:
+                result.step_seconds.append(seconds)
+                real.append(stats.real_tokens)
+                computed.append(stats.computed_tokens)
+                chunks.append(stats.chunks_run)
+                lens.extend(len(s) for s in batch.sequences())
+    except torch.cuda.OutOfMemoryError as exc:
+        result.status = f"out of memory: {str(exc).splitlines()[0]}"
+        engine.zero_grad()
+        return finish(result, plan, n_params, 1.0, device)
+    result.real_tokens_per_step = int(np.median(real))
+    result.computed_tokens_per_step = int(np.median(computed))
+    result.chunks_per_step = int(np.median(chunks))
+    return finish(result, plan, n_params, float(np.mean(lens)), device)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    from pipeline.attention import torch_varlen_available
+    from pipeline.model import flash_attn_available
+
+    try:
+        import deepspeed
+
+        ds = deepspeed.__version__
+    except ImportError:
+        ds = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": ds,
+        "python": platform.python_version(), "flash_attn": flash_attn_available(),
+        "torch_varlen_attn": torch_varlen_available(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Sizes and methods: see the module docstring (python -c 'help(...)').")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny Qwen3, small batches: the same code path in about a minute")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2, help="DeepSpeed ZeRO stage (both methods)")
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="GradCache chunk size in tokens (ours)")
+    parser.add_argument("--skip-fit", action="store_true", help="skip the global-batch-4096 step")
+    parser.add_argument("--seed", type=int, default=0, help="data RNG seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = Plan.dry_run() if args.dry_run else Plan(model=QWEN3_06B)
+    if args.chunk_tokens:
+        plan.chunk_tokens = args.chunk_tokens
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device; use --dry-run on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.dry_run else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from pipeline.distributed import init_distributed, teardown
+    from pipeline.logs import log
+
+    init_distributed(use_deepspeed=True)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    results: dict[str, Any] = {"environment": environment(device), "plan": asdict(plan),
+                               "zero_stage": args.zero_stage, "lengths": {"query": QUERY_LEN,
+                                                                          "passage": PASSAGE_LEN}}
+    started = time.perf_counter()
+
+    def save() -> None:
+        results["wall_seconds"] = time.perf_counter() - started
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+
+    results["varlen_check"] = varlen_check(plan, device, rng)
+    log(f"varlen check: {results['varlen_check']}")
+    save()
+    results["seed"] = asdict(run_seed(plan, device, rng, args.zero_stage))
+    log(f"seed: {results['seed']}")
+    save()
+    engine, n_params = build_ours(plan, device, args.zero_stage, plan.ours_batch)
+    results["ours"] = asdict(run_ours(plan, engine, n_params, device, rng, name="ours", batch_size=plan.ours_batch,
+                                      warmup=1, steps=plan.ours_steps))
+    log(f"ours: {results['ours']}")
+    save()
+    if not args.skip_fit:
+        results["fit"] = asdict(run_ours(plan, engine, n_params, device, rng, name="fit",
+                                         batch_size=plan.fit_batch, warmup=0, steps=1))
+        log(f"fit: {results['fit']}")
+    seed, ours = results["seed"], results["ours"]
+    if seed["samples_per_s"] and ours["samples_per_s"]:
+        results["ratio_samples_per_s"] = ours["samples_per_s"] / seed["samples_per_s"]
+        results["ratio_tokens_per_s"] = ours["tokens_per_s"] / seed["tokens_per_s"]
+    save()
+    log(json.dumps({k: results.get(k) for k in ("ratio_samples_per_s", "ratio_tokens_per_s")}))
+    engine.destroy()
+    teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""bench/gpu_bench.py's CPU dry run: the GPU benchmark's whole code path (varlen check, seed step, ours, fit) on a
+tiny Qwen3, so the script is known to run before a GPU is at hand."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_dry_run(tmp_path):
+    out = tmp_path / "dry.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "bench/gpu_bench.py", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    check = result["varlen_check"]
+    assert check["ok"] and check["attn_implementation"] == "varlen" and check["weight_matrices_compared"] >= 10
+    seed, ours, fit = result["seed"], result["ours"], result["fit"]
+    assert seed["sequences_per_step"] == 4 * 9 and ours["sequences_per_step"] == 16 * 9
+    assert seed["computed_tokens_per_step"] > seed["real_tokens_per_step"]  # one right-padded tensor
+    for r in (ours, fit):
+        assert r["status"] == "ok" and r["computed_tokens_per_step"] == r["real_tokens_per_step"]  # packed
+        assert r["chunks_per_step"] > 1  # GradCache chunks
+    for r in (seed, ours, fit):
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and len(r["step_seconds"]) >= 1
+    assert result["ratio_samples_per_s"] > 0
+
+
+def test_gpu_bench_refuses_to_run_without_a_gpu_unless_dry():
+    import torch
+
+    if torch.cuda.is_available():  # this check is about CPU machines; on a GPU the full run is the test
+        return
+    proc = subprocess.run([sys.executable, "bench/gpu_bench.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "use --dry-run" in proc.stderr
