@@ -23,6 +23,8 @@ Options:
   --module MOD         run `python -m MOD` instead of launch/train.py (e.g. pipeline.gradcheck)
   --script PATH        run PATH instead of launch/train.py
   --skip-preflight     launch without the preflight check                    [env SKIP_PREFLIGHT=1]
+  --check              only validate: run `launch/train.py --check --hostfile FILE` here (config, DeepSpeed
+                       JSON, data, tokenizer, hostfile; prints the plan for the hostfile's world size) and exit
   --dry-run            print the commands and the exported environment, run nothing  [env DRY_RUN=1]
   -h, --help           this help
 
@@ -61,6 +63,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 SSH_CONFIG="${SSH_CONFIG:-}"
 SSH_PORT="${SSH_PORT:-}"
 SKIP_PREFLIGHT="${SKIP_PREFLIGHT:-0}"
+CHECK=0
 DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python3}"
 ENTRY=(launch/train.py)
@@ -80,6 +83,7 @@ while [ $# -gt 0 ]; do
     --module) need_value "$@"; ENTRY=(--module "$2"); shift 2 ;;
     --script) need_value "$@"; ENTRY=("$2"); shift 2 ;;
     --skip-preflight) SKIP_PREFLIGHT=1; shift ;;
+    --check) CHECK=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; TRAINER_ARGS+=("$@"); break ;;
     --hostfile=*|--config=*|--master-addr=*|--master-port=*|--ssh-config=*|--ssh-port=*|--module=*|--script=*)
@@ -116,6 +120,13 @@ if [ "${ENTRY[0]}" != --module ]; then   # ranks start in $REPO_DIR: make a scri
   esac
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || die "python interpreter not found: $PYTHON (set PYTHON)"
+if [ "$CHECK" = 1 ]; then   # dry run of the trainer's checks on this machine: no ssh, no pdsh
+  CHECK_CMD=("$PYTHON" "$REPO_DIR/launch/train.py" --config "$CONFIG_ABS" --check --hostfile "$HOSTFILE"
+             "${PREFLIGHT_OVERRIDES[@]+"${PREFLIGHT_OVERRIDES[@]}"}")
+  if [ "$DRY_RUN" = 1 ]; then print_cmd "${CHECK_CMD[@]}"; exit 0; fi
+  cd "$REPO_DIR"
+  exec "${CHECK_CMD[@]}"
+fi
 if [ "$DRY_RUN" != 1 ]; then
   command -v pdsh >/dev/null 2>&1 || die "pdsh not found: DeepSpeed's multi-node launcher needs it (apt-get install pdsh)"
   command -v ssh >/dev/null 2>&1 || die "ssh not found (apt-get install openssh-client)"

@@ -16,6 +16,8 @@ Options:
   --module MOD      run `python -m MOD` instead of launch/train.py (e.g. pipeline.gradcheck)
   --script PATH     run PATH instead of launch/train.py
   --dry-run         print the command and environment, run nothing                [env DRY_RUN=1]
+  --check           only validate: `python launch/train.py --check --world-size N` (config, DeepSpeed JSON,
+                    data, tokenizer; prints the plan for this machine's N ranks) and exit, no launcher
   -h, --help        this help
 
 Environment:
@@ -46,6 +48,8 @@ die() { echo "train.sh: error: $*" >&2; exit 2; }
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="${CONFIG:-}"
 DRY_RUN="${DRY_RUN:-0}"
+CHECK=0
+CUSTOM_ENTRY=0
 PYTHON="${PYTHON:-python3}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 ENTRY=(launch/train.py)
@@ -56,9 +60,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
-    --module) need_value "$@"; ENTRY=(--module "$2"); shift 2 ;;
-    --script) need_value "$@"; ENTRY=("$2"); shift 2 ;;
+    --module) need_value "$@"; ENTRY=(--module "$2"); CUSTOM_ENTRY=1; shift 2 ;;
+    --script) need_value "$@"; ENTRY=("$2"); CUSTOM_ENTRY=1; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --check) CHECK=1; shift ;;
     --) shift; ARGS+=("$@"); break ;;
     --config=*|--module=*|--script=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
     -*) die "unknown option $1 (see --help; trainer flags go after --)" ;;
@@ -115,6 +120,14 @@ cores="$(nproc 2>/dev/null || echo 1)"
 export OMP_NUM_THREADS
 
 cd "$REPO_DIR"
+if [ "$CHECK" = 1 ]; then
+  [ "$CUSTOM_ENTRY" = 0 ] || die "--check runs launch/train.py's checks; drop --module/--script"
+  [ "$DEVICE" = gpu ] && CHECK_DEVICE=cuda || CHECK_DEVICE=cpu
+  CHECK_CMD=("$PYTHON" launch/train.py --config "$CONFIG" --check --world-size "$NRANKS" --device "$CHECK_DEVICE"
+             "${ARGS[@]+"${ARGS[@]}"}")
+  if [ "$DRY_RUN" = 1 ]; then print_cmd "${CHECK_CMD[@]}"; exit 0; fi
+  exec "${CHECK_CMD[@]}"
+fi
 LAUNCH=("$PYTHON" -m deepspeed.launcher.runner "${PLACEMENT[@]}" --master_port "$MASTER_PORT"
         "${ENTRY[@]}" --config "$CONFIG" "${ARGS[@]+"${ARGS[@]}"}")
 if [ "$DRY_RUN" = 1 ]; then

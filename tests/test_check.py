@@ -204,3 +204,21 @@ def test_world_options_need_check():
     with pytest.raises(SystemExit) as exc:
         train_entry.main(["--config", str(TINY), "--world-size", "4"])
     assert exc.value.code == 2
+
+
+def test_launch_scripts_forward_check(tmp_path):
+    """train.sh --check runs the check for its NPROC ranks, multinode.sh --check for the hostfile (no launcher)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=2\nb slots=2\n")
+    env = {**_env(), "NPROC": "3", "PATH": os.environ["PATH"]}
+    env.pop("NUM_GPUS", None)
+    one = subprocess.run(["bash", "launch/train.sh", "--config", str(TINY), "--check", "--dry-run", "train.lr=1e-4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0, one.stderr
+    if "--device cuda" not in one.stdout:  # a machine without GPUs: NPROC ranks
+        assert "launch/train.py --config" in one.stdout and "--check --world-size 3 --device cpu train.lr=1e-4" in one.stdout
+    assert "deepspeed" not in one.stdout
+    many = subprocess.run(["bash", "launch/multinode.sh", "--hostfile", str(hosts), "--config", str(TINY), "--check",
+                           "--dry-run", "train.lr=1e-4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert many.returncode == 0, many.stderr
+    assert f"--check --hostfile {hosts} train.lr=1e-4" in many.stdout and "deepspeed" not in many.stdout
