@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check_command(
             args.config, args.overrides, hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus,
-            world_size=args.world_size, device=args.device, sample_steps=max(args.sample_steps, 1),
+            world_size=args.world_size, device=args.device, sample_steps=max(args.sample_steps, 1), resume=args.resume,
         )
     check_only = ("hostfile", "num_nodes", "num_gpus", "world_size")
     if any(getattr(args, name) is not None for name in check_only):

@@ -19,7 +19,7 @@ The plan: world size, batch per rank and global, steps per epoch and in total, d
 steps, chunks per rank and real tokens per step - measured by building the first steps' batches of every rank with
 the trainer's own code (:func:`pipeline.data.rank_batch`) and chunking them with
 :func:`pipeline.packing.plan_chunks` as GradCache does - ZeRO stage, precision, attention, output directory and the
-checkpoint ``--resume auto`` would load.
+checkpoint the run starts from (``--resume``).
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ class RunPlan:
     shards: str
     verify_checksums: bool
     output_dir: str
-    resume: str | None
+    resume: str  # what the run starts from
 
 
 @dataclass
@@ -190,6 +190,8 @@ def resolve_world(
         if value is not None and value < 1:
             raise _Stop(Problem(name, f"must be >= 1, got {value}"))
     if world_size is not None:
+        if hostfile is not None or num_nodes is not None or num_gpus is not None:
+            raise _Stop(Problem("--world-size", "give either --world-size or --hostfile/--num_nodes/--num_gpus"))
         return WorldPlan(world_size, "--world-size")
     if hostfile is not None:
         try:
@@ -458,21 +460,30 @@ def check_data_plan(
     return datasets, list(schedule.skipped), schedule.steps_per_epoch, sample
 
 
-def resume_checkpoint(cfg: Config) -> str | None:
-    """The complete checkpoint ``--resume auto`` would load, as ``tag (step N)``, or None."""
+def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
+    """What the run will start from: with ``--resume auto`` the newest complete checkpoint (or a fresh start when
+    there is none), with ``--resume TAG`` that checkpoint (raises _Stop unless it is complete), else a fresh start
+    (naming the checkpoint ``--resume auto`` would load, if any)."""
     import json
 
     from pipeline.checkpoint import COMPLETE, CheckpointManager
 
     manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
+
+    def describe(tag: str) -> str:
+        try:
+            return f"{manager.root / tag} (step {json.loads((manager.root / tag / COMPLETE).read_text())['global_step']})"
+        except (OSError, ValueError, KeyError):
+            return str(manager.root / tag)
+
+    if resume not in (None, "auto"):
+        if not (manager.root / resume / COMPLETE).is_file():
+            raise _Stop(Problem("--resume", f"{manager.root / resume} is not a complete checkpoint"))
+        return f"resumes from {describe(resume)}"
     tag = manager.latest()
-    if tag is None:
-        return None
-    try:
-        step = json.loads((manager.root / tag / COMPLETE).read_text())["global_step"]
-        return f"{manager.root / tag} (step {step})"
-    except (OSError, ValueError, KeyError):
-        return str(manager.root / tag)
+    if resume == "auto":
+        return f"resumes from {describe(tag)}" if tag else f"fresh start (no complete checkpoint in {manager.root})"
+    return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,6 +499,7 @@ def check_run(
     world_size: int | None = None,
     device: str = "auto",
     sample_steps: int = 8,
+    resume: str | None = None,
 ) -> CheckReport:
     """Run every check; problems are collected (one per failed check), the plan is built when there are none."""
     import torch
@@ -525,7 +537,8 @@ def check_run(
         packed = model.packed if model is not None else True
         data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, sample_steps=sample_steps,
                        warnings=warnings)
-    if problems or world is None or ds_plan is None or model is None or data is None:
+    start = attempt(resume_checkpoint, cfg, resume)
+    if problems or world is None or ds_plan is None or model is None or data is None or start is None:
         return report
     datasets, skipped, steps_per_epoch, sample = data
     t = cfg.train
@@ -540,7 +553,7 @@ def check_run(
         datasets=datasets, skipped=skipped, sample=sample, model=model, deepspeed=ds_plan,
         gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
         shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
-        resume=resume_checkpoint(cfg),
+        resume=start,
     )
     return report
 
@@ -599,7 +612,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  shards             {plan.shards} (sizes checked, "
         f"{'sha256 verified' if plan.verify_checksums else 'sha256 not verified: data.verify_checksums false'})",
         f"  output dir         {plan.output_dir}",
-        f"  resume             {plan.resume + ' (--resume auto loads it)' if plan.resume else 'no complete checkpoint'}",
+        f"  start              {plan.resume}",
     ]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ the named problem, and one runs as a subprocess to check that several problems c
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,10 +22,10 @@ from data_helpers import make_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
-sys.path.insert(0, str(REPO / "launch"))
 sys.path.insert(0, str(REPO))
-
-import train as train_entry  # noqa: E402  (launch/train.py)
+_spec = importlib.util.spec_from_file_location("launch_train_entry", REPO / "launch" / "train.py")
+train_entry = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_entry)
 
 
 def _env() -> dict[str, str]:
@@ -80,7 +81,7 @@ def test_valid_check_prints_the_plan(example_shards, tmp_path):
     assert "8 queries per rank, 24 global" in text
     assert f"{steps} per epoch; {2 * steps} in total (2 epochs)" in text
     assert re.search(r"ZeRO stage 3, no offload", text)
-    assert "sha256 verified" in text and "no complete checkpoint" in text
+    assert "sha256 verified" in text and "fresh start (no complete checkpoint)" in text
     for name in ("paper_topics", "product_reviews", "web_search"):
         assert name in text
     assert text.rstrip().endswith("check: OK")
@@ -222,3 +223,18 @@ def test_launch_scripts_forward_check(tmp_path):
                            "--dry-run", "train.lr=1e-4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert many.returncode == 0, many.stderr
     assert f"--check --hostfile {hosts} train.lr=1e-4" in many.stdout and "deepspeed" not in many.stdout
+
+
+def test_resume_target_is_reported(example_shards, tmp_path, capsys):
+    """--resume TAG must name a complete checkpoint; --resume auto reports the one it would load."""
+    out = tmp_path / "run"
+    args = [f"data.shards={example_shards}", f"train.output_dir={out}"]
+    code, _, err = check_main(capsys, "--resume", "step_00000010", *args)
+    assert code == 2 and errors(err) == [f"error: --resume: {out / 'checkpoints' / 'step_00000010'} is not a "
+                                         "complete checkpoint"], err
+    tag = out / "checkpoints" / "step_00000010"
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE").write_text(json.dumps({"global_step": 10}))
+    code, text, err = check_main(capsys, "--resume", "auto", *args)
+    assert code == 0, err
+    assert f"resumes from {tag} (step 10)" in text
