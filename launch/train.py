@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from pipeline.errors import TrainingAborted
+    from pipeline.logs import is_rank0
     from pipeline.shard_format import ShardError
     from pipeline.trainer import run
 
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingAborted as exc:  # agreed on every rank (checkpoint/export write error, non-finite steps)
+        if is_rank0():
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

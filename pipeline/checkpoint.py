@@ -10,9 +10,18 @@ Layout under ``<output_dir>/checkpoints``::
 
 A crash while saving leaves a tag without COMPLETE, which resume ignores (and the next save removes); the pointer
 still names the previous complete checkpoint. Only the last ``keep_last`` complete checkpoints are kept.
+
+A write error (disk full, a read-only or vanished directory, a file where the tag directory should be) on any rank
+fails the save on every rank alike, with one :class:`CheckpointError` naming the tag directory, the rank and the
+error: the ranks agree on the outcome after each phase (prepare the directory / DeepSpeed's files and the RNG
+states / COMPLETE and the pointer). DeepSpeed's own file writes are wrapped so that an error is recorded instead of
+raised in the middle of ``engine.save_checkpoint`` - a rank leaving it early would strand the others in its
+barriers. The partial directory is then removed (it may be what filled the disk); the previous checkpoint stays the
+latest, untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,21 +29,29 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import fault_injection
+from pipeline.errors import TrainingAborted
 from pipeline.logs import global_rank, log
 
 COMPLETE = "COMPLETE"
 POINTER = "latest_complete"
 
 
+class CheckpointError(TrainingAborted):
+    """A checkpoint could not be written (on some rank); the previous checkpoint stays the latest."""
+
+
 @dataclass
 class TrainerState:
-    """Where training stands: the next step to run is `step_in_epoch` of `epoch`; `global_step` steps are done."""
+    """Where training stands: the next batch to train on is `step_in_epoch` of `epoch`; `global_step` optimizer
+    updates are done. A skipped (non-finite) step consumes its batch but makes no update, so `step_in_epoch` may run
+    ahead of `global_step`; `skipped_steps` counts them all, `consecutive_skips` those since the last update."""
 
     global_step: int = 0
     epoch: int = 0
@@ -83,37 +100,75 @@ class CheckpointManager:
         complete = sorted(p.parent.name for p in self.root.glob(f"step_*/{COMPLETE}"))
         return complete[-1] if complete else None
 
-    def save(self, engine: Any, state: TrainerState) -> Path:
-        """Save on every rank; returns the tag directory. Raises (on every rank) if any rank failed to write."""
-        tag = self.tag_for(state.global_step)
+    def save(self, engine: Any, state: TrainerState, tag: str | None = None) -> Path:
+        """Save on every rank (default tag: ``step_<global_step>``); returns the tag directory. Raises
+        :class:`CheckpointError` on every rank if any rank failed to write; the previous checkpoint stays the latest."""
+        tag = tag or self.tag_for(state.global_step)
         path = self.root / tag
-        ok = 1
+        previous = self.latest()
         error = ""
-        try:
-            if global_rank() == 0:
+        if global_rank() == 0:  # 1. a fresh, empty tag directory
+            try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                if path.exists():  # a stale, incomplete save of the same step
+                if path.is_dir() and not path.is_symlink():  # a stale, incomplete save of the same tag
                     shutil.rmtree(path)
-            _barrier()
-            engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": asdict(state)}, save_latest=False)
-            torch.save(rng_state(), path / f"rng_rank{global_rank()}.pt")
-        except Exception as exc:  # disk full, permissions: reported below on every rank
-            ok = 0
-            error = f"{type(exc).__name__}: {exc}"
-        ok = _all_ok(ok)
-        if not ok:
-            if error:
-                log(f"checkpoint {path}: save failed ({error})", all_ranks=True)
-            raise RuntimeError(f"checkpoint {path}: save failed on at least one rank; {self.latest()} stays the latest")
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+                path.mkdir()
+            except OSError as exc:
+                error = _describe(exc)
+        self._agree(error, path, previous, remove_partial=False)
+
+        error = ""  # 2. DeepSpeed's files, then this rank's RNG states
+        with _recording_write_errors(engine) as failures:
+            try:
+                engine.save_checkpoint(str(self.root), tag=tag, client_state={"trainer": asdict(state)},
+                                       save_latest=False)
+            except Exception as exc:  # noqa: BLE001 - reported below, on every rank
+                error = _describe(exc)
+        error = error or (failures[0] if failures else "")
+        if not error:
+            rng_file = path / f"rng_rank{global_rank()}.pt"
+            try:
+                fault_injection.maybe_fail_write("checkpoint", state.global_step, rng_file)
+                torch.save(rng_state(), rng_file)
+            except OSError as exc:
+                error = _describe(exc)
+        self._agree(error, path, previous)
+
+        error = ""  # 3. COMPLETE, then the pointer (atomically)
         if global_rank() == 0:
-            (path / COMPLETE).write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
-            tmp = self.root / f".{POINTER}.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.root / POINTER)
+            try:
+                (path / COMPLETE).write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
+                tmp = self.root / f".{POINTER}.tmp"
+                tmp.write_text(tag)
+                os.replace(tmp, self.root / POINTER)
+            except OSError as exc:
+                error = _describe(exc)
+                (path / COMPLETE).unlink(missing_ok=True)
+        self._agree(error, path, previous)
+        if global_rank() == 0:
             self._prune(keep=tag)
         _barrier()
         log(f"checkpoint saved: {path}")
         return path
+
+    def _agree(self, error: str, path: Path, previous: str | None, *, remove_partial: bool = True) -> None:
+        """All ranks learn every rank's error; on any, rank 0 removes the partial `path` and all raise alike."""
+        errors = _gather_strings(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if not failed:
+            return
+        if remove_partial and global_rank() == 0 and path.is_dir() and not (path / COMPLETE).exists():
+            shutil.rmtree(path, ignore_errors=True)
+        rank, first = failed[0]
+        ranks = ", ".join(str(r) for r, _ in failed)
+        kept = str(self.root / previous) if previous else "no checkpoint"
+        raise CheckpointError(
+            f"checkpoint {path}: save failed on rank {ranks} ({first}); {kept} stays the latest"
+            if len(failed) == 1 else
+            f"checkpoint {path}: save failed on ranks {ranks} (rank {rank}: {first}); {kept} stays the latest"
+        )
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.root.glob("step_*") if p.is_dir())
@@ -134,10 +189,46 @@ class CheckpointManager:
         return TrainerState(**client["trainer"])
 
 
-def _all_ok(ok: int) -> int:
+def _describe(exc: BaseException) -> str:
+    """One line: exception type and message."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _gather_strings(value: str) -> list[str]:
+    """Every rank's `value`, indexed by rank (one collective; `[value]` in a single process)."""
     if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([ok], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return int(flag.item())
-    return ok
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return [str(v or "") for v in out]
+    return [value]
+
+
+@contextlib.contextmanager
+def _recording_write_errors(engine: Any) -> Iterator[list[str]]:
+    """While active, OSErrors of the engine's checkpoint writes (``checkpoint_engine.save`` / ``makedirs``) are
+    appended to the yielded list instead of raised, so that the rank keeps taking part in DeepSpeed's barriers."""
+    failures: list[str] = []
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    patched = []
+    for name in ("save", "makedirs"):
+        original = getattr(ckpt_engine, name, None) if ckpt_engine is not None else None
+        if original is None:
+            continue
+
+        def recording(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            try:
+                return _original(*args, **kwargs)
+            except OSError as exc:
+                failures.append(_describe(exc))
+                return None
+
+        patched.append((name, name in vars(ckpt_engine), original))
+        setattr(ckpt_engine, name, recording)
+    try:
+        yield failures
+    finally:
+        for name, own, original in patched:
+            if own:
+                setattr(ckpt_engine, name, original)
+            else:
+                delattr(ckpt_engine, name)

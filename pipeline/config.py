@@ -119,6 +119,10 @@ class TrainConfig:
     save_every: int = 5000
     keep_last: int = 3
     eval_every: int = 1000
+    # A step whose (global) loss or any gradient is NaN/inf is skipped: no optimizer update, lr schedule and step
+    # counters unchanged, its batch consumed. After this many consecutive skipped steps the run stops with an error
+    # and a checkpoint of the unchanged weights (0 = stop at the first non-finite step).
+    max_consecutive_skips: int = 5
 
 
 @dataclass

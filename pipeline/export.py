@@ -9,6 +9,10 @@ memory is one parameter, not the model). Rank 0 writes into a temporary director
 * ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``, ``2_Normalize`` (if normalised) and
   ``config_sentence_transformers.json`` with one prompt per dataset instruction (``{name}: "Instruct: ...\\nQuery: "``)
   and cosine similarity: ``SentenceTransformer(dir).encode(q, prompt_name=...)`` reproduces training embeddings.
+
+A failed write (disk full, unwritable or vanished output directory) raises :class:`ExportError` on every rank, one
+line naming the directory; the temporary directory is removed and an existing export of the same name is kept
+(it is only replaced once the new one is complete). Checkpoints are never touched by an export.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline import fault_injection
+from pipeline.errors import TrainingAborted
 from pipeline.logs import global_rank, log
 
 ST_POOLING_KEYS = {
@@ -28,6 +34,10 @@ ST_POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
     "cls": "pooling_mode_cls_token",
 }
+
+
+class ExportError(TrainingAborted):
+    """The model directory could not be written; nothing was replaced."""
 
 
 def _is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -130,6 +140,7 @@ def export_model(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            fault_injection.maybe_fail_write("export", out.name, tmp / "model.safetensors")
             backbone.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             _eos_appending_tokenizer(tokenizer, eos_id).save_pretrained(str(tmp))
             write_sentence_transformers_files(
@@ -140,17 +151,24 @@ def export_model(
                 max_seq_length=max_seq_length,
                 prompts=query_prompts(instructions, query_template),
             )
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except OSError as exc:
-            error = f"export to {out} failed ({exc.strerror or exc}); nothing was replaced"
+            if out.exists():  # swap: the old export is removed only once the new one is complete
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except Exception as exc:  # noqa: BLE001 - OSError, or a serializer error wrapping one
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+            error = " ".join(f"export to {out} failed ({reason}{where}); nothing was replaced".split())
             shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
-        raise RuntimeError(error)
+        raise ExportError(error)
     log(f"exported model: {out}")
     return out

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import fault_injection
 from pipeline.batch import ContrastiveBatch
 from pipeline.config import GradCacheConfig, LossConfig
 from pipeline.distributed import all_reduce_max, average_gradients, is_distributed, world_size
@@ -222,9 +223,10 @@ def cached_step(
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
     out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg)
-    out.total.backward()
+    total = fault_injection.poison_loss(out.total)  # identity unless a resilience test asks for NaN
+    total.backward()
     grad = cache.grad
-    loss = float(out.total.detach())
+    loss = float(total.detach())
     parts = out.parts
     del out
 
@@ -283,14 +285,78 @@ def plain_step(
     e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
     e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
     out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg)
-    total = out.total if dummy is None else out.total + dummy
+    loss = fault_injection.poison_loss(out.total)  # identity unless a resilience test asks for NaN
+    total = loss if dummy is None else loss + dummy
     if engine is None:
         total.backward()
         average_gradients([p for p in base.parameters() if p.requires_grad])
     else:
         engine.set_gradient_accumulation_boundary(True)
         engine.backward(total, scale_wrt_gas=False)
-    return _finish_stats(float(out.total.detach()), out.parts, plan, base, device)
+    return _finish_stats(float(loss.detach()), out.parts, plan, base, device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-finite steps
+# --------------------------------------------------------------------------------------------------------------
+def local_grads_finite(model: nn.Module) -> bool:
+    """Whether this rank's gradients after the step's backward are all finite. No collective: all-reduce the
+    answer (MAX of "not finite") so that every rank takes the same decision.
+
+    Under ZeRO-3 a rank holds the reduced gradient partitions of its parameter shards
+    (``deepspeed.utils.safe_get_local_grad``); otherwise the ``.grad`` of the parameters (plain model, ZeRO-0), plus
+    the optimizer's reduced partitions where a ZeRO-1/2 optimizer keeps them (``averaged_gradients``).
+    """
+    engine = model if is_deepspeed_engine(model) else None
+    base = base_module(model)
+    grads: list[torch.Tensor] = []
+    for p in base.parameters():
+        if not p.requires_grad:
+            continue
+        if engine is not None and hasattr(p, "ds_id"):
+            from deepspeed.utils import safe_get_local_grad
+
+            g = safe_get_local_grad(p)
+        else:
+            g = p.grad
+        if g is not None:
+            grads.append(g)
+    averaged = getattr(engine.optimizer, "averaged_gradients", None) if engine is not None else None
+    if engine is not None and int(engine.zero_optimization_stage()) in (1, 2) and isinstance(averaged, dict):
+        for group in averaged.values():
+            if isinstance(group, torch.Tensor):
+                grads.append(group)
+            elif group:
+                grads.extend(g for g in group if g is not None)
+    if not grads:
+        return True
+    bad = torch.zeros((), dtype=torch.bool, device=grads[0].device)
+    for g in grads:
+        bad |= ~torch.isfinite(g.detach()).all().to(bad.device)
+    return not bool(bad)
+
+
+def discard_gradients(model: nn.Module) -> None:
+    """Throw away the step's gradients WITHOUT an optimizer update (a skipped step).
+
+    Under DeepSpeed this is what its own optimizers do on an fp16 overflow (``_overflow_clean_up``):
+    ``optimizer.zero_grad(set_to_none=True)``, which also resets ZeRO's micro-step counter so that the next backward
+    overwrites (not accumulates into) the reduced partitions, and dropping the reduced-gradient lists (or, with CPU
+    offload, resetting the offload buffers). ``engine.step()`` is not called: optimizer moments and step count,
+    the lr scheduler and the engine's step counters stay where they were.
+    """
+    engine = model if is_deepspeed_engine(model) else None
+    if engine is None:
+        for p in base_module(model).parameters():
+            p.grad = None
+        return
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if getattr(optimizer, "offload_optimizer", False) and hasattr(optimizer, "reset_cpu_buffers"):
+        optimizer.reset_cpu_buffers()
+    elif isinstance(getattr(optimizer, "averaged_gradients", None), dict):
+        optimizer.averaged_gradients = {}
+    engine.zero_grad()
 
 
 def train_step(

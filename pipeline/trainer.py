@@ -14,6 +14,7 @@ the same saves and exports, and the run ends with destroy_process_group().
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import sys
@@ -25,17 +26,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import fault_injection
 from pipeline.checkpoint import CheckpointManager, TrainerState
 from pipeline.config import Config
 from pipeline.data import TrainData, check_data, seed_everything
 from pipeline.distributed import init_distributed, teardown
 from pipeline.ds_config import load_ds_config
 from pipeline.export import export_model
-from pipeline.gradcache import StepStats, base_module, batch_loss, train_step
+from pipeline.errors import TrainingAborted
+from pipeline.gradcache import StepStats, base_module, batch_loss, discard_gradients, local_grads_finite, train_step
 from pipeline.logs import is_rank0, log
 from pipeline.lr_schedule import warmup_cosine
 from pipeline.metrics import MetricsWriter, mfu, model_flops_per_token, peak_flops
 from pipeline.model import EmbeddingModel
+from pipeline.preemption import REASONS, StopRequest, agree
 
 
 def _device(local_rank: int) -> torch.device:
@@ -73,6 +77,11 @@ def _versions() -> dict[str, str]:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None) -> None:
         self.cfg = cfg
+        # SIGTERM/SIGINT/launcher exit -> stop at the next step boundary with a checkpoint (pipeline.preemption).
+        self.stop = StopRequest()
+        self.stop.install()
+        self.preempted = False
+        self._saved: tuple[tuple[int, int, int], Path] | None = None  # (state key, path) of the last checkpoint
         # Input checks before any process group or model exists (one-line errors): shard directory, manifest,
         # datasets, file sizes, tokenizer, then checksums (pipeline.data.check_data).
         self.tokenizer = _load_tokenizer(cfg)
@@ -103,6 +112,7 @@ class Trainer:
             tag = self.ckpt.latest() if resume == "auto" else resume
             if tag is not None:
                 self.state = self.ckpt.load(self.engine, tag)
+                self._saved = (self._state_key(), self.ckpt.root / tag)
                 log(f"resumed from {self.ckpt.root / tag}: step {self.state.global_step}, epoch {self.state.epoch}")
             else:
                 log(f"--resume {resume}: no complete checkpoint in {self.ckpt.root}; starting fresh")
@@ -164,6 +174,7 @@ class Trainer:
             "padding_efficiency": stats.padding_efficiency,
             "chunks": stats.chunks_run,
             "epoch": self.state.epoch,
+            "skipped_steps": self.state.skipped_steps,
         }
         if self.device.type == "cuda":
             values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -216,11 +227,26 @@ class Trainer:
             loader = self.data.loader(self.state.epoch, self.state.step_in_epoch)
             for dataset, batch in loader:
                 started = time.perf_counter()
+                fault_injection.set_attempt(self.state.global_step + self.state.skipped_steps + 1)
                 stats = train_step(self.engine, batch, self.cfg.loss, self.cfg.gradcache)
+                # The step boundary: one MAX all-reduce tells every rank whether any rank must stop (signal,
+                # launcher gone) and whether the step is bad (loss or any gradient partition non-finite).
+                stop, bad = agree(
+                    [self.stop.local_code(), int(not math.isfinite(stats.loss) or not local_grads_finite(self.engine))],
+                    self.device,
+                )
+                self.state.step_in_epoch += 1  # the batch is consumed, whether the step updates or is skipped
+                if bad:
+                    self._skip_step(stats)
+                    fault_injection.step_delay()
+                    if stop:
+                        self._preempted(stop)
+                        break
+                    continue
                 self.engine.step()
                 seconds = time.perf_counter() - started
                 self.state.global_step += 1
-                self.state.step_in_epoch += 1
+                self.state.consecutive_skips = 0
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{self.engine.get_lr()[0]:.2e}",
                                 tok_s=f"{stats.real_tokens / seconds:,.0f}", refresh=False)
@@ -229,7 +255,11 @@ class Trainer:
                 if t.eval_every and self.state.global_step % t.eval_every == 0:
                     self.validate()
                 if t.save_every and self.state.global_step % t.save_every == 0:
-                    self.ckpt.save(self.engine, self.state)
+                    self._checkpoint()
+                fault_injection.step_delay()
+                if stop:
+                    self._preempted(stop)
+                    break
                 if self.state.global_step >= self.total_steps:
                     break
             else:
@@ -237,11 +267,65 @@ class Trainer:
                 self.export(f"epoch_{self.state.epoch}")
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
+            if self.preempted:
+                break
         bar.close()
-        if self.state.global_step % max(t.save_every, 1) != 0 or not t.save_every:
-            self.ckpt.save(self.engine, self.state)
+        if self.preempted:
+            return self.state  # checkpoint written; no export of a half-trained model
+        self._checkpoint()
         self.export("final")
         return self.state
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Preemption, non-finite steps
+    # ---------------------------------------------------------------------------------------------------------
+    def _state_key(self) -> tuple[int, int, int]:
+        return self.state.global_step, self.state.epoch, self.state.step_in_epoch
+
+    def _checkpoint(self) -> Path:
+        """Checkpoint the current state, unless it is the one saved (or resumed from) last.
+
+        Tag ``step_<global_step>``; after skipped steps ``step_<global_step>+<consecutive skips>``: the weights are
+        those of step <global_step>, the data position is past the skipped batches (the tag of the last update
+        may already hold a checkpoint with the earlier data position, which is kept)."""
+        if self._saved is not None and self._saved[0] == self._state_key():
+            return self._saved[1]
+        tag = self.ckpt.tag_for(self.state.global_step)
+        if self.state.consecutive_skips:
+            tag += f"+{self.state.consecutive_skips}"
+        path = self.ckpt.save(self.engine, self.state, tag=tag)
+        self._saved = (self._state_key(), path)
+        return path
+
+    def _preempted(self, code: int) -> None:
+        """All ranks agreed to stop (signal or launcher exit on some rank): checkpoint, then leave the loop."""
+        path = self._checkpoint()
+        self.preempted = True
+        log(f"preempted ({REASONS[code]}) after step {self.state.global_step}: checkpoint {path}; final export "
+            f"skipped; continue with --resume auto", level=logging.WARNING)
+
+    def _skip_step(self, stats: StepStats) -> None:
+        """A step with a non-finite loss or gradient (agreed on all ranks): no update, counted, logged; the run
+        stops (with a checkpoint of the unchanged weights) at the ``train.max_consecutive_skips``-th in a row."""
+        discard_gradients(self.engine)
+        s = self.state
+        s.skipped_steps += 1
+        s.consecutive_skips += 1
+        what = "loss" if not math.isfinite(stats.loss) else "gradient"
+        log(f"step {s.global_step + 1} (attempt {s.global_step + s.skipped_steps}): non-finite {what} (loss "
+            f"{stats.loss}); skipped without an update, batch {s.step_in_epoch - 1} of epoch {s.epoch} consumed "
+            f"({s.consecutive_skips} in a row, {s.skipped_steps} in all)", level=logging.WARNING)
+        self.metrics.write(s.global_step + 1, {
+            "loss": stats.loss, "skipped_steps": s.skipped_steps, "consecutive_skips": s.consecutive_skips,
+            "epoch": s.epoch, "batch": s.step_in_epoch - 1, "nonfinite_loss": int(what == "loss"),
+        }, split="skipped")
+        limit = max(1, self.cfg.train.max_consecutive_skips)
+        if s.consecutive_skips >= limit:
+            path = self._checkpoint()
+            raise TrainingAborted(
+                f"{s.consecutive_skips} consecutive steps with a non-finite loss or gradient (train.max_consecutive_skips "
+                f"{limit}): stopped; the weights of the last good step ({s.global_step}) are in {path}"
+            )
 
     def close(self) -> None:
         self.metrics.close()
