@@ -232,9 +232,11 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("train.epochs", t.epochs > 0 or t.max_steps is not None, f"must be > 0, got {t.epochs}"),
         ("train.max_steps", t.max_steps is None or t.max_steps >= 1, f"must be >= 1 or null, got {t.max_steps}"),
         ("train.lr", t.lr > 0, f"must be > 0, got {t.lr}"),
-        ("train.min_lr", 0 <= t.min_lr and (t.lr <= 0 or t.min_lr <= t.lr), f"must be in [0, train.lr], got {t.min_lr}"),
+        ("train.min_lr", 0 <= t.min_lr and (t.lr <= 0 or t.min_lr <= t.lr),
+         f"must be in [0, train.lr], got {t.min_lr}"),
         ("train.warmup_steps", t.warmup_steps >= 0, f"must be >= 0, got {t.warmup_steps}"),
-        ("train.betas", len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"expected [b1, b2] in [0, 1), got {t.betas}"),
+        ("train.betas", len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+         f"expected [b1, b2] in [0, 1), got {t.betas}"),
         ("train.grad_clip", t.grad_clip >= 0, f"must be >= 0, got {t.grad_clip}"),
         ("train.keep_last", t.keep_last >= 1, f"must be >= 1, got {t.keep_last}"),
         ("train.log_every", t.log_every >= 0, f"must be >= 0, got {t.log_every}"),
@@ -244,8 +246,10 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("data.sampling_temperature", d.sampling_temperature > 0, f"must be > 0, got {d.sampling_temperature}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
         ("loss.temperature", lo.temperature > 0, f"must be > 0, got {lo.temperature}"),
-        ("gradcache.chunk_tokens", g.chunk_tokens is None or g.chunk_tokens >= 1, f"must be >= 1 or null, got {g.chunk_tokens}"),
-        ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1, f"must be >= 1 or null, got {g.chunk_size}"),
+        ("gradcache.chunk_tokens", g.chunk_tokens is None or g.chunk_tokens >= 1,
+         f"must be >= 1 or null, got {g.chunk_tokens}"),
+        ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1,
+         f"must be >= 1 or null, got {g.chunk_size}"),
         ("model", (cfg.model.name_or_path is None) != (cfg.model.from_config is None),
          "set exactly one of name_or_path and from_config"),
     ]
@@ -368,10 +372,11 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         if here:
             raise _Stop(Problem.from_message(str(exc))) from None
         attention = requested
-        warnings.append(Problem("model.attn_implementation", f"{requested}: flash-attn cannot be checked without "
-                                                             "CUDA on this machine; make sure it imports on the GPU nodes"))
+        warnings.append(Problem("model.attn_implementation", f"{requested}: flash-attn cannot be checked "
+                                "without CUDA on this machine; make sure it imports on the GPU nodes"))
     if attention == "varlen" and not packed:
-        raise _Stop(Problem("model.attn_implementation", "varlen needs packed chunks (a decoder with packing auto/packed)"))
+        raise _Stop(Problem("model.attn_implementation",
+                            "varlen needs packed chunks (a decoder with packing auto/packed)"))
     if not here:
         attention += " (resolved for CUDA without flash-attn here; flash_attention_2 where it imports)" \
             if requested == "auto" else ""
@@ -472,7 +477,8 @@ def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
 
     def describe(tag: str) -> str:
         try:
-            return f"{manager.root / tag} (step {json.loads((manager.root / tag / COMPLETE).read_text())['global_step']})"
+            step = json.loads((manager.root / tag / COMPLETE).read_text())["global_step"]
+            return f"{manager.root / tag} (step {step})"
         except (OSError, ValueError, KeyError):
             return str(manager.root / tag)
 

@@ -217,7 +217,8 @@ def test_launch_scripts_forward_check(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert one.returncode == 0, one.stderr
     if "--device cuda" not in one.stdout:  # a machine without GPUs: NPROC ranks
-        assert "launch/train.py --config" in one.stdout and "--check --world-size 3 --device cpu train.lr=1e-4" in one.stdout
+        assert "launch/train.py --config" in one.stdout
+        assert "--check --world-size 3 --device cpu train.lr=1e-4" in one.stdout
     assert "deepspeed" not in one.stdout
     many = subprocess.run(["bash", "launch/multinode.sh", "--hostfile", str(hosts), "--config", str(TINY), "--check",
                            "--dry-run", "train.lr=1e-4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
