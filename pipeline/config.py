@@ -119,6 +119,10 @@ class TrainConfig:
     save_every: int = 5000
     keep_last: int = 3
     eval_every: int = 1000
+    # Seconds a rank may stay silent (no heartbeat: died, stopped, machine gone) or a collective may wait before the
+    # run stops with "error: rank R on host H ..." and exit code 3 (pipeline.rank_health). Must exceed the longest
+    # pause of one rank that the others wait for in a collective (rank 0 writing the consolidated export).
+    collective_timeout_s: float = 300.0
     # A step whose (global) loss or any gradient is NaN/inf is skipped: no optimizer update, lr schedule and step
     # counters unchanged, its batch consumed. After this many consecutive skipped steps the run stops with an error
     # and a checkpoint of the unchanged weights (0 = stop at the first non-finite step).

@@ -41,11 +41,19 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(*, use_deepspeed: bool, timeout_s: int = 600) -> DistInfo:
+DEFAULT_TIMEOUT_S = 300.0  # train.collective_timeout_s's default; torch's own is 10 min (NCCL) / 30 min (gloo)
+
+
+def init_distributed(*, use_deepspeed: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Initialise the default process group when launched with WORLD_SIZE > 1 (or always for DeepSpeed).
 
-    Backend: nccl on CUDA, gloo on CPU (DeepSpeed picks it by itself through its accelerator).
+    Backend: nccl on CUDA, gloo on CPU (DeepSpeed picks it by itself through its accelerator). `timeout_s` bounds
+    every collective of the group: gloo raises in the waiting rank ("Timed out waiting ..."); NCCL's watchdog aborts
+    the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set to 3 = abort without cleanup unless already set).
     """
+    if timeout_s <= 0:
+        raise ValueError(f"train.collective_timeout_s: must be > 0, got {timeout_s}")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not is_distributed() and (launched_distributed() or use_deepspeed):
         if use_deepspeed:
             import deepspeed

@@ -40,6 +40,7 @@ from pipeline.lr_schedule import warmup_cosine
 from pipeline.metrics import MetricsWriter, mfu, model_flops_per_token, peak_flops
 from pipeline.model import EmbeddingModel
 from pipeline.preemption import REASONS, StopRequest, agree
+from pipeline.rank_health import RankHealth
 
 
 def _device(local_rank: int) -> torch.device:
@@ -86,7 +87,7 @@ class Trainer:
         # datasets, file sizes, tokenizer, then checksums (pipeline.data.check_data).
         self.tokenizer = _load_tokenizer(cfg)
         check_data(cfg.data, self.tokenizer)
-        self.dist = init_distributed(use_deepspeed=True)
+        self.dist = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.data = TrainData(
@@ -117,6 +118,12 @@ class Trainer:
             else:
                 log(f"--resume {resume}: no complete checkpoint in {self.ckpt.root}; starting fresh")
         self.metrics = MetricsWriter(self.run_dir)
+        # From here on a rank that dies or hangs is named and ends the run within train.collective_timeout_s
+        # (pipeline.rank_health); before, a failed rank surfaces as a collective timeout.
+        self.health = RankHealth.start(timeout_s=cfg.train.collective_timeout_s,
+                                       progress=lambda: self.state.global_step)
+        if self.health is not None:
+            self.health.before_exit.append(self.metrics.close)
         if is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -329,6 +336,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.health is not None:
+            self.health.stop()  # before the final barrier: past it, ranks exit one by one
         teardown()
 
 
@@ -336,6 +345,10 @@ def run(cfg: Config, *, resume: str | None = None) -> TrainerState:
     trainer = Trainer(cfg, resume=resume)
     try:
         return trainer.fit()
+    except Exception as exc:
+        if trainer.health is not None:
+            trainer.health.on_error(exc)  # a peer died or hung: names it and exits (code 3); else returns
+        raise
     finally:
         trainer.close()
 
