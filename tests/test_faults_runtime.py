@@ -268,3 +268,114 @@ def test_disk_full_at_checkpoint_keeps_previous_and_export_failure_keeps_checkpo
     assert (ckpts / f"step_{STEPS:08d}" / "COMPLETE").is_file()
     assert_same_weights(ckpts / f"step_{STEPS:08d}", reference_run / "checkpoints" / f"step_{STEPS:08d}")
     assert (out / "export").read_text() == "not a directory\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same mechanisms in one process (no launcher): fast checks of the pieces
+# ---------------------------------------------------------------------------------------------------------------
+class _FakeCheckpointEngine:
+    """DeepSpeed's checkpoint_engine interface (save, makedirs); `fail` makes save raise ENOSPC."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state: dict, path: str) -> None:
+        if self.fail:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        torch.save(state, path)
+
+
+class _FakeEngine:
+    """Writes two files through its checkpoint engine, like DeepSpeed; records whether it got to its end (where
+    DeepSpeed has its final barrier)."""
+
+    def __init__(self) -> None:
+        self.checkpoint_engine = _FakeCheckpointEngine()
+        self.finished = False
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> bool:
+        self.finished = False
+        self.checkpoint_engine.makedirs(os.path.join(root, tag), exist_ok=True)
+        self.checkpoint_engine.save({"client": client_state}, os.path.join(root, tag, "model_states.pt"))
+        self.checkpoint_engine.save({"w": torch.zeros(2)}, os.path.join(root, tag, "optim_states.pt"))
+        self.finished = True
+        return True
+
+
+@pytest.fixture
+def injection(monkeypatch):
+    """Set PIPELINE_INJECT_* variables for this test (the module reads them once per process: caches cleared)."""
+    from pipeline import fault_injection
+
+    def set_(**values: str) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(f"PIPELINE_INJECT_{key.upper()}", value)
+        for cached in (fault_injection._nonfinite_steps, fault_injection._failures, fault_injection._delay):
+            cached.cache_clear()
+
+    yield set_
+    for key in ("NONFINITE_STEPS", "ENOSPC", "STEP_DELAY"):
+        monkeypatch.delenv(f"PIPELINE_INJECT_{key}", raising=False)
+    set_()
+
+
+def test_checkpoint_write_errors_in_one_process(tmp_path, injection):
+    from pipeline.checkpoint import CheckpointError, CheckpointManager, TrainerState
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    engine = _FakeEngine()
+    manager.save(engine, TrainerState(global_step=3))
+    assert manager.latest() == "step_00000003"
+
+    # A write error inside the engine's save is recorded, not raised: the engine runs to its end (its barriers).
+    engine.checkpoint_engine.fail = True
+    with pytest.raises(CheckpointError) as info:
+        manager.save(engine, TrainerState(global_step=6))
+    assert engine.finished
+    step6 = tmp_path / "checkpoints" / "step_00000006"
+    assert str(info.value) == (
+        f"checkpoint {step6}: save failed on rank 0 (OSError: [Errno 28] No space left on device: "
+        f"'{step6 / 'model_states.pt'}'); {tmp_path / 'checkpoints' / 'step_00000003'} stays the latest")
+    assert not step6.exists() and manager.latest() == "step_00000003"
+    engine.checkpoint_engine.fail = False
+
+    # Injected ENOSPC after the engine's files (a partial directory), then a file where the directory must go.
+    injection(enospc="checkpoint@6")
+    with pytest.raises(CheckpointError, match=r"rng_rank0\.pt'\); .*step_00000003 stays the latest$"):
+        manager.save(engine, TrainerState(global_step=6))
+    assert not step6.exists() and manager.latest() == "step_00000003"
+    injection(enospc="")
+    blocked = CheckpointManager(tmp_path / "file", keep_last=3)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / 'file' / 'step_00000001'}: save failed on "
+                                              r"rank 0 \(FileExistsError: .*\); no checkpoint stays the latest$"):
+        blocked.save(engine, TrainerState(global_step=1))
+    assert manager.save(engine, TrainerState(global_step=6)) == step6 and manager.latest() == "step_00000006"
+
+
+def test_fault_injection_is_off_by_default_and_parses_strictly(injection):
+    from pipeline import fault_injection
+
+    loss = torch.tensor(1.5)
+    fault_injection.set_attempt(3)
+    assert fault_injection.poison_loss(loss) is loss
+    fault_injection.maybe_fail_write("checkpoint", 3, "/nowhere")  # no variable: no error
+    injection(nonfinite_steps="3,4", enospc="export@final:1")
+    assert torch.isnan(fault_injection.poison_loss(loss))
+    fault_injection.set_attempt(5)
+    assert fault_injection.poison_loss(loss) is loss
+    fault_injection.maybe_fail_write("export", "final", "/x")  # rank 1 only; this is rank 0
+    injection(enospc="export@final")
+    with pytest.raises(OSError, match="No space left on device"):
+        fault_injection.maybe_fail_write("export", "final", "/x")
+    injection(enospc="disk@6")
+    with pytest.raises(ValueError, match="PIPELINE_INJECT_ENOSPC='disk@6': expected KIND@WHERE"):
+        fault_injection.maybe_fail_write("checkpoint", 6, "/x")
+    injection(nonfinite_steps="three")
+    with pytest.raises(ValueError, match="PIPELINE_INJECT_NONFINITE_STEPS='three'"):
+        fault_injection.poison_loss(loss)
