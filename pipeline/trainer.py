@@ -82,6 +82,7 @@ class Trainer:
         self.stop = StopRequest()
         self.stop.install()
         self.preempted = False
+        self._bar: tqdm | None = None
         self._saved: tuple[tuple[int, int, int], Path] | None = None  # (state key, path) of the last checkpoint
         # Input checks before any process group or model exists (one-line errors): shard directory, manifest,
         # datasets, file sizes, tokenizer, then checksums (pipeline.data.check_data).
@@ -228,8 +229,8 @@ class Trainer:
         self.engine.train()
         if t.eval_every and self.state.global_step == 0:
             self.validate()  # the untrained model's validation loss, the baseline of the curve
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
-                   disable=not is_rank0(), dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
+                               disable=not is_rank0(), dynamic_ncols=True)
         while self.state.global_step < self.total_steps:
             loader = self.data.loader(self.state.epoch, self.state.step_in_epoch)
             for dataset, batch in loader:
@@ -330,11 +331,14 @@ class Trainer:
         if s.consecutive_skips >= limit:
             path = self._checkpoint()
             raise TrainingAborted(
-                f"{s.consecutive_skips} consecutive steps with a non-finite loss or gradient (train.max_consecutive_skips "
+                f"{s.consecutive_skips} consecutive step{'s' if s.consecutive_skips > 1 else ''} with a non-finite loss or "
+                f"gradient (train.max_consecutive_skips "
                 f"{limit}): stopped; the weights of the last good step ({s.global_step}) are in {path}"
             )
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()  # also when fit() raised: an error line then starts on a line of its own
         self.metrics.close()
         if self.health is not None:
             self.health.stop()  # before the final barrier: past it, ranks exit one by one
