@@ -205,13 +205,15 @@ def _gather_strings(value: str) -> list[str]:
 
 @contextlib.contextmanager
 def _recording_write_errors(engine: Any) -> Iterator[list[str]]:
-    """While active, OSErrors of the engine's checkpoint writes (``checkpoint_engine.save`` / ``makedirs``) are
-    appended to the yielded list instead of raised, so that the rank keeps taking part in DeepSpeed's barriers."""
+    """While active, OSErrors of the engine's checkpoint writes (``checkpoint_engine.save`` / ``makedirs``, and rank
+    0's copy of DeepSpeed's ``zero_to_fp32.py`` next to the checkpoints) are appended to the yielded list instead of
+    raised, so that the rank keeps taking part in DeepSpeed's barriers."""
     failures: list[str] = []
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    targets = [(ckpt_engine, "save"), (ckpt_engine, "makedirs"), (engine, "_copy_recovery_script")]
     patched = []
-    for name in ("save", "makedirs"):
-        original = getattr(ckpt_engine, name, None) if ckpt_engine is not None else None
+    for owner, name in targets:
+        original = getattr(owner, name, None) if owner is not None else None
         if original is None:
             continue
 
@@ -222,13 +224,13 @@ def _recording_write_errors(engine: Any) -> Iterator[list[str]]:
                 failures.append(_describe(exc))
                 return None
 
-        patched.append((name, name in vars(ckpt_engine), original))
-        setattr(ckpt_engine, name, recording)
+        patched.append((owner, name, name in vars(owner), original))
+        setattr(owner, name, recording)
     try:
         yield failures
     finally:
-        for name, own, original in patched:
+        for owner, name, own, original in patched:
             if own:
-                setattr(ckpt_engine, name, original)
+                setattr(owner, name, original)
             else:
-                delattr(ckpt_engine, name)
+                delattr(owner, name)

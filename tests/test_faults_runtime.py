@@ -303,8 +303,12 @@ class _FakeEngine:
         self.checkpoint_engine.makedirs(os.path.join(root, tag), exist_ok=True)
         self.checkpoint_engine.save({"client": client_state}, os.path.join(root, tag, "model_states.pt"))
         self.checkpoint_engine.save({"w": torch.zeros(2)}, os.path.join(root, tag, "optim_states.pt"))
+        self._copy_recovery_script(root)
         self.finished = True
         return True
+
+    def _copy_recovery_script(self, root: str) -> None:  # DeepSpeed's rank 0 copies zero_to_fp32.py next to the tags
+        Path(root, "zero_to_fp32.py").write_text("# recovery script\n")
 
 
 @pytest.fixture
@@ -350,6 +354,12 @@ def test_checkpoint_write_errors_in_one_process(tmp_path, injection):
         manager.save(engine, TrainerState(global_step=6))
     assert not step6.exists() and manager.latest() == "step_00000003"
     injection(enospc="")
+    (tmp_path / "checkpoints" / "zero_to_fp32.py").unlink()
+    (tmp_path / "checkpoints" / "zero_to_fp32.py").mkdir()  # DeepSpeed's copy of its script fails (not through
+    with pytest.raises(CheckpointError, match=r"\(IsADirectoryError: .*zero_to_fp32\.py'\); "):  # its engine)
+        manager.save(engine, TrainerState(global_step=6))
+    assert engine.finished and not step6.exists() and manager.latest() == "step_00000003"
+    (tmp_path / "checkpoints" / "zero_to_fp32.py").rmdir()
     blocked = CheckpointManager(tmp_path / "file", keep_last=3)
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / 'file' / 'step_00000001'}: save failed on "
