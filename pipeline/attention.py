@@ -22,7 +22,6 @@ Layouts (transformers' attention-function contract): query [1, Hq, T, D], key/va
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Any, Callable
@@ -34,14 +33,17 @@ VARLEN = "varlen"
 KERNELS = ("torch", "segments")
 
 
-@functools.cache
+try:  # resolved once at import, so that torch.compile traces the attention call without a graph break
+    from torch.nn.attention.varlen import varlen_attn as _VARLEN_ATTN
+
+    _VARLEN_PARAMS = frozenset(inspect.signature(_VARLEN_ATTN).parameters)
+except ImportError:  # torch < 2.10
+    _VARLEN_ATTN, _VARLEN_PARAMS = None, frozenset()
+
+
 def _torch_varlen() -> tuple[Callable[..., Any], frozenset[str]] | None:
     """PyTorch's varlen_attn and the names of its parameters, or None when this torch has none (< 2.10)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    return None if _VARLEN_ATTN is None else (_VARLEN_ATTN, _VARLEN_PARAMS)
 
 
 def torch_varlen_available() -> bool:
