@@ -166,10 +166,12 @@ def non_embedding_params(module: torch.nn.Module) -> int:
 
 
 def flops_per_token(plan: Plan, n_params: int, mean_len: float) -> float:
-    from pipeline.metrics import model_flops_per_token
+    from types import SimpleNamespace
 
-    m = plan.model
-    return model_flops_per_token(n_params, m["num_hidden_layers"], m["num_attention_heads"] * m["head_dim"], mean_len)
+    from pipeline.metrics import attention_width, model_flops_per_token
+
+    config = SimpleNamespace(**plan.model)
+    return model_flops_per_token(n_params, config.num_hidden_layers, attention_width(config), mean_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,9 +54,17 @@ def peak_flops(device_name: str) -> float | None:
 
 def model_flops_per_token(n_params_non_embedding: int, n_layers: int, hidden: int, mean_seq_len: float) -> float:
     """Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L d s, where N excludes the
-    embedding table and s is the mean attended length (sequences are attended separately when packed). GradCache's
+    embedding table, d is the attention width (:func:`attention_width`) and s is the mean attended length (sequences are attended separately when packed). GradCache's
     extra no-grad forward is overhead and not counted, so MFU measures useful work."""
     return 6.0 * n_params_non_embedding + 12.0 * n_layers * hidden * mean_seq_len
+
+
+def attention_width(config: Any) -> int:
+    """Width of the attention scores' inner products: heads x head_dim (Qwen3-0.6B: 16 x 128 = 2048, not its
+    hidden size 1024); the hidden size for models that do not say."""
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    return int(heads * head_dim) if heads and head_dim else int(config.hidden_size)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_size: int) -> float | None:

@@ -37,7 +37,7 @@ from pipeline.errors import TrainingAborted
 from pipeline.gradcache import StepStats, base_module, batch_loss, discard_gradients, local_grads_finite, train_step
 from pipeline.logs import is_rank0, log
 from pipeline.lr_schedule import warmup_cosine
-from pipeline.metrics import MetricsWriter, mfu, model_flops_per_token, peak_flops
+from pipeline.metrics import MetricsWriter, attention_width, mfu, model_flops_per_token, peak_flops
 from pipeline.model import EmbeddingModel
 from pipeline.preemption import REASONS, StopRequest, agree
 from pipeline.rank_health import RankHealth
@@ -190,7 +190,7 @@ class Trainer:
             config = base.backbone.config
             mean_len = stats.real_tokens / max(stats.sequences, 1)
             per_token = model_flops_per_token(
-                self._params_non_embedding, config.num_hidden_layers, config.hidden_size, mean_len
+                self._params_non_embedding, config.num_hidden_layers, attention_width(config), mean_len
             )
             value = mfu(stats.real_tokens / seconds, per_token, peak_flops(torch.cuda.get_device_name(self.device)),
                         self.dist.world_size)
