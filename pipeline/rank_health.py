@@ -1,21 +1,23 @@
 """Rank health: notice a rank that died or hangs, name it (rank, host, step), and end this rank at once.
 
-Every rank of a multi-process run starts a :class:`RankHealth` right after the process group exists. Two daemon
-threads per rank, independent of what the main thread is blocked in:
+Every rank of a multi-process run starts a :class:`RankHealth` (:meth:`RankHealth.start`, called by every rank at
+the same point once the model and state are set up). Start exchanges each rank's host name, pid, process start time
+and machine identity (host name, boot id, pid namespace) with one ``all_gather_object``, so that every rank can
+name every other one whatever fails later. Then two daemon threads per rank, independent of what the main thread is
+blocked in:
 
 * the heartbeat thread writes ``rank_health/beat/<rank> = "<seq> <completed steps>"`` into the rendezvous store
   (the c10d TCPStore at MASTER_ADDR:MASTER_PORT, through a client connection of its own) every ``interval`` seconds
-  and reads every rank's heartbeat back (one ``multi_get``). Once, at start, it also publishes ``rank_health/info/
-  <rank>``: host name, pid, process start time and a machine identity (host name, boot id, pid namespace).
+  and reads every rank's heartbeat back (one ``multi_get``).
 * the watch thread judges what the heartbeat thread saw, on this rank's own monotonic clock (no clock skew):
 
   1. a peer on this machine whose process is gone (or a zombie) -> "rank R on host H (pid P) exited ...";
   2. the store itself silent for longer than the timeout -> the rank hosting it (rank 0 under the deepspeed
      launcher; the launcher's agent under torchrun) "stopped answering": a store read from a stopped server never
      returns, which is why every store call happens in the heartbeat thread and nothing else waits on it;
-  3. a peer whose heartbeat has not changed for longer than the timeout -> "rank R on host H stopped answering
-     after step S (no heartbeat for N s)": it was killed on another machine, stopped (SIGSTOP), or its machine or
-     network is gone.
+  3. a peer whose heartbeat has not changed for longer than the timeout while the store kept answering ->
+     "rank R on host H stopped answering after step S (no heartbeat for N s)": it was killed on another machine,
+     stopped (SIGSTOP), or its machine or network is gone.
 
   It then prints ``error: <one line>`` on stderr, runs the registered flush hooks, SIGKILLs this rank's own child
   processes (DataLoader workers) and leaves with ``os._exit(EXIT_CODE)``: a rank blocked in a collective with a
@@ -55,8 +57,8 @@ EXIT_CODE = 3  # a rank died or hung (documented in README "Fault tolerance")
 _PREFIX = "rank_health"
 _FAIL_LOCK = threading.Lock()
 _COMM_ERROR = re.compile(
-    r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
-    r"DistBackendError|DistNetworkError|DistStoreError|remote worker|peer",
+    r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|DistBackendError|DistNetworkError|"
+    r"DistStoreError",
     re.IGNORECASE,
 )
 
@@ -136,7 +138,9 @@ def is_comm_error(exc: BaseException) -> bool:
         dist_error = getattr(dist, "DistError", None)
         if dist_error is not None and isinstance(current, dist_error):
             return True
-        if isinstance(current, (RuntimeError, ConnectionError, TimeoutError)) and _COMM_ERROR.search(str(current)):
+        # Gloo raises plain RuntimeErrors; the project's own RuntimeError subclasses (TrainingAborted) are not it.
+        plain = type(current) is RuntimeError or isinstance(current, (ConnectionError, TimeoutError))
+        if plain and _COMM_ERROR.search(str(current)):
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -212,6 +216,10 @@ class RankHealth:
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         health = cls(timeout_s=timeout_s, rank=dist.get_rank(), world_size=dist.get_world_size(),
                      progress=progress, store_address=address, store_host_rank=None if agent_store else 0)
+        infos: list[Any] = [None] * health.world_size
+        dist.all_gather_object(infos, health._info())  # every rank's host and pid, known before anything fails
+        for r, info in enumerate(infos):
+            health._record_info(r, info)
         health._start_threads()
         log(f"rank health: heartbeat every {health.interval_s:g} s; a rank silent for {health.timeout_s:g} s "
             f"(train.collective_timeout_s) stops the run")
@@ -241,19 +249,16 @@ class RankHealth:
 
     def _beat_loop(self) -> None:
         store = None
-        pending = set(range(self.world_size))  # ranks whose info/heartbeat keys are not in the store yet
-        info_keys = [f"{_PREFIX}/info/{r}" for r in range(self.world_size)]
+        pending = set(range(self.world_size))  # ranks whose heartbeat key is not in the store yet
         beat_keys = [f"{_PREFIX}/beat/{r}" for r in range(self.world_size)]
         while not self._stopped.is_set():
             try:
                 if store is None:
                     store = self._connect()
-                    store.set(info_keys[self.rank], self._info())
                 self._seq += 1
                 store.set(beat_keys[self.rank], f"{self._seq} {self.progress()}")
                 for r in sorted(pending):  # startup only: multi_get would wait for a missing key
-                    if store.check([info_keys[r], beat_keys[r]]):
-                        self._record_info(r, store.get(info_keys[r]))
+                    if store.check([beat_keys[r]]):
                         pending.discard(r)
                 present = [r for r in range(self.world_size) if r not in pending]
                 values = store.multi_get([beat_keys[r] for r in present]) if present else []
@@ -262,10 +267,10 @@ class RankHealth:
                 store = None
             self._stopped.wait(self.interval_s)
 
-    def _record_info(self, r: int, raw: bytes) -> None:
+    def _record_info(self, r: int, raw: str | bytes) -> None:
         try:
             info = json.loads(raw)
-        except ValueError:
+        except (TypeError, ValueError):
             return
         with self._lock:
             peer = self._peers[r]
@@ -304,7 +309,8 @@ class RankHealth:
         now = time.monotonic()
         with self._lock:
             peers = [Peer(**vars(p)) for r, p in self._peers.items() if r != self.rank]
-            silent_store = now - self._last_answer
+            last_answer = self._last_answer
+        silent_store = now - last_answer
         limit = f"train.collective_timeout_s = {self.timeout_s:g} s"
         for peer in peers:  # 1. a process on this machine that is gone
             if peer.pid is not None and peer.machine == self.machine:
@@ -321,7 +327,8 @@ class RankHealth:
                             f"{limit}); {self._reporter()}")
             return (f"the rendezvous store at {addr} is unreachable (no answer for {silent_store:.0f} s; {limit}); "
                     f"{self._reporter()}")
-        stale = [p for p in peers if now - p.changed_at > self.timeout_s]  # 3. silent peers
+        # 3. silent peers, as long as the store answers (a silent store would make every peer look silent)
+        stale = [p for p in peers if last_answer - p.changed_at > self.timeout_s]
         if stale:
             first = min(stale, key=lambda p: p.changed_at)
             rest = [str(p.rank) for p in stale if p is not first]
@@ -382,7 +389,8 @@ class RankHealth:
                 time.sleep(60)
         try:
             sys.stdout.flush()
-            sys.stderr.write(f"error: {message}\n")
+            newline = "\n" if self.rank == 0 else ""  # rank 0's progress bar may hold the current line
+            sys.stderr.write(f"{newline}error: {message}\n")
             sys.stderr.flush()
             hooks = threading.Thread(target=self._run_hooks, daemon=True)
             hooks.start()
