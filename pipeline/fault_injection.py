@@ -7,6 +7,8 @@ process (the launchers pass the environment on to every rank):
     The loss of these attempted optimizer steps is made NaN before the backward, so that the loss and every
     gradient are non-finite. Steps are numbered 1, 2, ... over the whole run, counting skipped steps: attempt
     number = ``global_step + skipped_steps + 1`` (both are saved in checkpoints, so the numbering survives resume).
+``PIPELINE_INJECT_NONFINITE_GRADS=2``
+    The same for the gradients only: the loss keeps its (finite) value, its backward yields NaN.
 ``PIPELINE_INJECT_ENOSPC=checkpoint@6,export@final:1``
     Raise ``OSError(ENOSPC)`` while writing the checkpoint of step 6 (after DeepSpeed wrote its files, before the
     RNG states and the COMPLETE marker: a partial checkpoint directory is left behind) or while writing the export
@@ -27,6 +29,7 @@ import torch
 from pipeline.logs import global_rank, log
 
 NONFINITE_VAR = "PIPELINE_INJECT_NONFINITE_STEPS"
+NONFINITE_GRADS_VAR = "PIPELINE_INJECT_NONFINITE_GRADS"
 ENOSPC_VAR = "PIPELINE_INJECT_ENOSPC"
 DELAY_VAR = "PIPELINE_INJECT_STEP_DELAY"
 
@@ -38,11 +41,11 @@ class _Failure:
     rank: int | None  # None: every rank
 
 
-def _parse_steps(raw: str) -> frozenset[int]:
+def _parse_steps(raw: str, var: str) -> frozenset[int]:
     try:
         return frozenset(int(s) for s in raw.replace(" ", "").split(",") if s)
     except ValueError:
-        raise ValueError(f"{NONFINITE_VAR}={raw!r}: expected comma-separated step numbers, e.g. 3,4") from None
+        raise ValueError(f"{var}={raw!r}: expected comma-separated step numbers, e.g. 3,4") from None
 
 
 def _parse_failures(raw: str) -> tuple[_Failure, ...]:
@@ -61,10 +64,31 @@ def _parse_failures(raw: str) -> tuple[_Failure, ...]:
 @lru_cache(maxsize=None)
 def _nonfinite_steps() -> frozenset[int]:
     raw = os.environ.get(NONFINITE_VAR, "")
-    steps = _parse_steps(raw) if raw else frozenset()
+    steps = _parse_steps(raw, NONFINITE_VAR) if raw else frozenset()
     if steps:
         log(f"fault injection: non-finite loss at attempted steps {sorted(steps)} ({NONFINITE_VAR})")
     return steps
+
+
+@lru_cache(maxsize=None)
+def _nonfinite_grad_steps() -> frozenset[int]:
+    raw = os.environ.get(NONFINITE_GRADS_VAR, "")
+    steps = _parse_steps(raw, NONFINITE_GRADS_VAR) if raw else frozenset()
+    if steps:
+        log(f"fault injection: non-finite gradients at attempted steps {sorted(steps)} ({NONFINITE_GRADS_VAR})")
+    return steps
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN backward."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
 
 
 @lru_cache(maxsize=None)
@@ -95,9 +119,12 @@ def set_attempt(attempt: int) -> None:
 
 
 def poison_loss(loss: torch.Tensor) -> torch.Tensor:
-    """`loss`, or NaN (keeping the graph, so every gradient becomes NaN) when the current attempt is listed."""
+    """`loss`, or NaN (keeping the graph, so every gradient becomes NaN) when the current attempt is listed in
+    ``PIPELINE_INJECT_NONFINITE_STEPS``; `loss` with a NaN backward when it is listed in ``..._GRADS``."""
     if _nonfinite_steps() and _attempt in _nonfinite_steps():
         return loss * float("nan")
+    if _nonfinite_grad_steps() and _attempt in _nonfinite_grad_steps():
+        return _NanGradient.apply(loss)
     return loss
 
 

@@ -182,11 +182,11 @@ def test_sigterm_to_one_rank_stops_every_rank(example_shards, tmp_path):
 # Non-finite steps
 # ---------------------------------------------------------------------------------------------------------------
 def test_nonfinite_steps_are_skipped_then_stop_the_run(reference_run, example_shards, tmp_path):
-    """Attempts 2 and 4, 5, 6 have a NaN loss: 2 is skipped and training goes on; 4-6 are 3 in a row, which with
-    max_consecutive_skips 3 stops the run (exit 1) with a checkpoint of the weights of update 2."""
+    """Attempt 2 has NaN gradients (finite loss), 4, 5, 6 a NaN loss: 2 is skipped and training goes on; 4-6 are 3
+    in a row, which with max_consecutive_skips 3 stops the run (exit 1) with a checkpoint of the weights of update 2."""
     out = tmp_path / "run"
     code, output = run(overrides(example_shards, out, **{"train.max_consecutive_skips": "3"}), tmp_path / "log.txt",
-                       nonfinite_steps="2,4,5,6")
+                       nonfinite_grads="2", nonfinite_steps="4,5,6")
     assert code == 1, output[-4000:]
     tag = "step_00000002+3"
     ckpt = out / "checkpoints" / tag
@@ -194,10 +194,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(reference_run, example_sh
     assert len(errors) == 1 and errors[0].endswith(
         f"error: 3 consecutive steps with a non-finite loss or gradient (train.max_consecutive_skips 3): stopped; "
         f"the weights of the last good step (2) are in {ckpt}"), errors
-    assert "step 2 (attempt 2): non-finite loss (loss nan); skipped without an update" in output
+    assert re.search(r"step 2 \(attempt 2\): non-finite gradient \(loss \d+\.\d+\); skipped without an update", output)
+    assert "step 3 (attempt 6): non-finite loss (loss nan); skipped without an update" in output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    skipped = [(r["step"], r["consecutive_skips"], r["batch"]) for r in records if r["split"] == "skipped"]
-    assert skipped == [(2, 1, 1), (3, 1, 3), (3, 2, 4), (3, 3, 5)]
+    skipped = [(r["step"], r["consecutive_skips"], r["batch"], r["nonfinite_loss"])
+               for r in records if r["split"] == "skipped"]
+    assert skipped == [(2, 1, 1, 0), (3, 1, 3, 1), (3, 2, 4, 1), (3, 3, 5, 1)]
     train = {r["step"]: r for r in records if r["split"] == "train"}
     assert sorted(train) == [1, 2]
     reference = {r["step"]: r for r in map(json.loads, (reference_run / "metrics.jsonl").read_text().splitlines())
@@ -319,11 +321,12 @@ def injection(monkeypatch):
     def set_(**values: str) -> None:
         for key, value in values.items():
             monkeypatch.setenv(f"PIPELINE_INJECT_{key.upper()}", value)
-        for cached in (fault_injection._nonfinite_steps, fault_injection._failures, fault_injection._delay):
+        for cached in (fault_injection._nonfinite_steps, fault_injection._nonfinite_grad_steps,
+                       fault_injection._failures, fault_injection._delay):
             cached.cache_clear()
 
     yield set_
-    for key in ("NONFINITE_STEPS", "ENOSPC", "STEP_DELAY"):
+    for key in ("NONFINITE_STEPS", "NONFINITE_GRADS", "ENOSPC", "STEP_DELAY"):
         monkeypatch.delenv(f"PIPELINE_INJECT_{key}", raising=False)
     set_()
 
@@ -375,9 +378,14 @@ def test_fault_injection_is_off_by_default_and_parses_strictly(injection):
     fault_injection.set_attempt(3)
     assert fault_injection.poison_loss(loss) is loss
     fault_injection.maybe_fail_write("checkpoint", 3, "/nowhere")  # no variable: no error
-    injection(nonfinite_steps="3,4", enospc="export@final:1")
+    injection(nonfinite_steps="3,4", nonfinite_grads="5", enospc="export@final:1")
     assert torch.isnan(fault_injection.poison_loss(loss))
     fault_injection.set_attempt(5)
+    x = torch.tensor(2.0, requires_grad=True)
+    y = fault_injection.poison_loss(x * 3)
+    y.backward()
+    assert float(y.detach()) == 6.0 and torch.isnan(x.grad)
+    fault_injection.set_attempt(6)
     assert fault_injection.poison_loss(loss) is loss
     fault_injection.maybe_fail_write("export", "final", "/x")  # rank 1 only; this is rank 0
     injection(enospc="export@final")
