@@ -129,21 +129,29 @@ def kill_children() -> None:
             pass
 
 
-def is_comm_error(exc: BaseException) -> bool:
-    """True for errors of a collective or of the store (peer gone, timeout), looking through the cause chain."""
+def comm_error(exc: BaseException) -> BaseException | None:
+    """The error of a collective or of the store (peer gone, timeout) in `exc` or its cause chain, or None."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         dist_error = getattr(dist, "DistError", None)
         if dist_error is not None and isinstance(current, dist_error):
-            return True
+            return current
         # Gloo raises plain RuntimeErrors; the project's own RuntimeError subclasses (TrainingAborted) are not it.
         plain = type(current) is RuntimeError or isinstance(current, (ConnectionError, TimeoutError))
         if plain and _COMM_ERROR.search(str(current)):
-            return True
+            return current
         current = current.__cause__ or current.__context__
-    return False
+    return None
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    return comm_error(exc) is not None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return re.search(r"timed out|timeout", str(exc), re.IGNORECASE) is not None
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -365,9 +373,10 @@ class RankHealth:
     def on_error(self, exc: BaseException) -> None:
         """Called with an exception out of the training loop. A communication error ends the process with a
         message naming the failed rank (never returns); anything else returns, for the caller to re-raise."""
-        if self._stopped.is_set() or not is_comm_error(exc):
+        error = comm_error(exc)
+        if self._stopped.is_set() or error is None:
             return
-        timed_out = re.search(r"timed out|timeout", str(exc), re.IGNORECASE) is not None
+        timed_out = _timed_out(error)
         # A timeout means the culprit has been silent for about the timeout already; a reset connection may be a
         # peer that died a moment ago on another machine, whose heartbeat goes stale only after the timeout.
         wait = 2 * self.interval_s + 1 if timed_out else self.timeout_s + 2 * self.interval_s
@@ -377,9 +386,13 @@ class RankHealth:
             if message:
                 self.fail(message)
             time.sleep(0.2)
-        what = f"a collective timed out after {self.timeout_s:g} s" if timed_out else "a collective failed"
-        self.fail(f"{what} on rank {self.rank} on host {self.host} after step {self.progress()} "
-                  f"({first_line(exc)}); {self._behind()}")
+        self.fail(self.collective_message(error))
+
+    def collective_message(self, error: BaseException) -> str:
+        """The report when a collective failed but no rank is dead or silent: where every rank was last seen."""
+        what = f"a collective timed out after {self.timeout_s:g} s" if _timed_out(error) else "a collective failed"
+        return (f"{what} on rank {self.rank} on host {self.host} after step {self.progress()} ({first_line(error)}); "
+                f"{self._behind()}")
 
     def fail(self, message: str) -> None:
         """Print ``error: message``, flush, kill this rank's children and exit with EXIT_CODE. Never returns; when

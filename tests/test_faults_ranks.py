@@ -245,9 +245,15 @@ def test_heartbeat_judge_names_silent_and_exited_peers():
         assert message is not None and re.fullmatch(
             r"rank 1 on host node-b stopped answering after step 7 \(no heartbeat for \d s; "
             rf"train\.collective_timeout_s = 1\.5 s\); seen from rank 0 on host {re.escape(HOST)}", message), message
-        server.set("rank_health/beat/1", "99 8")
+        server.set("rank_health/beat/1", "99 5")
         time.sleep(0.5)
         assert health.diagnose() is None  # heard from again
+        # Alive but stuck behind: what a rank reports when its collective times out and nobody is silent.
+        timeout = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1500ms for recv "
+                               "operation to complete")
+        assert health.collective_message(timeout) == (
+            f"a collective timed out after 1.5 s on rank 0 on host {HOST} after step 7 (Timed out waiting 1500ms for "
+            "recv operation to complete); rank 1 on host node-b is alive but still after step 5")
         peer.kill()
         peer.wait()
         message = health.diagnose()
