@@ -402,8 +402,8 @@ class RankHealth:
                 time.sleep(60)
         try:
             sys.stdout.flush()
-            newline = "\n" if self.rank == 0 else ""  # rank 0's progress bar may hold the current line
-            sys.stderr.write(f"{newline}error: {message}\n")
+            # Start a line of its own: rank 0's progress bar (on the terminal all ranks share) may hold the current one.
+            sys.stderr.write(f"\nerror: {message}\n")
             sys.stderr.flush()
             hooks = threading.Thread(target=self._run_hooks, daemon=True)
             hooks.start()
