@@ -165,7 +165,7 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Peer:
-    """What this rank knows of rank `rank`: static info (once published) and its heartbeat as last seen."""
+    """What this rank knows of rank `rank`: host and process (from RankHealth.start) and its last heartbeat."""
 
     rank: int
     host: str = "?"
