@@ -6,6 +6,7 @@ One optimizer step per global batch, read top to bottom in :meth:`Trainer.fit`:
     stats  = cached_step(engine, batch)  # exact full-batch gradient, chunked    (pipeline.gradcache)
     engine.step()                         # ZeRO-3 optimizer step, clipping, lr  (DeepSpeed)
     every log_every: metrics; every eval_every: validation loss; every save_every: checkpoint
+    non-finite loss/gradient on any rank: no engine.step(), step skipped; SIGTERM/SIGINT: checkpoint and stop
     end of each epoch and of the run: consolidated export                       (pipeline.export)
 
 Every rank runs the same steps (the schedule is global), the same chunk count per step (GradCache pads it) and
