@@ -1,7 +1,7 @@
 """A rank that dies or hangs: named (rank, host), the job exits non-zero within the timeout, nothing is left behind.
 
 Real 2-process ZeRO-3 runs on CPU (gloo) through the deepspeed launcher, with ``train.collective_timeout_s`` set to
-15 s. A rank is SIGKILLed (it dies) or SIGSTOPped (it hangs) once a checkpoint exists; the test then checks the
+20 s. A rank is SIGKILLed (it dies) or SIGSTOPped (it hangs) once a checkpoint exists; the test then checks the
 job's exit status and time, the one-line ``error:`` naming the rank and host, that no process of the job's session
 survives (the stopped rank included: the deepspeed launcher SIGKILLs it 30 s after its SIGTERM), and that
 ``--resume auto`` continues with exactly the losses and weights of an uninterrupted reference run. The heartbeat
@@ -28,7 +28,8 @@ from train_helpers import REPO, free_port, kill_group, run_training, start_train
 
 STEPS = 6
 SAVE_EVERY = 2
-TIMEOUT = 15  # train.collective_timeout_s of these runs (heartbeat every 3 s)
+TIMEOUT = 20  # train.collective_timeout_s of these runs (also the rendezvous timeout: not lower on busy CI)
+INTERVAL = 4  # their heartbeat interval: pipeline.rank_health.heartbeat_interval(TIMEOUT)
 LAUNCHER_GRACE = 30  # deepspeed.launcher.launch: SIGTERM to every rank's tree, SIGKILL 30 s later
 HOST = socket.gethostname()
 
@@ -147,7 +148,8 @@ def test_killed_rank_is_named_and_resume_is_exact(reference_run, example_shards,
         kill_group(proc)
     assert proc.returncode != 0
     assert exited_at < TIMEOUT, f"job exit {exited_at:.1f} s after the kill"
-    assert error_at is not None and error_at < TIMEOUT, log.read_text()[-4000:]
+    # A peer process gone on the same machine is seen at the next check of the watch thread (every second).
+    assert error_at is not None and error_at < 5, (error_at, log.read_text()[-4000:])
     named = [line for line in error_lines(log)
              if re.match(rf"error: rank 1 on host {re.escape(HOST)} \(pid {ranks[1]}\) exited unexpectedly after step "
                          rf"\d+; seen from rank 0 on host {re.escape(HOST)}$", line)]
@@ -174,6 +176,9 @@ def test_killed_rank_is_named_and_resume_is_exact(reference_run, example_shards,
 def test_stopped_rank_is_named_and_killed(example_shards, tmp_path):
     """SIGSTOP: the process is alive but silent; its heartbeats stop. (Rank 0 stopped, the store host: see
     test_heartbeat_judge_names_a_stopped_store_host.)"""
+    from pipeline.rank_health import heartbeat_interval
+
+    assert heartbeat_interval(TIMEOUT) == INTERVAL
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc, ranks = start_and_wait_for_checkpoint(example_shards, out, log)
     rank, other = 1, 0
@@ -185,8 +190,8 @@ def test_stopped_rank_is_named_and_killed(example_shards, tmp_path):
         kill_group(proc)
     assert proc.returncode != 0
     assert error_at is not None, log.read_text()[-4000:]
-    # Silent for the timeout (the last heartbeat may precede the stop by up to one 3-s interval), then reported.
-    assert TIMEOUT - 7 <= error_at <= TIMEOUT + 10, f"reported {error_at:.1f} s after SIGSTOP"
+    # Silent for the timeout: the last heartbeat may precede the stop, and the last read follow it, by an interval.
+    assert TIMEOUT - 2 * INTERVAL - 1 <= error_at <= TIMEOUT + 2 * INTERVAL + 2, f"error {error_at:.1f} s after SIGSTOP"
     assert exited_at <= TIMEOUT + LAUNCHER_GRACE + 20, f"job exit {exited_at:.1f} s after SIGSTOP"
     pattern = (rf"error: rank {rank} on host {re.escape(HOST)} stopped answering after step \d+ \(pid {ranks[rank]} "
                rf"is stopped; no heartbeat for \d+ s; train\.collective_timeout_s = {TIMEOUT} s\); seen from rank "
