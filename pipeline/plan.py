@@ -242,6 +242,8 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("train.log_every", t.log_every >= 0, f"must be >= 0, got {t.log_every}"),
         ("train.eval_every", t.eval_every >= 0, f"must be >= 0, got {t.eval_every}"),
         ("train.save_every", t.save_every >= 0, f"must be >= 0, got {t.save_every}"),
+        ("train.collective_timeout_s", t.collective_timeout_s > 0, f"must be > 0, got {t.collective_timeout_s}"),
+        ("train.max_consecutive_skips", t.max_consecutive_skips >= 1, f"must be >= 1, got {t.max_consecutive_skips}"),
         ("data.validation_fraction", 0 <= d.validation_fraction < 1, f"must be in [0, 1), got {d.validation_fraction}"),
         ("data.sampling_temperature", d.sampling_temperature > 0, f"must be > 0, got {d.sampling_temperature}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),

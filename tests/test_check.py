@@ -142,7 +142,7 @@ def _ds_file(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case", [
-    "config_key", "config_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
+    "config_key", "config_value", "timeout_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
     "dataset", "tokenizer", "too_few_queries",
 ])
 def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
@@ -153,6 +153,9 @@ def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tok
     elif case == "config_value":
         args.append("train.per_device_batch_size=0")
         expected = "error: train.per_device_batch_size: must be >= 1, got 0"
+    elif case == "timeout_value":
+        args.append("train.collective_timeout_s=0")
+        expected = "error: train.collective_timeout_s: must be > 0, got 0"
     elif case == "ds_missing":
         args.append(f"deepspeed={tmp_path / 'nope.json'}")
         expected = f"error: {tmp_path / 'nope.json'}: cannot read DeepSpeed config"
