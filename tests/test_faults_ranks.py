@@ -24,7 +24,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from train_helpers import REPO, free_port, kill_group, run_training, start_training, train_losses, wait_for
+from train_helpers import (
+    REPO,
+    free_port,
+    kill_group,
+    resume_matches_reference,
+    run_training,
+    start_training,
+    train_losses,
+    wait_for,
+    web_search_overrides,
+)
 
 STEPS = 6
 SAVE_EVERY = 2
@@ -35,22 +45,8 @@ HOST = socket.gethostname()
 
 
 def overrides(shards: Path, out: Path) -> list[str]:
-    values = {
-        "data.shards": str(shards),
-        "data.datasets": "[web_search]",
-        "data.validation_fraction": "0.11",
-        "data.num_workers": "1",
-        "train.output_dir": str(out),
-        "train.max_steps": str(STEPS),
-        "train.lr": "1e-3",
-        "train.min_lr": "1e-4",
-        "train.warmup_steps": "1",
-        "train.log_every": "1",
-        "train.save_every": str(SAVE_EVERY),
-        "train.eval_every": "0",
-        "train.collective_timeout_s": str(TIMEOUT),
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    return web_search_overrides(shards, out, steps=STEPS, save_every=SAVE_EVERY, eval_every=0,
+                                **{"train.collective_timeout_s": str(TIMEOUT)})
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +124,6 @@ def error_lines(log: Path) -> list[str]:
     return [line[line.index("error: "):] for line in log.read_text(errors="replace").splitlines() if "error: " in line]
 
 
-def _weights(export_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(export_dir / "model.safetensors"))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------------------------------
@@ -158,19 +148,8 @@ def test_killed_rank_is_named_and_resume_is_exact(reference_run, example_shards,
 
     resumed_from = int((out / "checkpoints" / "latest_complete").read_text().removeprefix("step_"))
     assert resumed_from >= SAVE_EVERY
-    before = len((out / "metrics.jsonl").read_text().splitlines())
-    run_training(overrides(example_shards, out), resume=True, log=tmp_path / "resume_log.txt")
-    lines = (out / "metrics.jsonl").read_text().splitlines()[before:]
-    resumed = {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
-    reference = train_losses(reference_run)
-    assert sorted(resumed) == list(range(resumed_from + 1, STEPS + 1))
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
-    ours, theirs = _weights(out / "export" / "final"), _weights(reference_run / "export" / "final")
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        rel = (ours[name] - theirs[name]).norm() / theirs[name].norm()
-        assert rel <= 1e-6, (name, float(rel))
+    resume_matches_reference(overrides(example_shards, out), out, reference_run, resumed_from=resumed_from,
+                             steps=STEPS, log=tmp_path / "resume_log.txt")
 
 
 def test_stopped_rank_is_named_and_killed(example_shards, tmp_path):

@@ -21,7 +21,9 @@ import psutil
 import pytest
 import torch
 
-from train_helpers import REPO, env, kill_group, run_training, train_command, train_losses, wait_for
+from train_helpers import (
+    REPO, env, kill_group, run_training, train_command, train_losses, wait_for, web_search_overrides,
+)
 
 STEPS = 8
 SAVE_EVERY = 3
@@ -29,22 +31,8 @@ TIMEOUT = 420
 
 
 def overrides(shards: Path, out: Path, **extra: str) -> list[str]:
-    values = {
-        "data.shards": str(shards),
-        "data.datasets": "[web_search]",
-        "data.validation_fraction": "0.11",
-        "data.num_workers": "1",  # a DataLoader worker process per rank: signals must not kill it
-        "train.output_dir": str(out),
-        "train.max_steps": str(STEPS),
-        "train.lr": "1e-3",
-        "train.min_lr": "1e-4",
-        "train.warmup_steps": "1",
-        "train.log_every": "1",
-        "train.save_every": str(SAVE_EVERY),
-        "train.eval_every": "0",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    # one DataLoader worker process per rank: signals must not kill it
+    return web_search_overrides(shards, out, steps=STEPS, save_every=SAVE_EVERY, eval_every=0, **extra)
 
 
 def launch(args: list[str], log: Path, *, resume: bool = False, **inject: str) -> subprocess.Popen:

@@ -13,29 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import kill_group, run_training, start_training, train_losses, wait_for
+from train_helpers import (
+    kill_group,
+    resume_matches_reference,
+    run_training,
+    start_training,
+    train_losses,
+    wait_for,
+    web_search_overrides,
+)
 
 STEPS = 10
 SAVE_EVERY = 4
 
 
 def overrides(shards: Path, out: Path, **extra: str) -> list[str]:
-    values = {
-        "data.shards": str(shards),
-        "data.datasets": "[web_search]",
-        "data.validation_fraction": "0.11",  # 33 held-out queries: 2 validation batches of 16
-        "data.num_workers": "1",
-        "train.output_dir": str(out),
-        "train.max_steps": str(STEPS),
-        "train.lr": "1e-3",
-        "train.min_lr": "1e-4",
-        "train.warmup_steps": "1",
-        "train.log_every": "1",
-        "train.save_every": str(SAVE_EVERY),
-        "train.eval_every": "5",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
+    return web_search_overrides(shards, out, steps=STEPS, save_every=SAVE_EVERY, eval_every=5, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +55,6 @@ def test_zero3_training_loss_decreases(reference_run):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000010"]
 
 
-def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(export_dir / "model.safetensors"))
-
-
 def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
@@ -80,19 +67,8 @@ def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
     resumed_from = int((ckpts / "latest_complete").read_text().removeprefix("step_"))
     assert resumed_from >= SAVE_EVERY and resumed_from % SAVE_EVERY == 0
     assert not (out / "export" / "final").exists()
-    before = len((out / "metrics.jsonl").read_text().splitlines())
-    run_training(overrides(example_shards, out), resume=True, log=tmp_path / "resume_log.txt")
-    lines = (out / "metrics.jsonl").read_text().splitlines()[before:]
-    resumed = {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
-    reference = train_losses(reference_run)
-    assert sorted(resumed) == list(range(resumed_from + 1, STEPS + 1))
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
-    ours, theirs = _weights(out / "export" / "final"), _weights(reference_run / "export" / "final")
-    assert ours.keys() == theirs.keys()
-    for name in ours:  # equal up to fp32 rounding: relative L2 distance <= 1e-6 per tensor
-        rel = (ours[name] - theirs[name]).norm() / theirs[name].norm()
-        assert rel <= 1e-6, (name, float(rel))
+    resume_matches_reference(overrides(example_shards, out), out, reference_run, resumed_from=resumed_from,
+                             steps=STEPS, log=tmp_path / "resume_log.txt")
 
 
 def test_export_loads_in_transformers_and_sentence_transformers(reference_run, example_shards, example_raw):

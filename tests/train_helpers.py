@@ -60,6 +60,55 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def web_search_overrides(shards: Path, out: Path, *, steps: int, save_every: int, eval_every: int,
+                         **extra: str) -> list[str]:
+    """Overrides of the end-to-end trainer tests: tiny-cpu on the example shards' web_search dataset (33 held-out
+    queries: 2 validation batches of 16), one DataLoader worker per rank, lr 1e-3 -> 1e-4, a metrics line per step."""
+    values = {
+        "data.shards": str(shards),
+        "data.datasets": "[web_search]",
+        "data.validation_fraction": "0.11",
+        "data.num_workers": "1",
+        "train.output_dir": str(out),
+        "train.max_steps": str(steps),
+        "train.lr": "1e-3",
+        "train.min_lr": "1e-4",
+        "train.warmup_steps": "1",
+        "train.log_every": "1",
+        "train.save_every": str(save_every),
+        "train.eval_every": str(eval_every),
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def export_weights(export_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def resume_matches_reference(args: list[str], out: Path, reference_run: Path, *, resumed_from: int, steps: int,
+                             log: Path) -> None:
+    """Run `args` with --resume auto; its losses (steps resumed_from+1..steps) must equal the reference run's and
+    its final export must equal the reference's up to fp32 rounding (relative L2 distance <= 1e-6 per tensor)."""
+    import pytest
+
+    before = len((out / "metrics.jsonl").read_text().splitlines())
+    run_training(args, resume=True, log=log)
+    lines = (out / "metrics.jsonl").read_text().splitlines()[before:]
+    resumed = {r["step"]: r["loss"] for r in map(json.loads, lines) if r["split"] == "train"}
+    reference = train_losses(reference_run)
+    assert sorted(resumed) == list(range(resumed_from + 1, steps + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6), (step, loss, reference[step])
+    ours, theirs = export_weights(out / "export" / "final"), export_weights(reference_run / "export" / "final")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        rel = (ours[name] - theirs[name]).norm() / theirs[name].norm()
+        assert rel <= 1e-6, (name, float(rel))
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl (the last record of a step wins)."""
     out: dict[int, float] = {}
