@@ -238,13 +238,12 @@ def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> 
         if p1.grad is not None and p2.grad is not None and p1.ndim == 2 and "embed" not in name:
             g1, g2 = p1.grad.float().flatten(), p2.grad.float().flatten()
             grad_cos.append(float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)))
-    from pipeline.attention import varlen_kernel
+    from pipeline.attention import kernel_for
 
-    probe = torch.zeros(1, 1, 1, 1, device=device, dtype=next(packed_model.parameters()).dtype)
     out = {
         "attn_implementation": packed_model.attn_implementation,
         "kernel": "flash_attention_2" if packed_model.attn_implementation == "flash_attention_2"
-        else varlen_kernel(probe, 0.0),
+        else kernel_for(device, next(packed_model.parameters()).dtype, 0.0),
         "sequences": len(seqs),
         "max_abs_diff": float((a - b).abs().max()),
         "min_cosine": float(cos.min()),

@@ -50,16 +50,17 @@ def torch_varlen_available() -> bool:
     return _torch_varlen() is not None
 
 
-def varlen_kernel(query: torch.Tensor, dropout: float) -> str:
-    """'torch' when PyTorch's flash varlen kernel can run this call (CUDA, bf16/fp16, no dropout), else 'segments'."""
-    if (
-        query.is_cuda
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and dropout == 0.0
-        and torch_varlen_available()
-    ):
+def kernel_for(device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+    """'torch' when PyTorch's flash varlen kernel can run (CUDA, bf16/fp16, no dropout), else 'segments'."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and dropout == 0.0 and torch_varlen_available():
         return "torch"
     return "segments"
+
+
+def varlen_kernel(query: torch.Tensor, dropout: float) -> str:
+    """The kernel :func:`varlen_attention` runs for `query` (see :func:`kernel_for`)."""
+    return kernel_for(query.device, query.dtype, dropout)
 
 
 def torch_varlen_attention(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attention import VARLEN, register_varlen_attention, torch_varlen_available
+from pipeline.attention import VARLEN, kernel_for, register_varlen_attention
 from pipeline.config import ModelConfig
 from pipeline.logs import log
 from pipeline.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
@@ -70,7 +70,7 @@ def describe_attention(attn: str, device: torch.device, dtype: torch.dtype) -> s
     """The kernel behind `attn` on `device`, for the startup log line."""
     if attn != VARLEN:
         return attn
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and torch_varlen_available():
+    if kernel_for(device, dtype, 0.0) == "torch":
         return "varlen (torch.nn.attention.varlen.varlen_attn; per-sequence sdpa when attention dropout > 0)"
     return "varlen (per-sequence sdpa)"
 
