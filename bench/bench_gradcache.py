@@ -9,7 +9,7 @@ sequence ending in EOS; hard negatives per query (--n-neg). Sections:
 - packing: one training step (cached) per layout: padding efficiency (real / computed tokens; target packed >= 95%)
   and real tokens/s; padded-unsorted is F2LLM's layout (right padding to the longest of each group of sequences in
   batch order), padded-bucketed sorts by length first; packed-sdpa is the block-diagonal-mask path, packed-varlen
-  the segment attention (pipeline.packing.segment_attention);
+  the segment attention (pipeline.model.packing.segment_attention);
 - memory: peak RSS of one cached step as B grows 8 -> 1024 at a fixed chunk budget, each B in a fresh subprocess
   (step memory = peak RSS - RSS before the step; target flat, <= 1.5x from 8 to 1024);
 - coalesce: 2-process DeepSpeed (gloo, torchrun) ZeRO-2 and ZeRO-3 cached steps with engine.coalesce_grad_reduction()
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
+from bench.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -47,7 +47,7 @@ TINY_QWEN3 = dict(
 # Workload
 # ---------------------------------------------------------------------------------------------------------------
 def realistic_batch(seed: int, batch_size: int, n_neg: int):
-    from pipeline.batch import ContrastiveBatch
+    from pipeline.data.batch import ContrastiveBatch
 
     rng = np.random.default_rng(seed)
 
@@ -70,7 +70,7 @@ def build_model(attn: str = "sdpa", packing: str = "packed", seed: int = 0, drop
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.model import EmbeddingModel
+    from pipeline.model.embedding import EmbeddingModel
 
     torch.manual_seed(seed)
     model = EmbeddingModel.from_config(
@@ -109,7 +109,7 @@ def cmd(sections: str, extra: str = "") -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def bench_time(args: argparse.Namespace) -> list[Row]:
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.gradcache import cached_step, plain_step
+    from pipeline.training.gradcache import cached_step, plain_step
 
     rows = []
     loss_cfg = LossConfig(matryoshka=True)
@@ -139,7 +139,7 @@ def bench_time(args: argparse.Namespace) -> list[Row]:
 
 def bench_packing(args: argparse.Namespace) -> list[Row]:
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.gradcache import cached_step
+    from pipeline.training.gradcache import cached_step
 
     loss_cfg = LossConfig(matryoshka=True)
     batch = realistic_batch(3, args.batch_size, args.n_neg)
@@ -152,8 +152,8 @@ def bench_packing(args: argparse.Namespace) -> list[Row]:
         ("packed-varlen", "varlen", "packed", dict(chunk_tokens=args.chunk_tokens), True),
     ]
     results = {}
-    import pipeline.gradcache as gcmod
-    from pipeline.packing import plan_chunks
+    import pipeline.training.gradcache as gcmod
+    from pipeline.model.packing import plan_chunks
 
     for name, attn, packing, chunking, bucket in layouts:
         model = build_model(attn, packing)
@@ -193,7 +193,7 @@ def memory_worker(batch_size: int, n_neg: int, chunk_tokens: int, attn: str, thr
     import torch
 
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.gradcache import cached_step
+    from pipeline.training.gradcache import cached_step
 
     torch.set_num_threads(threads)
     model = build_model(attn, dropout=dropout)
@@ -253,9 +253,10 @@ def coalesce_worker(args: argparse.Namespace) -> None:
     import torch
 
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.distributed import init_distributed, rank, teardown, world_size
-    from pipeline.ds_config import load_ds_config
-    from pipeline.gradcache import cached_step, coalescing_supported
+    from pipeline.training.distributed import init_distributed, rank, teardown, world_size
+    from pipeline.training.ds_config import load_ds_config
+    from pipeline.training.backward import coalescing_supported
+    from pipeline.training.gradcache import cached_step
 
     torch.set_num_threads(1)
     init_distributed(use_deepspeed=True)

@@ -1,4 +1,4 @@
-"""Benchmark of the preprocessing issue: `preprocess build` + `pipeline.shards.ShardReader` against the seed's method
+"""Benchmark of the preprocessing issue: `preprocess build` + `pipeline.data.shards.ShardReader` against the seed's method
 (pandas + a process pool tokenizing one text at a time, parquet of token lists with string doc ids, and at train time
 a ``doc_id -> tokens`` dict over the whole corpus; reimplemented in ``bench/seed_baseline.py``).
 
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.process_memory import status_kib  # noqa: E402  (stdlib only: no cost in the measured imports)
+from bench.process_memory import status_kib  # noqa: E402  (stdlib only: no cost in the measured imports)
 
 READ_DATASET = "synthetic_retrieval"
 READ_INSTRUCTION = "Given a web search query, retrieve relevant passages"
@@ -162,11 +162,11 @@ def _peak_rss_mib() -> float:
 def read_child(args: argparse.Namespace) -> dict[str, float]:
     """One reader run in this (fresh) process; see the module docstring for what is timed."""
     if args.block_pandas:
-        # What pipeline.shards costs without pyarrow's Array.to_numpy() importing pandas (see the report's note).
+        # What pipeline.data.shards costs without pyarrow's Array.to_numpy() importing pandas (see the report's note).
         sys.modules["pandas"] = None  # type: ignore[assignment]
     t_import = time.perf_counter()
     if args.fmt == "ours":
-        from pipeline.shards import ShardReader
+        from pipeline.data.shards import ShardReader
     else:
         import pandas  # noqa: F401
         import pyarrow.parquet  # noqa: F401  (pandas' parquet engine; imported before the clock, as for ours)
@@ -251,7 +251,7 @@ def generate_read_data(work: Path, n_docs: int, n_queries: int, k: int, seed: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.shard_format import (
+    from pipeline.data.shard_format import (
         CORPUS_FILE,
         DATASET_META,
         FORMAT_NAME,
@@ -395,7 +395,7 @@ def check_same_tokens(ours: Path, seed: Path, sample: int = 2000) -> str:
     """Both builds hold the same sequences: query tokens of every row, and the positive docs of `sample` rows."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import ShardReader
+    from pipeline.data.shards import ShardReader
 
     reader = ShardReader(ours)
     corpus = pq.read_table(seed / "corpus.parquet")
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             "child inherits its parent's high-water mark on Linux)"
         )
         notes.append(
-            "'without the pandas import': pipeline.shards calls pyarrow's Array.to_numpy(), which imports pandas "
+            "'without the pandas import': pipeline.data.shards calls pyarrow's Array.to_numpy(), which imports pandas "
             "(~0.5 s, ~45 MiB) inside the open call; those rows run the same reader with `import pandas` blocked, "
             "i.e. what a np.frombuffer-based view would cost"
         )

@@ -17,7 +17,7 @@ deepspeed launcher (gloo), OMP_NUM_THREADS=1 per rank. Methods:
   it runs in F2LLM's data loader), one forward with an attention mask, last-token pooling at the last non-pad
   position, in-batch loss over positives gathered WITHOUT gradient + hard-negative loss, one
   ``engine.backward(loss)``, ``engine.step()``;
-- ours: ``pipeline.trainer.Trainer`` built from the config (its TrainData batches, EmbeddingModel, engine) and its
+- ours: ``pipeline.training.trainer.Trainer`` built from the config (its TrainData batches, EmbeddingModel, engine) and its
   step exactly as ``Trainer.fit`` runs it: ``cached_step`` (GradCache over packed chunks of ``gradcache.chunk_tokens``
   tokens) + ``engine.step()``; defaults: chunk_tokens 8192 (GradCacheConfig's default) and ``varlen`` attention.
   tiny-cpu.yaml's chunk_tokens 256 (with sdpa, its attention before f85c5f9) is much slower under ZeRO-3 on CPU:
@@ -309,11 +309,11 @@ def worker(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     from bench.seed_step import SeedEmbedder, seed_collate, seed_step
-    from pipeline.distributed import teardown
-    from pipeline.data import TrainData
-    from pipeline.gradcache import cached_step, plain_step
-    from pipeline.model import build_backbone, resolve_dtype
-    from pipeline.trainer import Trainer
+    from pipeline.training.distributed import teardown
+    from pipeline.data.loader import TrainData
+    from pipeline.training.gradcache import cached_step, plain_step
+    from pipeline.model.embedding import build_backbone, resolve_dtype
+    from pipeline.training.trainer import Trainer
 
     cfg = worker_config(args)
     trainer = Trainer(cfg)  # the real trainer: data, tokenizer, EmbeddingModel, ZeRO-3 engine

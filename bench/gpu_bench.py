@@ -20,7 +20,7 @@ Methods, each step timed between CUDA synchronisations, `train_step` + ``engine.
   to the longest into ONE tensor, sdpa with the padding mask, gradient checkpointing on (F2LLM needs it for 16 x 9 at
   1024 tokens), one backward of the whole batch, no GradCache. flash-attn is not installed here, so the seed runs
   sdpa, not FlashAttention-2 (which would unpad the attention but not the MLPs).
-* ours (``pipeline.gradcache.cached_step``): global batch 512 on one GPU = 512 queries + 4,608 passages, packed
+* ours (``pipeline.training.gradcache.cached_step``): global batch 512 on one GPU = 512 queries + 4,608 passages, packed
   into chunks of ``--chunk-tokens`` real tokens (no padding), varlen attention (flash-attn's kernel when installed,
   else PyTorch's ``varlen_attn``), GradCache (exact full-batch gradient; one extra no-grad forward), no gradient
   checkpointing (a chunk's activations fit).
@@ -115,7 +115,7 @@ def sample_lengths(rng: np.random.Generator, n: int, spec: dict[str, float], max
 
 def make_batch(rng: np.random.Generator, batch_size: int, model_cfg: dict[str, Any], max_len: int):
     """A retrieval ContrastiveBatch of random ids with the documented length distributions, EOS-terminated."""
-    from pipeline.batch import ContrastiveBatch
+    from pipeline.data.batch import ContrastiveBatch
 
     vocab, eos = model_cfg["vocab_size"], model_cfg["eos_token_id"]
 
@@ -146,7 +146,7 @@ def model_config(plan: Plan, *, attn: str, packing: str, checkpointing: bool):
 def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, device: torch.device) -> Any:
     import deepspeed
 
-    from pipeline.ds_config import load_ds_config
+    from pipeline.training.ds_config import load_ds_config
 
     ds_cfg = load_ds_config(REPO / "ds_configs" / f"zero{zero_stage}.json", micro_batch=micro_batch, world_size=1,
                             use_bf16=device.type == "cuda")
@@ -168,7 +168,7 @@ def non_embedding_params(module: torch.nn.Module) -> int:
 def flops_per_token(plan: Plan, n_params: int, mean_len: float) -> float:
     from types import SimpleNamespace
 
-    from pipeline.metrics import attention_width, model_flops_per_token
+    from pipeline.training.metrics import attention_width, model_flops_per_token
 
     config = SimpleNamespace(**plan.model)
     return model_flops_per_token(n_params, config.num_hidden_layers, attention_width(config), mean_len)
@@ -191,7 +191,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def finish(result: MethodResult, plan: Plan, n_params: int, mean_len: float, device: torch.device) -> MethodResult:
-    from pipeline.metrics import mfu, peak_flops
+    from pipeline.training.metrics import mfu, peak_flops
 
     if result.step_seconds:
         median = statistics.median(result.step_seconds)
@@ -212,8 +212,8 @@ def reset_peak(device: torch.device) -> None:
 
 def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
     """Packed varlen vs padded sdpa embeddings of the same sequences with the same weights."""
-    from pipeline.model import EmbeddingModel
-    from pipeline.packing import pack, pad
+    from pipeline.model.embedding import EmbeddingModel
+    from pipeline.model.packing import pack, pad
 
     with torch.device(device):
         packed_model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed",
@@ -238,7 +238,7 @@ def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> 
         if p1.grad is not None and p2.grad is not None and p1.ndim == 2 and "embed" not in name:
             g1, g2 = p1.grad.float().flatten(), p2.grad.float().flatten()
             grad_cos.append(float(torch.nn.functional.cosine_similarity(g1, g2, dim=0)))
-    from pipeline.attention import kernel_for
+    from pipeline.model.attention import kernel_for
 
     out = {
         "attn_implementation": packed_model.attn_implementation,
@@ -260,7 +260,7 @@ def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> 
 def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_stage: int) -> MethodResult:
     from bench.seed_step import SeedEmbedder, seed_collate, seed_step
     from pipeline.config import LossConfig
-    from pipeline.model import build_backbone, enable_checkpointing, resolve_dtype
+    from pipeline.model.embedding import build_backbone, enable_checkpointing, resolve_dtype
 
     cfg = model_config(plan, attn="sdpa", packing="padded", checkpointing=True)
     with torch.device(device):
@@ -299,7 +299,7 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
 
 
 def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int):
-    from pipeline.model import EmbeddingModel
+    from pipeline.model.embedding import EmbeddingModel
 
     with torch.device(device):
         model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False),
@@ -313,7 +313,7 @@ def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: i
 def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: np.random.Generator, *,
              name: str, batch_size: int, warmup: int, steps: int) -> MethodResult:
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.gradcache import cached_step
+    from pipeline.training.gradcache import cached_step
 
     loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"], matryoshka=True)
     gc_cfg = GradCacheConfig(enabled=True, chunk_tokens=plan.chunk_tokens, coalesce_grad_reduction=True)
@@ -349,8 +349,8 @@ def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: 
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    from pipeline.attention import torch_varlen_available
-    from pipeline.model import flash_attn_available
+    from pipeline.model.attention import torch_varlen_available
+    from pipeline.model.embedding import flash_attn_available
 
     try:
         import deepspeed
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.dry_run else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    from pipeline.distributed import init_distributed, teardown
+    from pipeline.training.distributed import init_distributed, teardown
     from pipeline.logs import log
 
     init_distributed(use_deepspeed=True)

@@ -102,10 +102,10 @@ def _read_raw(path: Path) -> Any:
 def build(raw: str, registry: str | None, tokenizer: str, out: str, workers: int, max_len: int = 1024) -> dict:
     import pandas as pd
 
-    from pipeline.shard_format import resolve_eos
-    from preprocess.raw import discover
-    from preprocess.registry import load_registry
-    from preprocess.tokenization import load_tokenizer
+    from pipeline.data.shard_format import resolve_eos
+    from pipeline.data.raw import discover
+    from pipeline.data.registry import load_registry
+    from pipeline.data.tokenization import load_tokenizer
 
     started = time.perf_counter()
     out_dir = Path(out)

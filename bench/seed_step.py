@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.batch import ContrastiveBatch
+from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import LossConfig
 
 

@@ -45,17 +45,11 @@ Example:
 EOF
 }
 
-# Print a command so that it can be pasted back into a shell (quotes only where needed).
-print_cmd() {
-  local a out=()
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
 die() { echo "multinode.sh: error: $*" >&2; exit 2; }
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO_DIR/launch/common.sh"
 HOSTFILE="${HOSTFILE:-}"
 CONFIG="${CONFIG:-}"
 MASTER_ADDR="${MASTER_ADDR:-}"

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.check:
-        from pipeline.plan import check_command
+        from pipeline.training.plan import check_command
 
         return check_command(
             args.config, args.overrides, hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus,
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pipeline.errors import TrainingAborted
+    from pipeline.training.errors import TrainingAborted
     from pipeline.logs import is_rank0
-    from pipeline.shard_format import ShardError
-    from pipeline.trainer import run
+    from pipeline.data.shard_format import ShardError
+    from pipeline.training.trainer import run
 
     try:
         run(cfg, resume=args.resume)

@@ -35,17 +35,11 @@ Examples:
 EOF
 }
 
-# Print a command so that it can be pasted back into a shell (quotes only where needed).
-print_cmd() {
-  local a out=()
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then out+=("$a"); else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
 die() { echo "train.sh: error: $*" >&2; exit 2; }
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO_DIR/launch/common.sh"
 CONFIG="${CONFIG:-}"
 DRY_RUN="${DRY_RUN:-0}"
 CHECK=0

@@ -10,6 +10,7 @@ Command-line overrides use dotted keys, ``train.lr=1e-5`` or ``model.pooling=mea
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,13 +121,19 @@ class TrainConfig:
     keep_last: int = 3
     eval_every: int = 1000
     # Seconds a rank may stay silent (no heartbeat: died, stopped, machine gone) or a collective may wait before the
-    # run stops with "error: rank R on host H ..." and exit code 3 (pipeline.rank_health). Must exceed the longest
+    # run stops with "error: rank R on host H ..." and exit code 3 (pipeline.resilience.rank_health). Must exceed the longest
     # pause of one rank that the others wait for in a collective (rank 0 writing the consolidated export).
     collective_timeout_s: float = 300.0
     # A step whose (global) loss or any gradient is NaN/inf is skipped: no optimizer update, lr schedule and step
     # counters unchanged, its batch consumed. After this many consecutive skipped steps the run stops with an error
     # and a checkpoint of the unchanged weights (0 = stop at the first non-finite step).
     max_consecutive_skips: int = 5
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, else ``ceil(epochs * steps_per_epoch)`` (at least 1)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * steps_per_epoch))
 
 
 @dataclass

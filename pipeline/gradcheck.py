@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batch import ContrastiveBatch, random_batch
+from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.distributed import init_distributed, launched_distributed, rank, teardown, world_size
-from pipeline.ds_config import load_ds_config
-from pipeline.gradcache import StepStats, base_module, cached_step, is_deepspeed_engine, plain_step
+from pipeline.training.distributed import init_distributed, launched_distributed, rank, teardown, world_size
+from pipeline.training.backward import base_module, is_deepspeed_engine
+from pipeline.training.ds_config import deepspeed_bf16, load_ds_config
+from pipeline.training.gradcache import StepStats, cached_step, plain_step
 from pipeline.logs import log
-from pipeline.model import EmbeddingModel
+from pipeline.model.embedding import EmbeddingModel
 
 StepFn = Callable[..., StepStats]
 
@@ -110,7 +111,7 @@ def build_engine(model: EmbeddingModel, cfg: Config, ds_path: str, micro_batch: 
     import deepspeed
 
     ds = load_ds_config(ds_path, micro_batch=micro_batch, grad_accum=1, world_size=world_size(),
-                        use_bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"))
+                        use_bf16=deepspeed_bf16(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
     # The optimizer only clears gradients here (lr 0: weights never move). A client torch AdamW replaces the JSON's
     # DeepSpeed AdamW so that no optimizer op has to be JIT-compiled (minutes on a fresh CPU machine).
     ds.pop("optimizer", None)

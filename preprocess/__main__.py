@@ -7,9 +7,9 @@ import json
 import os
 import sys
 
-from pipeline.shard_format import ShardError
-from preprocess.raw import RawDataError
-from preprocess.registry import RegistryError
+from pipeline.data.shard_format import ShardError
+from pipeline.data.raw import RawDataError
+from pipeline.data.registry import RegistryError
 
 USER_ERRORS = (ShardError, RawDataError, RegistryError, ValueError, OSError)
 
@@ -46,7 +46,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from pipeline.shards import ShardReader
+    from pipeline.data.shards import ShardReader
     from preprocess.report import shard_stats, stats_table
 
     stats = shard_stats(args.out)
@@ -59,11 +59,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from preprocess.report import show_example
-    from preprocess.tokenization import load_tokenizer
+    from pipeline.data.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tokenizer is not None:
-        from pipeline.shards import ShardReader
+        from pipeline.data.shards import ShardReader
 
         ShardReader(args.out, datasets=[args.dataset]).check_tokenizer(tokenizer)
     print(json.dumps(show_example(args.out, args.dataset, args.index, tokenizer), indent=2, ensure_ascii=False))

@@ -1,4 +1,4 @@
-"""`preprocess build`: raw datasets -> memory-mapped token shards (layout in :mod:`pipeline.shard_format`).
+"""`preprocess build`: raw datasets -> memory-mapped token shards (layout in :mod:`pipeline.data.shard_format`).
 
 Per dataset: read and validate rows (bad rows skipped and counted by reason), optionally subsample to
 ``max_rows`` (seeded), deduplicate positives and negatives into one corpus with dense integer ids, tokenize queries
@@ -9,6 +9,7 @@ requested build and whose files still match their checksums, so an interrupted b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.logs import log
-from pipeline.shard_format import (
+from pipeline.data.shard_format import (
     CORPUS_FILE,
     DATASET_META,
     FORMAT_NAME,
@@ -33,23 +34,14 @@ from pipeline.shard_format import (
     ShardError,
     corpus_schema,
     queries_schema,
-    resolve_eos,
     sha256_file,
-    token_dtype_for_vocab,
     tokenizer_fingerprint,
     write_json_atomic,
 )
-from preprocess.raw import RawRow, RawStats, discover, read_rows
-from preprocess.registry import DatasetSpec, Registry, load_registry
-from preprocess.tokenization import (
-    MIN_MAX_LEN,
-    EncodeSpec,
-    TokenSink,
-    Tokenizer,
-    load_tokenizer,
-    token_list_array,
-    write_backend,
-)
+from pipeline.data.raw import RawRow, RawStats, discover, group_rows, read_rows
+from pipeline.data.registry import DatasetSpec, Registry, load_registry
+from pipeline.data.tokenization import MIN_MAX_LEN, encode_spec, load_tokenizer
+from preprocess.tokenization import TokenSink, Tokenizer, token_list_array, write_backend
 
 
 class BuildError(ValueError):
@@ -106,19 +98,6 @@ def _subsample(rows: list[RawRow], limit: int | None, seed: int, name: str) -> l
     return [rows[i] for i in keep]
 
 
-def _dedup_corpus(rows: list[RawRow]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Corpus of unique documents in first-seen order; positive ids [n]; negative ids [n, K] padded with -1."""
-    doc_ids: dict[str, int] = {}
-    width = max((len(r.negatives) for r in rows), default=0)
-    positives = np.empty(len(rows), dtype=np.int64)
-    negatives = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, row in enumerate(rows):
-        positives[i] = doc_ids.setdefault(row.positive, len(doc_ids))
-        for j, neg in enumerate(row.negatives):
-            negatives[i, j] = doc_ids.setdefault(neg, len(doc_ids))
-    return list(doc_ids), positives, negatives
-
-
 def _tokenize_into(
     texts: list[str], tokenizer: Tokenizer, sink: TokenSink, bar: tqdm, started: float, tokens_before: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -150,11 +129,11 @@ class ShardBuilder:
         except (OSError, ValueError) as exc:
             raise BuildError(f"--tokenizer {options.tokenizer}: cannot load tokenizer ({exc})") from None
         self.fingerprint = tokenizer_fingerprint(self.tokenizer, options.tokenizer)
-        self.eos_id, appends_eos = resolve_eos(self.tokenizer)
+        self.spec = encode_spec(options.tokenizer, options.max_len)  # EOS, whether the tokenizer appends it, dtype
+        self.eos_id = self.spec.eos_id
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
-        self.token_dtype = token_dtype_for_vocab(max(self.fingerprint["vocab_size"], len(self.tokenizer)))
-        self.appends_eos = appends_eos
+        self.token_dtype = np.dtype(self.spec.dtype)
 
     # ---------------------------------------------------------------------------------------------------------
     def _check_existing_output(self) -> None:
@@ -223,9 +202,11 @@ class ShardBuilder:
                 f"{source}: no usable rows ({stats.raw_rows} read, skipped: "
                 f"{dict(stats.skipped) or 'none'})"
             )
-        docs, positives, negatives = _dedup_corpus(rows)
-        queries = [self.registry.format_query(spec, r.query) for r in rows]
+        grouped = group_rows(rows)
         del rows
+        docs, positives, negatives = grouped.docs, grouped.row_positive, grouped.row_negatives
+        formatted = [self.registry.format_query(spec, q) for q in grouped.queries]
+        queries = [formatted[q] for q in grouped.row_query]
 
         tmp = self.out / f".tmp-{spec.name}"
         if tmp.exists():
@@ -306,14 +287,9 @@ class ShardBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         results: list[DatasetResult] = []
         with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=self.out) as scratch:
-            spec = EncodeSpec(
-                backend_file=str(write_backend(self.tokenizer, self.opts.max_len, self.appends_eos,
-                                               Path(scratch) / "tokenizer.json")),
-                max_len=self.opts.max_len,
-                eos_id=self.eos_id,
-                appends_eos=self.appends_eos,
-                dtype=self.token_dtype.name,
-            )
+            backend = write_backend(self.tokenizer, self.opts.max_len, self.spec.appends_eos,
+                                    Path(scratch) / "tokenizer.json")
+            spec = dataclasses.replace(self.spec, backend_file=str(backend), tokenizer=None)
             with Tokenizer(spec, self.opts.workers) as tokenizer:
                 results = self._build_all(tokenizer)
         manifest = {

@@ -20,7 +20,7 @@ Split: pairs are grouped by module (one ``.py`` file); modules are shuffled with
 until it holds ``heldout_fraction`` of the pairs; the rest is train. No module is on both sides, and since identical
 passages are removed first, no passage is either. ``max_pairs`` subsamples (seeded) before the split.
 
-Output (the raw JSONL format of :mod:`preprocess.raw`)::
+Output (the raw JSONL format of :mod:`pipeline.data.raw`)::
 
     OUT/train/code_search.jsonl     {"query", "pos": [passage], "neg": [], "module", "function", "path", "line"}
     OUT/heldout/code_search.jsonl

@@ -1,6 +1,6 @@
 """`preprocess mine-negatives`: hard negatives for raw datasets, mined with an embedding model (F2LLM / NV-Retriever).
 
-Per raw dataset (:mod:`preprocess.raw`, parquet or JSONL):
+Per raw dataset (:mod:`pipeline.data.raw`, parquet or JSONL):
 
 1. Queries are the distinct query texts (rows that share a query text are one query whose positives are all their
    positives); the corpus is every positive and existing negative, deduplicated.
@@ -8,7 +8,7 @@ Per raw dataset (:mod:`preprocess.raw`, parquet or JSONL):
    '' meaning none; the dataset's ``--registry`` entry through the registry's query template, as ``preprocess
    build`` does; the model directory's sentence-transformers prompt named after the dataset; else none). Queries
    and corpus documents are tokenized as the shards are (``--max-len``, EOS appended when the tokenizer does not close sequences itself) and embedded with
-   :class:`pipeline.model.EmbeddingModel` (the model's own pooling and normalisation), ``--batch-size`` sequences
+   :class:`pipeline.model.embedding.EmbeddingModel` (the model's own pooling and normalisation), ``--batch-size`` sequences
    per forward.
 3. Exact search (chunked matrix products): the ``--top-k`` best documents of each query, best first.
 4. Selection, in rank order, each candidate dropped for the first reason that applies:
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from pipeline.logs import log
-from preprocess.raw import RawStats, discover, read_rows
-from preprocess.registry import Registry, load_registry
+from pipeline.data.raw import RawStats, discover, group_rows, read_rows
+from pipeline.data.registry import Registry, load_registry, query_formatter
 
 if TYPE_CHECKING:
     import torch
@@ -105,29 +105,15 @@ class QueryGroups:
     skipped: dict[str, int]
 
 
-def group_rows(path: Path) -> QueryGroups:
+def read_query_groups(path: Path) -> QueryGroups:
+    """The raw dataset at `path` grouped by distinct query text (:func:`pipeline.data.raw.group_rows`)."""
     stats = RawStats()
-    doc_ids: dict[str, int] = {}
-    query_ids: dict[str, int] = {}
-    positives: list[list[int]] = []
-    existing: list[list[int]] = []
-    rows: list[tuple[int, int]] = []
-    for row in read_rows(path, stats):
-        qi = query_ids.setdefault(row.query, len(query_ids))
-        if qi == len(positives):
-            positives.append([])
-            existing.append([])
-        pos = doc_ids.setdefault(row.positive, len(doc_ids))
-        if pos not in positives[qi]:
-            positives[qi].append(pos)
-        for neg in row.negatives:
-            nid = doc_ids.setdefault(neg, len(doc_ids))
-            if nid not in existing[qi]:
-                existing[qi].append(nid)
-        rows.append((qi, pos))
-    if not rows:
+    grouped = group_rows(read_rows(path, stats))
+    if not grouped.queries:
         raise MiningError(f"{path}: no usable rows ({stats.raw_rows} read, skipped: {dict(stats.skipped) or 'none'})")
-    return QueryGroups(list(query_ids), list(doc_ids), positives, existing, rows, dict(stats.skipped))
+    rows = list(zip(grouped.row_query.tolist(), grouped.row_positive.tolist()))
+    return QueryGroups(grouped.queries, grouped.docs, grouped.positives_per_query(), grouped.negatives_per_query(),
+                       rows, dict(stats.skipped))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,7 +170,7 @@ def mine_from_embeddings(
     desc: str = "search",
 ) -> tuple[list[list[int]], dict[str, Any]]:
     """Negatives per query (existing first when `keep_existing`, then mined) and selection statistics."""
-    from pipeline.evaluate import exact_topk
+    from pipeline.evaluation.retrieval import exact_topk
 
     scores, ids = exact_topk(q_emb, d_emb, params.top_k, desc=desc, progress=progress)
     scores_np, ids_np = scores.numpy(), ids.numpy()
@@ -275,8 +261,10 @@ def _write_parquet(path: Path, groups: QueryGroups, negatives: list[list[int]], 
 # --------------------------------------------------------------------------------------------------------------
 def mine_negatives(opts: MineOptions) -> dict[str, Any]:
     """Mine every raw dataset of `opts.raw` into `opts.out`; returns the report (also written as JSON)."""
-    from pipeline.evaluate import embed, encode_spec_for, load_model, model_prompts, query_formatter, tokenize_texts
-    from preprocess.tokenization import load_tokenizer
+    from pipeline.data.tokenization import encode_spec, load_tokenizer, tokenize_texts
+    from pipeline.evaluation.retrieval import embed
+    from pipeline.model.embedding import load_model_dir
+    from pipeline.training.export import model_prompts
 
     opts.params.check()
     if opts.existing not in ("keep", "drop"):
@@ -292,12 +280,12 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
     import torch
 
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, model_dir = load_model(opts.model, device)
+    model, model_dir = load_model_dir(opts.model, device)
     try:
         load_tokenizer(model_dir)
     except (OSError, ValueError) as exc:
         raise MiningError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
-    spec = encode_spec_for(model_dir, opts.max_len)
+    spec = encode_spec(model_dir, opts.max_len)
     prompts = model_prompts(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     if opts.registry:
@@ -309,7 +297,7 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
     }
     for name, src in sources.items():
         t0 = time.perf_counter()
-        groups = group_rows(src)
+        groups = read_query_groups(src)
         if opts.registry and name not in registry.datasets:
             log(f"{name}: not in {opts.registry}")
         fmt, source = query_formatter(name, instruction=opts.query_instruction,

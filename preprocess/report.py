@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shard_format import ShardError
-from pipeline.shards import ShardReader
+from pipeline.data.shard_format import ShardError
+from pipeline.data.shards import ShardReader
 
 PERCENTILES = (50, 90, 99)
 
@@ -69,7 +69,7 @@ def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | No
     if not 0 <= index < ds.num_queries:
         raise ShardError(f"{ds.root}: index {index} out of range [0, {ds.num_queries})")
     if tokenizer is None:
-        from preprocess.tokenization import load_tokenizer
+        from pipeline.data.tokenization import load_tokenizer
 
         path = reader.manifest["tokenizer"]["name_or_path"]
         try:

@@ -1,96 +1,26 @@
-"""Batched fast-tokenizer calls in worker processes, streamed into one contiguous token buffer on disk.
+"""Token buffers of `preprocess build`: the tokenizer worker pool and the on-disk sink of token ids.
 
-Each sequence is ``tokenizer(text, add_special_tokens=True)`` truncated so that, with EOS, it holds at most
-``max_len`` tokens, and always ends with EOS: tokenizers whose post-processor closes the input with EOS (or [SEP])
-keep it through truncation; for the others (Qwen3, Llama) EOS is appended after truncation, as F2LLM does.
-
-Workers run the Rust `tokenizers.Tokenizer` behind the HF fast tokenizer directly (serialised once, truncation
-set in it): the same ids as the HF call, without importing transformers/torch in every worker or paying the
-Python wrapper per batch.
+The tokenization rule itself (truncation, EOS) is :mod:`pipeline.data.tokenization`, shared with evaluation and
+mining. Workers run :func:`pipeline.data.tokenization.encode_batch` from a serialised Rust backend
+(:func:`write_backend`), so they do not import transformers or torch.
 """
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
-import os
-from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-MIN_MAX_LEN = 4
-
-
-@dataclass(frozen=True)
-class EncodeSpec:
-    """Everything a worker needs to tokenize; picklable.
-
-    `backend_file`: the serialised Rust tokenizer with the build's truncation and no padding (see
-    :func:`write_backend`); or, for in-process use, `tokenizer`: a HF tokenizer directory to derive it from.
-    """
-
-    max_len: int
-    eos_id: int
-    appends_eos: bool
-    dtype: str
-    backend_file: str | None = None
-    tokenizer: str | None = None
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(path: str) -> Any:
-    """Load a HF tokenizer once per process (fast/Rust-backed when the directory provides one)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def truncating_backend(tokenizer: Any, max_len: int, appends_eos: bool) -> Any:
-    """A copy of `tokenizer`'s Rust backend that truncates to `max_len` (`max_len - 1` when EOS is appended
-    afterwards) and never pads."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')}: a fast tokenizer (tokenizer.json) is required"
-        )
-    from tokenizers import Tokenizer as RustTokenizer
-
-    copy = RustTokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.enable_truncation(max_len if appends_eos else max_len - 1)
-    return copy
+from pipeline.data.tokenization import EncodeSpec, encode_batch, truncating_backend
 
 
 def write_backend(tokenizer: Any, max_len: int, appends_eos: bool, path: Path) -> Path:
-    """Serialise :func:`truncating_backend` to `path` (workers load it without importing transformers)."""
+    """Serialise :func:`pipeline.data.tokenization.truncating_backend` to `path` (for the worker processes)."""
     truncating_backend(tokenizer, max_len, appends_eos).save(str(path))
     return path
-
-
-@lru_cache(maxsize=4)
-def _backend_for(spec: EncodeSpec) -> Any:
-    if spec.backend_file is not None:
-        from tokenizers import Tokenizer as RustTokenizer
-
-        return RustTokenizer.from_file(spec.backend_file)
-    if spec.tokenizer is None:
-        raise ValueError("EncodeSpec: needs backend_file or tokenizer")
-    return truncating_backend(load_tokenizer(spec.tokenizer), spec.max_len, spec.appends_eos)
-
-
-def encode_batch(spec: EncodeSpec, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize `texts` in one call; returns (concatenated ids, per-sequence lengths)."""
-    backend = _backend_for(spec)
-    ids = [enc.ids for enc in backend.encode_batch_fast(texts, add_special_tokens=True)]
-    if not spec.appends_eos:
-        ids = [seq + [spec.eos_id] for seq in ids]
-    lengths = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
-    values = np.fromiter(itertools.chain.from_iterable(ids), dtype=spec.dtype, count=int(lengths.sum()))
-    return values, lengths
 
 
 class TokenSink:

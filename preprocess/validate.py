@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shard_format import CORPUS_FILE, QUERIES_FILE, ShardError
-from pipeline.shards import ShardReader, TokenTable, _open_arrow
+from pipeline.data.shard_format import CORPUS_FILE, QUERIES_FILE, ShardError
+from pipeline.data.shards import ShardReader, TokenTable, _open_arrow
 
 
 def _check_tokens(table: TokenTable, path: Path, max_len: int, eos_id: int, vocab_size: int) -> None:

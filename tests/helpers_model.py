@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
+from bench.process_memory import peak_rss_bytes, reset_peak_rss, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -58,7 +58,7 @@ def tiny_model_config(**overrides):
 def tiny_model(seed: int = 0, **overrides):
     import torch
 
-    from pipeline.model import EmbeddingModel
+    from pipeline.model.embedding import EmbeddingModel
 
     torch.manual_seed(seed)
     return EmbeddingModel.from_config(tiny_model_config(**overrides), "cpu")
@@ -117,9 +117,9 @@ def memory_worker(mode: str, batch_size: int, chunk_size: int, n_neg: int, seed:
     import numpy as np
     import torch
 
-    from pipeline.batch import random_batch
+    from pipeline.data.batch import random_batch
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.gradcache import cached_step, plain_step
+    from pipeline.training.gradcache import cached_step, plain_step
 
     torch.set_num_threads(1)
     model = tiny_model(seed)

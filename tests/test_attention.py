@@ -1,4 +1,4 @@
-"""Varlen attention (pipeline/attention.py): the adapter to PyTorch's varlen_attn, whatever its release's keywords,
+"""Varlen attention (pipeline/model/attention.py): the adapter to PyTorch's varlen_attn, whatever its release's keywords,
 and the model's packed forward through it, checked on CPU against reference kernels with the same contracts.
 
 PyTorch's real kernel needs CUDA; ``bench/gpu_bench.py`` checks it against the padded sdpa path on a GPU.
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.attention as attention
+import pipeline.model.attention as attention
 from helpers_model import tiny_model
-from pipeline.attention import segment_attention, torch_varlen_attention, varlen_kernel
-from pipeline.packing import pack, pad
+from pipeline.model.attention import segment_attention, torch_varlen_attention, varlen_kernel
+from pipeline.model.packing import pack, pad
 
 
 def _per_segment(query, key, value, cu, *, causal, scale, gqa):

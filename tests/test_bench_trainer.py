@@ -55,7 +55,7 @@ def test_help():
 
 def test_seed_collate_and_loss_semantics():
     from bench.seed_step import seed_collate, seed_loss
-    from pipeline.batch import ContrastiveBatch
+    from pipeline.data.batch import ContrastiveBatch
     from pipeline.config import LossConfig
 
     seqs = lambda lens: [np.arange(1, n + 1, dtype=np.int64) for n in lens]  # noqa: E731

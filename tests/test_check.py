@@ -91,9 +91,9 @@ def test_valid_check_prints_the_plan(example_shards, tmp_path):
 def test_plan_numbers_match_the_trainer_code(example_shards):
     """Chunks and tokens per step equal what GradCache's planner gives for the trainer's own batches."""
     from pipeline.config import load_config
-    from pipeline.data import StepBatches, TrainData
-    from pipeline.gradcache import _plan
-    from pipeline.plan import check_run
+    from pipeline.data.loader import StepBatches, TrainData
+    from pipeline.training.gradcache import _plan
+    from pipeline.training.plan import check_run
 
     world, steps = 3, 4
     report = check_run(TINY, [f"data.shards={example_shards}"], world_size=world, sample_steps=steps)

@@ -16,8 +16,8 @@ from preprocess.code_pairs import (
     first_paragraph,
     split_by_module,
 )
-from preprocess.raw import RawStats, read_rows
-from preprocess.registry import load_registry
+from pipeline.data.raw import RawStats, read_rows
+from pipeline.data.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 

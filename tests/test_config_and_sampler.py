@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.lr_schedule import lr_at
-from pipeline.sampler import HomogeneousSchedule, sample_negatives, split_validation
+from pipeline.training.lr_schedule import lr_at
+from pipeline.data.sampler import HomogeneousSchedule, sample_negatives, split_validation
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -123,12 +123,12 @@ def test_intact_copy_passes_the_checks(example_shards, tmp_path):
     """The same checks accept an intact copy (so the cases above fail for their damage, not for the copy)."""
     sys.path.insert(0, str(REPO))
     from pipeline.config import load_config
-    from pipeline.data import check_data
-    from pipeline.trainer import _load_tokenizer
+    from pipeline.data.loader import check_data
+    from pipeline.model.embedding import load_tokenizer_for
 
     shards = tmp_path / "shards"
     shutil.copytree(example_shards, shards)
     cfg = load_config(TINY, [f"data.shards={shards}"])
     assert cfg.data.verify_checksums  # hashing is on by default
-    reader = check_data(cfg.data, _load_tokenizer(cfg))
+    reader = check_data(cfg.data, load_tokenizer_for(cfg.model))
     assert sorted(reader.datasets) == ["paper_topics", "product_reviews", "web_search"]

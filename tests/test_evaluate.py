@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from data_helpers import make_word_tokenizer, minilm_dir, write_registry
-from pipeline.evaluate import (
-    EvaluationError,
-    build_parser,
-    exact_topk,
-    metrics_from_scores,
-    query_formatter,
-    retrieval_metrics,
-    run,
-)
+from pipeline.data.registry import query_formatter
+from pipeline.evaluate import build_parser, run
+from pipeline.evaluation.retrieval import CUTOFF, EvaluationError, exact_topk, retrieval_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics_from_scores(scores: np.ndarray, relevant: list[list[int]], ks: tuple[int, ...]) -> dict[str, float]:
+    """retrieval_metrics of a full score matrix [n_queries, n_docs] (ties: lower doc id first)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")[:, : max(max(ks), CUTOFF)]
+    return retrieval_metrics(order, relevant, ks)
 
 
 def test_metrics_by_hand():
@@ -64,7 +64,7 @@ def test_exact_topk_chunked_matches_full_sort():
 
 
 def test_query_formatter_sources():
-    from preprocess.registry import DatasetSpec, Registry
+    from pipeline.data.registry import DatasetSpec, Registry
 
     reg = Registry({"ds": DatasetSpec("ds", "retrieval", "Find code")}, query_template="{instruction} | {query}")
     fmt, src = query_formatter("ds", instruction=None, registry=reg, prompts={"ds": "P: "})

@@ -5,7 +5,7 @@ Real 2-process ZeRO-3 runs on CPU (gloo) through the deepspeed launcher, with ``
 job's exit status and time, the one-line ``error:`` naming the rank and host, that no process of the job's session
 survives (the stopped rank included: the deepspeed launcher SIGKILLs it 30 s after its SIGTERM), and that
 ``--resume auto`` continues with exactly the losses and weights of an uninterrupted reference run. The heartbeat
-logic itself (pipeline.rank_health) is also checked in-process against a real TCPStore.
+logic itself (pipeline.resilience.rank_health) is also checked in-process against a real TCPStore.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from train_helpers import (
 STEPS = 6
 SAVE_EVERY = 2
 TIMEOUT = 20  # train.collective_timeout_s of these runs (also the rendezvous timeout: not lower on busy CI)
-INTERVAL = 4  # their heartbeat interval: pipeline.rank_health.heartbeat_interval(TIMEOUT)
+INTERVAL = 4  # their heartbeat interval: pipeline.resilience.rank_health.heartbeat_interval(TIMEOUT)
 LAUNCHER_GRACE = 30  # deepspeed.launcher.launch: SIGTERM to every rank's tree, SIGKILL 30 s later
 HOST = socket.gethostname()
 
@@ -155,7 +155,7 @@ def test_killed_rank_is_named_and_resume_is_exact(reference_run, example_shards,
 def test_stopped_rank_is_named_and_killed(example_shards, tmp_path):
     """SIGSTOP: the process is alive but silent; its heartbeats stop. (Rank 0 stopped, the store host: see
     test_heartbeat_judge_names_a_stopped_store_host.)"""
-    from pipeline.rank_health import heartbeat_interval
+    from pipeline.resilience.rank_health import heartbeat_interval
 
     assert heartbeat_interval(TIMEOUT) == INTERVAL
     out, log = tmp_path / "run", tmp_path / "log.txt"
@@ -184,8 +184,11 @@ def test_stopped_rank_is_named_and_killed(example_shards, tmp_path):
 # In process: the heartbeat judge against a real TCPStore
 # --------------------------------------------------------------------------------------------------------------
 def test_comm_errors_are_recognised():
-    from pipeline.errors import TrainingAborted
-    from pipeline.rank_health import first_line, is_comm_error
+    from pipeline.training.errors import TrainingAborted
+    from pipeline.resilience.rank_health import comm_error, first_line
+
+    def is_comm_error(exc: BaseException) -> bool:
+        return comm_error(exc) is not None
 
     reset = RuntimeError("[/w/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9391: "
                          "Connection reset by peer. This is typically caused by a remote worker hanging")
@@ -207,7 +210,7 @@ def test_heartbeat_judge_names_silent_and_exited_peers():
     """Rank 0's judge with a fake rank 1 (a real child process, its heartbeats written by the test)."""
     import torch.distributed as dist
 
-    from pipeline.rank_health import RankHealth, machine_id, process_start_time
+    from pipeline.resilience.rank_health import RankHealth, machine_id, process_start_time
 
     port = free_port()
     server = dist.TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
@@ -254,7 +257,7 @@ def test_heartbeat_judge_names_silent_and_exited_peers():
 def test_heartbeat_judge_names_a_stopped_store_host():
     """Rank 1's judge when rank 0, which serves the rendezvous store, is stopped: store reads never return, so the
     store's silence names rank 0 (a real TCPStore server in a child process, SIGSTOPped)."""
-    from pipeline.rank_health import RankHealth, machine_id, process_start_time
+    from pipeline.resilience.rank_health import RankHealth, machine_id, process_start_time
 
     port = free_port()
     code = (f"import time; from datetime import timedelta; import torch.distributed as d; "
@@ -290,7 +293,7 @@ def test_heartbeat_judge_names_a_stopped_store_host():
 
 
 def test_timeout_key_is_validated():
-    from pipeline.distributed import init_distributed
+    from pipeline.training.distributed import init_distributed
 
     with pytest.raises(ValueError, match=r"^train\.collective_timeout_s: must be > 0, got 0"):
         init_distributed(use_deepspeed=False, timeout_s=0)

@@ -303,24 +303,21 @@ class _FakeEngine:
 
 @pytest.fixture
 def injection(monkeypatch):
-    """Set PIPELINE_INJECT_* variables for this test (the module reads them once per process: caches cleared)."""
-    from pipeline import fault_injection
+    """Set PIPELINE_INJECT_* variables for this test; returns the FaultInjector read from them."""
+    from pipeline.resilience.faults import FaultInjector
 
-    def set_(**values: str) -> None:
+    def set_(**values: str) -> FaultInjector:
         for key, value in values.items():
             monkeypatch.setenv(f"PIPELINE_INJECT_{key.upper()}", value)
-        for cached in (fault_injection._nonfinite_steps, fault_injection._nonfinite_grad_steps,
-                       fault_injection._failures, fault_injection._delay):
-            cached.cache_clear()
+        return FaultInjector.from_env()
 
     yield set_
     for key in ("NONFINITE_STEPS", "NONFINITE_GRADS", "ENOSPC", "STEP_DELAY"):
         monkeypatch.delenv(f"PIPELINE_INJECT_{key}", raising=False)
-    set_()
 
 
 def test_checkpoint_write_errors_in_one_process(tmp_path, injection):
-    from pipeline.checkpoint import CheckpointError, CheckpointManager, TrainerState
+    from pipeline.training.checkpoint import CheckpointError, CheckpointManager, TrainerState
 
     manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
     engine = _FakeEngine()
@@ -340,11 +337,10 @@ def test_checkpoint_write_errors_in_one_process(tmp_path, injection):
     engine.checkpoint_engine.fail = False
 
     # Injected ENOSPC after the engine's files (a partial directory), then a file where the directory must go.
-    injection(enospc="checkpoint@6")
+    injected = CheckpointManager(tmp_path / "checkpoints", keep_last=3, faults=injection(enospc="checkpoint@6"))
     with pytest.raises(CheckpointError, match=r"rng_rank0\.pt'\); .*step_00000003 stays the latest$"):
-        manager.save(engine, TrainerState(global_step=6))
+        injected.save(engine, TrainerState(global_step=6))
     assert not step6.exists() and manager.latest() == "step_00000003"
-    injection(enospc="")
     (tmp_path / "checkpoints" / "zero_to_fp32.py").unlink()
     (tmp_path / "checkpoints" / "zero_to_fp32.py").mkdir()  # DeepSpeed's copy of its script fails (not through
     with pytest.raises(CheckpointError, match=r"\(IsADirectoryError: .*zero_to_fp32\.py'\); "):  # its engine)
@@ -360,28 +356,22 @@ def test_checkpoint_write_errors_in_one_process(tmp_path, injection):
 
 
 def test_fault_injection_is_off_by_default_and_parses_strictly(injection):
-    from pipeline import fault_injection
-
     loss = torch.tensor(1.5)
-    fault_injection.set_attempt(3)
-    assert fault_injection.poison_loss(loss) is loss
-    fault_injection.maybe_fail_write("checkpoint", 3, "/nowhere")  # no variable: no error
-    injection(nonfinite_steps="3,4", nonfinite_grads="5", enospc="export@final:1")
-    assert torch.isnan(fault_injection.poison_loss(loss))
-    fault_injection.set_attempt(5)
+    faults = injection()
+    assert faults.loss_hook(3) is None and faults.describe() == []
+    faults.check_write("checkpoint", 3, "/nowhere")  # no variable: no error
+    faults = injection(nonfinite_steps="3,4", nonfinite_grads="5", enospc="export@final:1")
+    assert torch.isnan(faults.loss_hook(3)(loss))
     x = torch.tensor(2.0, requires_grad=True)
-    y = fault_injection.poison_loss(x * 3)
+    y = faults.loss_hook(5)(x * 3)
     y.backward()
     assert float(y.detach()) == 6.0 and torch.isnan(x.grad)
-    fault_injection.set_attempt(6)
-    assert fault_injection.poison_loss(loss) is loss
-    fault_injection.maybe_fail_write("export", "final", "/x")  # rank 1 only; this is rank 0
-    injection(enospc="export@final")
+    assert faults.loss_hook(6) is None
+    faults.check_write("export", "final", "/x")  # rank 1 only; this is rank 0
+    faults = injection(enospc="export@final")
     with pytest.raises(OSError, match="No space left on device"):
-        fault_injection.maybe_fail_write("export", "final", "/x")
-    injection(enospc="disk@6")
+        faults.check_write("export", "final", "/x")
     with pytest.raises(ValueError, match="PIPELINE_INJECT_ENOSPC='disk@6': expected KIND@WHERE"):
-        fault_injection.maybe_fail_write("checkpoint", 6, "/x")
-    injection(nonfinite_steps="three")
+        injection(enospc="disk@6")
     with pytest.raises(ValueError, match="PIPELINE_INJECT_NONFINITE_STEPS='three'"):
-        fault_injection.poison_loss(loss)
+        injection(enospc="", nonfinite_steps="three")

@@ -6,16 +6,15 @@ torch.distributed, via the gradcheck CLI (which also checks the gradient scale a
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from helpers_model import REPO, last_line, one_torch_thread, run_torchrun, tiny_model
-from pipeline.batch import random_batch
+from pipeline.data.batch import random_batch
 from pipeline.config import GradCacheConfig, LossConfig
-from pipeline.gradcache import cached_step, plain_step
+from pipeline.training.gradcache import cached_step, plain_step
 
 TOL = 1e-5
 CONFIG = str(REPO / "configs" / "tiny-cpu.yaml")

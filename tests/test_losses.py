@@ -8,7 +8,7 @@ import torch
 
 from helpers_model import one_torch_thread
 from pipeline.config import LossConfig
-from pipeline.losses import (
+from pipeline.training.losses import (
     contrastive_loss,
     distillation_mse,
     hard_negative_infonce,

@@ -21,7 +21,7 @@ from preprocess.mine_negatives import (
     mine_negatives,
     select_negatives,
 )
-from preprocess.raw import RawStats, read_rows
+from pipeline.data.raw import RawStats, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,9 @@ def raw_dir(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_minilm_mining_end_to_end(raw_dir: tuple[Path, Path], tmp_path: Path):
-    from pipeline.evaluate import embed, encode_spec_for, load_model, tokenize_texts
+    from pipeline.data.tokenization import encode_spec, tokenize_texts
+    from pipeline.evaluation.retrieval import embed
+    from pipeline.model.embedding import load_model_dir
 
     raw, registry = raw_dir
     out = tmp_path / "mined"
@@ -115,8 +117,8 @@ def test_minilm_mining_end_to_end(raw_dir: tuple[Path, Path], tmp_path: Path):
     assert len(records) == 10
     assert records[0]["neg"][0] == "The weather is sunny and warm today."  # existing first
     # check every kept negative against the rules with the same model's scores
-    model, _ = load_model(minilm_dir(), "cpu")
-    spec = encode_spec_for(minilm_dir(), 64)
+    model, _ = load_model_dir(minilm_dir(), "cpu")
+    spec = encode_spec(minilm_dir(), 64)
     texts = sorted({t for r in records for t in [r["query"], *r["pos"], *r["neg"]]})
     emb = embed(model, tokenize_texts(texts, spec, progress=False), chunk_size=8, progress=False)
     vec = dict(zip(texts, emb))

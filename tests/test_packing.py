@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from helpers_model import minilm_dir, one_torch_thread, tiny_model, tiny_model_config
-from pipeline.batch import ContrastiveBatch, random_batch
+from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import ModelConfig
-from pipeline.ds_config import load_ds_config
-from pipeline.model import EmbeddingModel, encode, resolve_attn_implementation
-from pipeline.packing import chunk_cost, pack, pad, plan_chunks
+from pipeline.training.ds_config import load_ds_config
+from pipeline.model.embedding import EmbeddingModel, encode, resolve_attn_implementation
+from pipeline.model.packing import chunk_cost, pack, pad, plan_chunks
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from data_helpers import make_word_tokenizer, minilm_dir, write_jsonl, write_parquet, write_registry
-from pipeline.shard_format import MANIFEST, ShardError
-from pipeline.shards import ShardReader
+from pipeline.data.shard_format import MANIFEST, ShardError
+from pipeline.data.shards import ShardReader
 from preprocess.build import BuildError, BuildOptions, ShardBuilder
-from preprocess.registry import RegistryError
-from preprocess.tokenization import load_tokenizer
+from pipeline.data.registry import RegistryError
+from pipeline.data.tokenization import load_tokenizer
 from preprocess.validate import validate_shards
 
 REPO = Path(__file__).resolve().parents[1]

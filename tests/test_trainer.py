@@ -77,8 +77,8 @@ def test_export_loads_in_transformers_and_sentence_transformers(reference_run, e
     from transformers import AutoModel, AutoTokenizer
 
     from pipeline.config import ModelConfig
-    from pipeline.model import EmbeddingModel, encode
-    from pipeline.shards import ShardReader
+    from pipeline.model.embedding import EmbeddingModel, encode
+    from pipeline.data.shards import ShardReader
 
     export = reference_run / "export" / "final"
     ds = ShardReader(example_shards)["web_search"]

@@ -59,7 +59,6 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._signal = NONE
-        self._previous: dict[int, Any] = {}
         self._parent: int | None = None
         self._runner: int | None = None
         self._announced = NONE
@@ -69,18 +68,13 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in _CODES:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            signal.signal(signum, self._handle)
         if "LOCAL_RANK" in os.environ and os.path.isdir("/proc"):  # started by a launcher
             self._parent = os.getppid()
             if "deepspeed.launcher.launch" in _cmdline(self._parent):
                 runner = _stat_ppid(self._parent)
                 if runner is not None and "deepspeed.launcher.runner" in _cmdline(runner):
                     self._runner = runner
-
-    def uninstall(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self._signal = max(self._signal, _CODES.get(signum, SIGTERM))

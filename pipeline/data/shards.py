@@ -1,4 +1,4 @@
-"""Memory-mapped reader of token shards (see :mod:`pipeline.shard_format` for the layout).
+"""Memory-mapped reader of token shards (see :mod:`pipeline.data.shard_format` for the layout).
 
 Opening a shard directory reads `manifest.json` and the Arrow IPC footers only: token buffers stay on disk and are
 paged in on access, so start-up time does not depend on the corpus size. Any query or document is an O(1) numpy
@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.shard_format import (
+from pipeline.data.shard_format import (
     CORPUS_FILE,
-    DATASET_META,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -275,6 +274,3 @@ class ShardReader:
                 "rebuild the shards with the model's tokenizer"
             )
 
-
-def dataset_meta_path(root: str | Path, name: str) -> Path:
-    return Path(root) / name / DATASET_META

@@ -6,7 +6,7 @@ embedding(x) = normalize(pool(H(x))), H the backbone's last hidden states, pool 
 - cls: H at the sequence's first token.
 normalize(v) = v / ||v||_2, so the dot product of two embeddings is their cosine similarity.
 
-Decoders get padding-free packed chunks (:func:`pipeline.packing.pack`), encoders length-bucketed padded ones:
+Decoders get padding-free packed chunks (:func:`pipeline.model.packing.pack`), encoders length-bucketed padded ones:
 BERT-style models ignore restarting position_ids, so packing would let sequences attend to each other.
 The KV cache is always off (``use_cache=False``): with a cache transformers silently skips the packed-sequence mask.
 """
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attention import VARLEN, kernel_for, register_varlen_attention
+from pipeline.model.attention import VARLEN, kernel_for, register_varlen_attention
 from pipeline.config import ModelConfig
 from pipeline.logs import log
-from pipeline.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
+from pipeline.model.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
 
 POOLINGS = ("last_token", "mean", "cls")
 
@@ -45,16 +45,21 @@ def flash_attn_available() -> bool:
     return True
 
 
-def resolve_attn_implementation(requested: str, device: torch.device, *, packed: bool = False) -> str:
+def resolve_attn_implementation(
+    requested: str, device: torch.device, *, packed: bool = False, flash: bool | None = None
+) -> str:
     """The transformers attn_implementation to build the backbone with.
 
     * 'auto': flash_attention_2 when flash-attn imports on CUDA; else 'varlen' for packed chunks, sdpa for padded.
     * 'varlen' (packed chunks only): per-sequence attention of packed rows - flash-attn's varlen kernel
-      (flash_attention_2, fed ``cu_seq_lens``) when it imports on CUDA, else :func:`pipeline.attention.varlen_attention`
+      (flash_attention_2, fed ``cu_seq_lens``) when it imports on CUDA, else :func:`pipeline.model.attention.varlen_attention`
       (PyTorch's ``varlen_attn`` on CUDA, per-sequence sdpa on CPU).
     * anything else as given; flash_attention_2 must be importable on CUDA.
+
+    `flash`: whether flash-attn is usable on `device` (default: CUDA and it imports in this process).
     """
-    flash = device.type == "cuda" and flash_attn_available()
+    if flash is None:
+        flash = device.type == "cuda" and flash_attn_available()
     if requested == "auto":
         return "flash_attention_2" if flash else (VARLEN if packed else "sdpa")
     if requested == VARLEN:
@@ -160,17 +165,9 @@ def pool(hidden: torch.Tensor, inputs: ChunkInputs, mode: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ResolvedModelSettings:
-    attn_implementation: str
-    dtype: torch.dtype
-    pooling: str
-    packed: bool
-    decoder: bool
-
-
 def load_hf_config(cfg: ModelConfig) -> Any:
-    """The transformers config of the model: from the directory/hub name, or built from ``model.from_config``."""
+    """The transformers config of the model: from the directory/hub name, or built from ``model.from_config``.
+    Raises ValueError naming the key (``model.from_config: ...`` / ``model.name_or_path: ...``)."""
     from transformers import AutoConfig
 
     if (cfg.name_or_path is None) == (cfg.from_config is None):
@@ -180,10 +177,66 @@ def load_hf_config(cfg: ModelConfig) -> Any:
         model_type = kwargs.pop("model_type", None)
         if not model_type:
             raise ValueError("model.from_config: missing model_type (e.g. qwen3)")
-        config = AutoConfig.for_model(model_type, **kwargs)
+        try:
+            config = AutoConfig.for_model(model_type, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - unknown model type, bad kwargs
+            raise ValueError(f"model.from_config: {' '.join(str(exc).split())[:300]}") from None
         config.use_cache = False
         return config
-    return AutoConfig.from_pretrained(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
+        raise ValueError(f"model.name_or_path: cannot load the model config of {cfg.name_or_path!r} "
+                         f"({type(exc).__name__})") from None
+
+
+def load_tokenizer_for(cfg: ModelConfig) -> Any:
+    """The tokenizer of the run: ``model.tokenizer``, else ``model.name_or_path``. A private copy (the export
+    modifies its post-processor). Raises ValueError naming ``model.tokenizer``."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.name_or_path
+    if path is None:
+        raise ValueError("model.tokenizer: required when the model is built from_config")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
+        raise ValueError(f"model.tokenizer: cannot load {path!r} ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+
+
+def check_vocabulary(vocab_size: int, tokenizer: Any) -> None:
+    """The model's embedding table must cover every id the tokenizer produces (ValueError naming both sizes)."""
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"model: vocabulary ({vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The 'auto' settings of :class:`ModelConfig` resolved for one device: what the model will be built with.
+    :meth:`EmbeddingModel.from_config` builds from it; ``launch/train.py --check`` reports it."""
+
+    decoder: bool
+    pooling: str
+    packed: bool
+    attn_implementation: str
+    dtype: torch.dtype
+
+
+def resolve_model_settings(
+    cfg: ModelConfig, hf_config: Any, device: torch.device, *, flash: bool | None = None
+) -> ModelSettings:
+    """Resolve pooling, packing, attention and dtype of `cfg` for `device` (ValueError naming the key on a setting
+    that cannot work). `flash`: whether flash-attn is usable on the ranks' device (default: it imports here)."""
+    decoder = is_decoder_config(hf_config)
+    packed = resolve_packing(cfg.packing, decoder=decoder)
+    return ModelSettings(
+        decoder=decoder,
+        pooling=resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path),
+        packed=packed,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, packed=packed, flash=flash),
+        dtype=resolve_dtype(cfg.dtype, device),
+    )
 
 
 def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.dtype, hf_config: Any = None) -> nn.Module:
@@ -240,11 +293,9 @@ class EmbeddingModel(nn.Module):
         """Build from :class:`ModelConfig`; resolves the 'auto' settings for `device` and logs them."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         hf_config = load_hf_config(cfg)
-        decoder = is_decoder_config(hf_config)
-        pooling = resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path)
-        packed = resolve_packing(cfg.packing, decoder=decoder)
-        attn = resolve_attn_implementation(cfg.attn_implementation, device, packed=packed)
-        dtype = resolve_dtype(cfg.dtype, device)
+        settings = resolve_model_settings(cfg, hf_config, device)
+        decoder, pooling, packed = settings.decoder, settings.pooling, settings.packed
+        attn, dtype = settings.attn_implementation, settings.dtype
         backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype, hf_config=hf_config)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
@@ -307,6 +358,20 @@ class EmbeddingModel(nn.Module):
         hidden = self.backbone(**kwargs).last_hidden_state
         emb = pool(hidden, inputs, self.pooling).float()
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+def load_model_dir(model_dir: str, device: torch.device | str) -> tuple[EmbeddingModel, str]:
+    """(model, resolved directory) of an exported, HF or sentence-transformers model directory (``pkg:`` paths
+    allowed), with the pooling and normalisation training would resolve for it. ValueError naming the directory."""
+    from pipeline.config import resolve_resource
+
+    model_dir = resolve_resource(model_dir) or model_dir
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"--model {model_dir}: not a model directory (no config.json)")
+    try:
+        return EmbeddingModel.from_config(ModelConfig(name_or_path=model_dir), device=device), model_dir
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"--model {model_dir}: cannot load ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,12 @@
   (Tevatron/FlagEmbedding sample one positive per step; one row per pair keeps every positive and the row count
   honest). ``pos`` may also be a single string.
 
-A row that cannot be trained on is skipped and counted under a reason (see :data:`SKIP_REASONS`); only a file that
-cannot be read at all, or that has none of the needed columns, is an error.
+A row that cannot be trained on is skipped and counted under a reason (missing / empty / non-string query, passage
+or negative, invalid JSON or UTF-8, unencodable text); only a file that cannot be read at all, or that has none of the
+needed columns, is an error.
+
+:func:`group_rows` turns rows into the one corpus shape every consumer uses (the shard build, evaluation, mining):
+distinct documents with dense ids in first-seen order, distinct queries, and each row's ids.
 """
 from __future__ import annotations
 
@@ -17,27 +21,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 RAW_SUFFIXES = (".parquet", ".jsonl")
 NEGATIVE_COLUMN = re.compile(r"^negative_(\d+)$")
-SKIP_REASONS = (
-    "missing_query",
-    "empty_query",
-    "non_string_query",
-    "missing_passage",
-    "empty_passage",
-    "non_string_passage",
-    "null_negative",
-    "empty_negative",
-    "non_string_negative",
-    "invalid_json",
-    "invalid_utf8",
-    "unencodable_text",
-)
 
 
 class RawDataError(ValueError):
@@ -177,3 +168,59 @@ def read_rows(path: str | Path, stats: RawStats) -> Iterator[RawRow]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path, stats)
     raise RawDataError(f"{path}: unsupported raw format (expected .parquet or .jsonl)")
+
+
+@dataclass
+class GroupedRows:
+    """Rows regrouped into a corpus with dense ids.
+
+    ``docs``: every distinct positive and negative text; corpus id = index, assigned in first-seen order (each row's
+    positive, then its negatives, rows in input order). ``queries``: the distinct query texts, first-seen order.
+    Per row i: ``row_query[i]`` (index into ``queries``), ``row_positive[i]`` (corpus id) and ``row_negatives[i]``
+    ([n_rows, K] corpus ids, K the longest negative list, padded with -1).
+    """
+
+    queries: list[str]
+    docs: list[str]
+    row_query: np.ndarray
+    row_positive: np.ndarray
+    row_negatives: np.ndarray
+
+    def positives_per_query(self) -> list[list[int]]:
+        """Each distinct query's positive ids (several rows may share a query), first-seen order, no repeats."""
+        return self._per_query(zip(self.row_query.tolist(), ([int(p)] for p in self.row_positive)))
+
+    def negatives_per_query(self) -> list[list[int]]:
+        """Each distinct query's negative ids over all its rows, first-seen order, no repeats."""
+        rows = ([int(n) for n in negs if n >= 0] for negs in self.row_negatives)
+        return self._per_query(zip(self.row_query.tolist(), rows))
+
+    def _per_query(self, items: Iterable[tuple[int, list[int]]]) -> list[list[int]]:
+        out: list[dict[int, None]] = [{} for _ in self.queries]
+        for qi, ids in items:
+            out[qi].update(dict.fromkeys(ids))
+        return [list(ids) for ids in out]
+
+
+def group_rows(rows: Iterable[RawRow]) -> GroupedRows:
+    """Regroup `rows` (see :class:`GroupedRows`): documents and queries deduplicated by exact text."""
+    doc_ids: dict[str, int] = {}
+    query_ids: dict[str, int] = {}
+    row_query: list[int] = []
+    row_positive: list[int] = []
+    row_negatives: list[list[int]] = []
+    for row in rows:
+        row_query.append(query_ids.setdefault(row.query, len(query_ids)))
+        row_positive.append(doc_ids.setdefault(row.positive, len(doc_ids)))
+        row_negatives.append([doc_ids.setdefault(neg, len(doc_ids)) for neg in row.negatives])
+    width = max((len(n) for n in row_negatives), default=0)
+    negatives = np.full((len(row_negatives), width), -1, dtype=np.int64)
+    for i, negs in enumerate(row_negatives):
+        negatives[i, : len(negs)] = negs
+    return GroupedRows(
+        queries=list(query_ids),
+        docs=list(doc_ids),
+        row_query=np.asarray(row_query, dtype=np.int64),
+        row_positive=np.asarray(row_positive, dtype=np.int64),
+        row_negatives=negatives,
+    )

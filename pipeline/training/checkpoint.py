@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import fault_injection
-from pipeline.errors import TrainingAborted
+from pipeline.resilience.faults import NO_FAULTS, FaultInjector
+from pipeline.training.errors import TrainingAborted
 from pipeline.logs import global_rank, log
 
 COMPLETE = "COMPLETE"
@@ -82,9 +82,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int) -> None:
+    """Saves and finds complete checkpoints under `root` (layout in the module docstring); `faults` injects write
+    errors in tests."""
+
+    def __init__(self, root: str | Path, keep_last: int, *, faults: FaultInjector = NO_FAULTS) -> None:
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self.faults = faults
 
     @staticmethod
     def tag_for(step: int) -> str:
@@ -130,7 +134,7 @@ class CheckpointManager:
         if not error:
             rng_file = path / f"rng_rank{global_rank()}.pt"
             try:
-                fault_injection.maybe_fail_write("checkpoint", state.global_step, rng_file)
+                self.faults.check_write("checkpoint", state.global_step, rng_file)
                 torch.save(rng_state(), rng_file)
             except OSError as exc:
                 error = _describe(exc)

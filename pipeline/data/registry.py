@@ -8,7 +8,8 @@ Format::
       amazon_cf: {type: classification, instruction: "Classify the given Amazon review"}
       arxiv_p2p: {type: clustering}            # no instruction: the query is stored as is
 
-Documents never carry an instruction. A dataset found in the raw data but not in the registry is an error that
+Documents never carry an instruction. :func:`format_query` is the one place a query is written with its instruction
+(the build, evaluation, mining and the exported sentence-transformers prompts all use it). A dataset found in the raw data but not in the registry is an error that
 lists every missing name, unless a default type is given (``--default-type``); then it gets that type and no
 instruction.
 """
@@ -16,14 +17,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from pipeline.shard_format import DATASET_TYPES, DEFAULT_QUERY_TEMPLATE
+from pipeline.data.shard_format import DATASET_TYPES, DEFAULT_QUERY_TEMPLATE
 
 
 class RegistryError(ValueError):
     """A bad registry file or a dataset without an entry; the message names the file and key."""
+
+
+def format_query(template: str, instruction: str | None, query: str) -> str:
+    """`query` as the model sees it: the template filled with the instruction, or the query alone without one."""
+    if not instruction:
+        return query
+    return template.format(instruction=instruction, query=query)
 
 
 @dataclass(frozen=True)
@@ -39,9 +48,7 @@ class Registry:
     query_template: str = DEFAULT_QUERY_TEMPLATE
 
     def format_query(self, spec: DatasetSpec, query: str) -> str:
-        if not spec.instruction:
-            return query
-        return self.query_template.format(instruction=spec.instruction, query=query)
+        return format_query(self.query_template, spec.instruction, query)
 
     def resolve(self, names: list[str], default_type: str | None, source: str) -> list[DatasetSpec]:
         missing = [n for n in names if n not in self.datasets]
@@ -88,3 +95,25 @@ def load_registry(path: str | Path | None) -> Registry:
             raise RegistryError(f"{key}.instruction: expected a non-empty string, got {instruction!r}")
         specs[str(name)] = DatasetSpec(str(name), dtype, instruction)
     return Registry(datasets=specs, query_template=template)
+
+
+def query_formatter(
+    name: str, *, instruction: str | None, registry: Registry | None, prompts: dict[str, str]
+) -> tuple[Callable[[str], str], str]:
+    """How queries of dataset `name` are written for a model outside training (evaluation, mining), and a one-line
+    description of the source, from the first of: `instruction` ('' = none; the registry's template, else F2LLM's),
+    the `registry` entry of `name`, the model's sentence-transformers prompt named `name` (`prompts`), else none."""
+    template = registry.query_template if registry is not None else DEFAULT_QUERY_TEMPLATE
+    if instruction is not None:
+        if not instruction.strip():
+            return (lambda q: q), "none (--query-instruction '')"
+        return (lambda q: format_query(template, instruction, q)), f"--query-instruction {instruction!r}"
+    if registry is not None and name in registry.datasets:
+        spec = registry.datasets[name]
+        if spec.instruction:
+            return (lambda q: registry.format_query(spec, q)), f"registry: {spec.instruction!r}"
+        return (lambda q: q), "none (registry entry has no instruction)"
+    if name in prompts:
+        prompt = prompts[name]
+        return (lambda q: prompt + q), f"model prompt {name!r}"
+    return (lambda q: q), "none"

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import LossConfig
-from pipeline.distributed import all_gather_with_grad, gather_sizes, rank
+from pipeline.training.distributed import all_gather_with_grad, gather_sizes, rank
 
 
 def matryoshka_dims(hidden: int, dims: list[int] | None = None) -> list[int]:

@@ -13,7 +13,7 @@ L close to every member's length.
 
 Padding efficiency = real tokens / computed tokens.
 
-Varlen attention (``attn_implementation: varlen``, :mod:`pipeline.attention`): sdpa with a block-diagonal mask
+Varlen attention (``attn_implementation: varlen``, :mod:`pipeline.model.attention`): sdpa with a block-diagonal mask
 still computes all T x T scores of the packed row (cost ~ T^2 instead of sum(len_i^2)); varlen attention attends
 within each sequence only, with no mask at all, so a packed chunk costs what its sequences cost.
 """

@@ -1,30 +1,33 @@
 """Dry run of a training launch (``launch/train.py --check``): validate every input, then describe the run.
 
-Nothing here initialises torch.distributed or allocates model weights. Checked, cheapest first:
+Nothing here initialises torch.distributed or allocates model weights. Every decision the run depends on is made
+by the same function the trainer calls, so that the dry run cannot drift from the run. Checked, cheapest first:
 
 * the YAML recipe (:func:`pipeline.config.load_config`: keys and types) and the values a type cannot catch
   (positive batch size and learning rate, fractions in range, ...);
 * the world size: ``--hostfile`` (parsed like DeepSpeed does, :func:`pipeline.preflight.parse_hostfile`) with
   ``--num_nodes`` / ``--num_gpus`` limits, ``--world-size N``, or this machine's GPUs (1 process without any);
-* the DeepSpeed JSON (:func:`pipeline.ds_config.load_ds_config`, DeepSpeed's own ZeRO section model) and its
-  consistency with the recipe: batch fields that are not ``"auto"`` must equal what the recipe implies,
-  gradient_accumulation_steps must be 1 (GradCache), fp16 and bf16 are not both on;
-* the tokenizer loads; the model's transformers config loads (parameters counted on the meta device, no
-  memory), pooling / packing / attention resolve for the ranks' device, the vocabulary covers the tokenizer;
-* the data exactly as the trainer checks it at start (:func:`pipeline.data.check_data`: directory, manifest,
+* the DeepSpeed JSON (DeepSpeed's own ZeRO section model; completed by
+  :func:`pipeline.training.ds_config.training_ds_config` as the trainer does) and its consistency with the recipe:
+  batch fields that are not ``"auto"`` must equal what the recipe implies, gradient_accumulation_steps must be 1
+  (GradCache), fp16 and bf16 (:func:`pipeline.training.ds_config.deepspeed_bf16`) are not both on;
+* the tokenizer loads (:func:`pipeline.model.embedding.load_tokenizer_for`); the model's transformers config loads
+  (:func:`pipeline.model.embedding.load_hf_config`; parameters counted on the meta device, no memory), pooling /
+  packing / attention / dtype resolve for the ranks' device (:func:`pipeline.model.embedding.resolve_model_settings`),
+  the vocabulary covers the tokenizer;
+* the data exactly as the trainer checks it at start (:func:`pipeline.data.loader.check_data`: directory, manifest,
   datasets, file sizes, tokenizer, sha256 when ``data.verify_checksums``), then the split and schedule for the
   resolved world size (at least one global batch per trained dataset, hard-negative counts per type).
 
-The plan: world size, batch per rank and global, steps per epoch and in total, datasets with their share of the
-steps, chunks per rank and real tokens per step - measured by building the first steps' batches of every rank with
-the trainer's own code (:func:`pipeline.data.rank_batch`) and chunking them with
-:func:`pipeline.packing.plan_chunks` as GradCache does - ZeRO stage, precision, attention, output directory and the
+The plan: world size, batch per rank and global, steps per epoch and in total (``TrainConfig.total_steps``),
+datasets with their share of the steps (``HomogeneousSchedule.probabilities``), chunks per rank and real tokens per
+step - measured by building the first steps' batches of every rank with the trainer's own code
+(:func:`pipeline.data.loader.rank_batch`) and chunking them with GradCache's
+:func:`pipeline.training.gradcache.step_chunks` - ZeRO stage, precision, attention, output directory and the
 checkpoint the run starts from (``--resume``).
 """
 from __future__ import annotations
 
-import inspect
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,23 +270,20 @@ def value_problems(cfg: Config) -> list[Problem]:
 
 
 def load_tokenizer(cfg: Config) -> Any:
-    """The tokenizer the trainer will load (``model.tokenizer``, else ``model.name_or_path``); raises _Stop."""
-    from transformers import AutoTokenizer
+    """The tokenizer the trainer will load (:func:`pipeline.model.embedding.load_tokenizer_for`); raises _Stop."""
+    from pipeline.model.embedding import load_tokenizer_for
 
-    path = cfg.model.tokenizer or cfg.model.name_or_path
-    if path is None:
-        raise _Stop(Problem("model.tokenizer", "required when the model is built from_config"))
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
-        raise _Stop(Problem("model.tokenizer", f"cannot load {path!r} ({type(exc).__name__})")) from None
+        return load_tokenizer_for(cfg.model)
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
 
 
 def check_deepspeed(cfg: Config, world: int, device: str) -> DeepSpeedPlan:
     """The DeepSpeed JSON: readable, a valid ZeRO section, consistent with the recipe; raises _Stop."""
     import json
 
-    from pipeline.ds_config import load_ds_config
+    from pipeline.training.ds_config import deepspeed_bf16, training_ds_config
 
     path = cfg.deepspeed
     micro = cfg.train.per_device_batch_size
@@ -316,9 +316,9 @@ def check_deepspeed(cfg: Config, world: int, device: str) -> DeepSpeedPlan:
             loc = ".".join(str(p) for p in first.get("loc", ()))
             raise _Stop(Problem(f"{path}: zero_optimization.{loc}".rstrip("."), first.get("msg", str(exc)))) from None
         raise _Stop(Problem(f"{path}: zero_optimization", " ".join(str(exc).split()))) from None
-    use_bf16 = device == "cuda" and cfg.model.dtype in ("auto", "bfloat16")
+    use_bf16 = deepspeed_bf16(cfg.model.dtype, device)
     try:
-        ds = load_ds_config(path, micro_batch=micro, world_size=world, use_bf16=use_bf16)
+        ds = training_ds_config(cfg, world_size=world, device_type=device)
     except ValueError as exc:
         raise _Stop(Problem.from_message(str(exc))) from None
     fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") in (True, "auto") and device == "cuda"
@@ -331,58 +331,30 @@ def check_deepspeed(cfg: Config, world: int, device: str) -> DeepSpeedPlan:
     return DeepSpeedPlan(path, stage, ", ".join(str(o) for o in offload) or "no offload", use_bf16, fp16)
 
 
-def _hf_config(cfg: Config) -> Any:
-    from transformers import AutoConfig
-
-    if cfg.model.from_config is not None:
-        kwargs = dict(cfg.model.from_config)
-        model_type = kwargs.pop("model_type", None)
-        if not model_type:
-            raise _Stop(Problem("model.from_config", "missing model_type (e.g. qwen3)"))
-        try:
-            return AutoConfig.for_model(model_type, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - unknown model type, bad kwargs
-            raise _Stop(Problem("model.from_config", " ".join(str(exc).split())[:300])) from None
-    try:
-        return AutoConfig.from_pretrained(cfg.model.name_or_path)
-    except Exception as exc:  # noqa: BLE001
-        raise _Stop(Problem("model.name_or_path", f"cannot load the model config of {cfg.model.name_or_path!r} "
-                                                  f"({type(exc).__name__})")) from None
-
-
 def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[Problem]) -> ModelPlan:
-    """Resolve the model settings from its config only (parameters counted on the meta device); raises _Stop."""
+    """Resolve the model settings from its config only, as the trainer does (:func:`pipeline.model.embedding.
+    resolve_model_settings`), parameters counted on the meta device; raises _Stop."""
     import torch
     from transformers import AutoModel
 
-    from pipeline import model as model_lib
+    from pipeline.model.embedding import check_vocabulary, load_hf_config, resolve_model_settings
 
-    hf = _hf_config(cfg)
-    try:
-        decoder = model_lib.is_decoder_config(hf)
-        pooling = model_lib.resolve_pooling(cfg.model.pooling, decoder=decoder, model_dir=cfg.model.name_or_path)
-        packed = model_lib.resolve_packing(cfg.model.packing, decoder=decoder)
-    except ValueError as exc:
-        raise _Stop(Problem.from_message(str(exc))) from None
     requested = cfg.model.attn_implementation
     here = device == "cpu" or torch.cuda.is_available()
-    resolve = model_lib.resolve_attn_implementation
-    kwargs = {"packed": packed} if "packed" in inspect.signature(resolve).parameters else {}
+    # flash-attn can only be checked on a machine with the ranks' device; elsewhere it is assumed where asked for.
+    flash = None if here else requested == "flash_attention_2"
     try:
-        attention = resolve(requested, torch.device(device), **kwargs)
+        hf = load_hf_config(cfg.model)
+        settings = resolve_model_settings(cfg.model, hf, torch.device(device), flash=flash)
     except ValueError as exc:
-        if here:
-            raise _Stop(Problem.from_message(str(exc))) from None
-        attention = requested
-        warnings.append(Problem("model.attn_implementation", f"{requested}: flash-attn cannot be checked "
-                                "without CUDA on this machine; make sure it imports on the GPU nodes"))
-    if attention == "varlen" and not packed:
-        raise _Stop(Problem("model.attn_implementation",
-                            "varlen needs packed chunks (a decoder with packing auto/packed)"))
+        raise _Stop(Problem.from_message(str(exc))) from None
+    attention = settings.attn_implementation
     if not here:
-        attention += " (resolved for CUDA without flash-attn here; flash_attention_2 where it imports)" \
-            if requested == "auto" else ""
-    dtype = str(model_lib.resolve_dtype(cfg.model.dtype, torch.device(device))).removeprefix("torch.")
+        if requested == "flash_attention_2":
+            warnings.append(Problem("model.attn_implementation", f"{requested}: flash-attn cannot be checked "
+                                    "without CUDA on this machine; make sure it imports on the GPU nodes"))
+        elif requested == "auto":
+            attention += " (resolved for CUDA without flash-attn here; flash_attention_2 where it imports)"
     params = non_embedding = None
     try:
         with torch.device("meta"):
@@ -393,13 +365,16 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
     except Exception as exc:  # noqa: BLE001 - the count is information; the build itself is the trainer's
         vocab = getattr(hf, "vocab_size", None)
         warnings.append(Problem("model", f"parameters not counted ({type(exc).__name__})"))
-    if tokenizer is not None and vocab is not None and vocab < len(tokenizer):
-        raise _Stop(Problem("model", f"vocabulary ({vocab}) is smaller than the tokenizer's ({len(tokenizer)})"))
+    if tokenizer is not None and vocab is not None:
+        try:
+            check_vocabulary(vocab, tokenizer)
+        except ValueError as exc:
+            raise _Stop(Problem.from_message(str(exc))) from None
     return ModelPlan(
-        model_type=hf.model_type, decoder=decoder, parameters=params, non_embedding_parameters=non_embedding,
+        model_type=hf.model_type, decoder=settings.decoder, parameters=params, non_embedding_parameters=non_embedding,
         hidden_size=getattr(hf, "hidden_size", None), layers=getattr(hf, "num_hidden_layers", None),
-        attention=attention, dtype=dtype, pooling=pooling, packed=packed,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        attention=attention, dtype=str(settings.dtype).removeprefix("torch."), pooling=settings.pooling,
+        packed=settings.packed, gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
 
 
@@ -407,9 +382,10 @@ def check_data_plan(
     cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, sample_steps: int, warnings: list[Problem]
 ) -> tuple[list[DatasetPlan], list[str], int, StepSample]:
     """The trainer's data checks, split and schedule for `world` ranks, and the first steps measured."""
-    from pipeline.data import TrainData, check_data, rank_batch
-    from pipeline.packing import chunk_cost, plan_chunks
-    from pipeline.shard_format import ShardError
+    from pipeline.data.loader import TrainData, check_data, rank_batch
+    from pipeline.data.shard_format import ShardError
+    from pipeline.model.packing import chunk_cost
+    from pipeline.training.gradcache import step_chunks
 
     try:
         check_data(cfg.data, tokenizer)
@@ -422,8 +398,7 @@ def check_data_plan(
     schedule = data.schedule
     names, _ = schedule.epoch_plan(0)
     steps_epoch0 = {n: names.count(n) for n in schedule.datasets}
-    weights = {n: schedule.n_batches[n] ** (1.0 / schedule.temperature) for n in schedule.datasets}
-    total_weight = sum(weights.values())
+    weights = dict(zip(schedule.datasets, schedule.probabilities().tolist()))
     global_batch = schedule.global_batch
     datasets = []
     for name in sorted(data.reader.datasets):
@@ -432,7 +407,7 @@ def check_data_plan(
         datasets.append(DatasetPlan(
             name=name, type=ds.type, train_queries=len(data.train_ids[name]), validation_queries=n_val,
             batches_per_epoch=schedule.n_batches[name], steps_epoch0=steps_epoch0.get(name, 0),
-            weight=weights.get(name, 0.0) / total_weight, hard_negatives=data.plan.n_neg[name],
+            weight=weights.get(name, 0.0), hard_negatives=data.plan.n_neg[name],
             validation_batches=n_val // global_batch,
         ))
     for name in schedule.skipped:
@@ -449,7 +424,7 @@ def check_data_plan(
         for rank in range(world):
             _, batch = rank_batch(data.plan, schedule, data.reader, 0, step, rank)
             lengths = [len(s) for s in batch.sequences()]
-            chunks = plan_chunks(lengths, packed=packed, chunk_tokens=gc.chunk_tokens, chunk_size=gc.chunk_size)
+            chunks = step_chunks(lengths, packed=packed, gc=gc)
             per_rank_chunks.append(len(chunks))
             step_real += sum(lengths)
             step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed) for idx in chunks)
@@ -473,7 +448,7 @@ def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
     (naming the checkpoint ``--resume auto`` would load, if any)."""
     import json
 
-    from pipeline.checkpoint import COMPLETE, CheckpointManager
+    from pipeline.training.checkpoint import COMPLETE, CheckpointManager
 
     manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
 
@@ -550,7 +525,7 @@ def check_run(
         return report
     datasets, skipped, steps_per_epoch, sample = data
     t = cfg.train
-    total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+    total = t.total_steps(steps_per_epoch)
     gc = cfg.gradcache
     budget = f"chunk_tokens {gc.chunk_tokens}" if gc.chunk_tokens is not None else (
         f"chunk_size {gc.chunk_size}" if gc.chunk_size is not None else "one chunk")

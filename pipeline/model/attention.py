@@ -1,6 +1,6 @@
 """Variable-length ("varlen") attention for packed rows, registered as the transformers attention function "varlen".
 
-A packed row holds n sequences back to back (:mod:`pipeline.packing`); sequence i occupies [c_i, c_{i+1}) of the
+A packed row holds n sequences back to back (:mod:`pipeline.model.packing`); sequence i occupies [c_i, c_{i+1}) of the
 row, c = ``cu_seq_lens_q``. Varlen attention computes, for every sequence separately,
 
     out_i = softmax(q_i k_i^T * scale + causal mask) v_i,
@@ -8,7 +8,7 @@ row, c = ``cu_seq_lens_q``. Varlen attention computes, for every sequence separa
 never the T x T scores of the whole row, so a packed chunk costs sum_i len_i^2 attention work instead of T^2 and
 needs no mask tensor at all. Kernels, by what the device offers (:func:`varlen_kernel`):
 
-* ``flash_attention_2`` (chosen at model build time by :func:`pipeline.model.resolve_attn_implementation`, not
+* ``flash_attention_2`` (chosen at model build time by :func:`pipeline.model.embedding.resolve_attn_implementation`, not
   here): the flash-attn package's varlen kernel through transformers, when flash-attn imports on CUDA;
 * ``torch``: PyTorch's own flash kernel :func:`torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) on CUDA in
   bf16/fp16 - packing on GPUs where flash-attn is not installed. Its signature changed between releases (2.10:
@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 VARLEN = "varlen"
-KERNELS = ("torch", "segments")
 
 
 try:  # resolved once at import, so that torch.compile traces the attention call without a graph break

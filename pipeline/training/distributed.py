@@ -124,22 +124,6 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     return int(t.item())
 
 
-def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world_size()
-
-
-def all_reduce_sum(value: float, device: torch.device | str = "cpu") -> float:
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Average ``.grad`` over ranks in place (what DDP / DeepSpeed do); one flat all-reduce."""
     if not is_distributed() or world_size() == 1:

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.batch import ContrastiveBatch
+from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
-from pipeline.preemption import ignore_stop_signals
-from pipeline.sampler import HomogeneousSchedule, sample_negatives, split_validation
-from pipeline.shard_format import MANIFEST, ShardError
-from pipeline.shards import ShardDataset, ShardReader, read_manifest
+from pipeline.resilience.preemption import ignore_stop_signals
+from pipeline.data.sampler import HomogeneousSchedule, sample_negatives, split_validation
+from pipeline.data.shard_format import MANIFEST, ShardError
+from pipeline.data.shards import ShardDataset, ShardReader, read_manifest
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class TrainData:
             prefetch_factor=4 if workers > 0 else None,
             collate_fn=_identity,
             persistent_workers=False,
-            worker_init_fn=ignore_stop_signals,  # SIGTERM/SIGINT: the rank stops after the step (pipeline.preemption)
+            worker_init_fn=ignore_stop_signals,  # SIGTERM/SIGINT: the rank stops after the step (pipeline.resilience.preemption)
             # Own generator: creating the iterator must not draw from the global torch RNG (exact resume).
             generator=torch.Generator().manual_seed(self.plan.seed + epoch),
         )

@@ -3,7 +3,7 @@
 A batch holds B queries, B positives (positive i belongs to query i) and B * n_neg hard negatives, query i's
 negatives at ``negatives[i * n_neg:(i + 1) * n_neg]``. Every sequence is a 1-D array of token ids that already
 ends in the tokenizer's EOS (the pooled token for last-token pooling). ``dataset_type`` decides which losses apply
-(see :mod:`pipeline.losses`).
+(see :mod:`pipeline.training.losses`).
 """
 from __future__ import annotations
 

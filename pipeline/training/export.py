@@ -25,10 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline import fault_injection
-from pipeline.errors import TrainingAborted
+from pipeline.resilience.faults import NO_FAULTS, FaultInjector
+from pipeline.training.errors import TrainingAborted
+from pipeline.data.registry import format_query
 from pipeline.logs import global_rank, log
 
+ST_CONFIG = "config_sentence_transformers.json"
 ST_POOLING_KEYS = {
     "last_token": "pooling_mode_lasttoken",
     "mean": "pooling_mode_mean_tokens",
@@ -84,12 +86,24 @@ def _eos_appending_tokenizer(tokenizer: Any, eos_id: int) -> Any:
 
 
 def query_prompts(instructions: dict[str, str | None], template: str) -> dict[str, str]:
-    """sentence-transformers prompts: the part of the query template before ``{query}``, per dataset."""
+    """sentence-transformers prompts, per dataset: the query as :func:`pipeline.data.registry.format_query` writes
+    it, up to the query itself (so that prompt + query is the training query)."""
     if not template.endswith("{query}"):
         log(f"query template {template!r} does not end with {{query}}: no sentence-transformers prompts exported")
         return {}
-    prefix = template[: -len("{query}")]
-    return {name: prefix.format(instruction=ins) for name, ins in sorted(instructions.items()) if ins}
+    return {name: format_query(template, ins, "") for name, ins in sorted(instructions.items()) if ins}
+
+
+def model_prompts(model_dir: str | Path) -> dict[str, str]:
+    """The per-dataset query prompts of an exported (sentence-transformers) model directory; {} when it has none."""
+    path = Path(model_dir) / ST_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        prompts = json.loads(path.read_text()).get("prompts") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return {str(k): str(v) for k, v in prompts.items() if v}
 
 
 def write_sentence_transformers_files(
@@ -113,7 +127,7 @@ def write_sentence_transformers_files(
                      "pooling_mode_weightedmean_tokens": False})
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
-    (out / "config_sentence_transformers.json").write_text(
+    (out / ST_CONFIG).write_text(
         json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2)
     )
 
@@ -127,8 +141,10 @@ def export_model(
     max_seq_length: int,
     instructions: dict[str, str | None],
     query_template: str,
+    faults: FaultInjector = NO_FAULTS,
 ) -> Path:
-    """Write the model directory (see module docstring). `model` is an EmbeddingModel or an engine around one."""
+    """Write the model directory (see module docstring). `model` is an EmbeddingModel or an engine around one;
+    `faults` injects write errors in tests."""
     base = getattr(model, "module", model)
     backbone = base.backbone
     state = consolidated_state_dict(backbone)
@@ -140,7 +156,7 @@ def export_model(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            fault_injection.maybe_fail_write("export", out.name, tmp / "model.safetensors")
+            faults.check_write("export", out.name, tmp / "model.safetensors")
             backbone.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             _eos_appending_tokenizer(tokenizer, eos_id).save_pretrained(str(tmp))
             write_sentence_transformers_files(

@@ -1,4 +1,4 @@
-"""The on-disk shard format, shared by the writer (`preprocess build`) and the reader (`pipeline.shards`).
+"""The on-disk shard format, shared by the writer (`preprocess build`) and the reader (`pipeline.data.shards`).
 
 Layout of a shard directory::
 

@@ -146,10 +146,6 @@ def comm_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def is_comm_error(exc: BaseException) -> bool:
-    return comm_error(exc) is not None
-
-
 def _timed_out(exc: BaseException) -> bool:
     return re.search(r"timed out|timeout", str(exc), re.IGNORECASE) is not None
 

@@ -1,12 +1,18 @@
-"""Run metrics on rank 0: TensorBoard scalars and one JSON line per logged step in ``metrics.jsonl``."""
+"""Run metrics: what a logged step records, and the writer (rank 0: TensorBoard scalars and ``metrics.jsonl``)."""
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from pipeline.logs import is_rank0
+
+if TYPE_CHECKING:
+    from pipeline.training.gradcache import StepStats
 
 
 class MetricsWriter:
@@ -71,3 +77,43 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_s
     if peak is None:
         return None
     return tokens_per_s * flops_per_token / (peak * world_size)
+
+
+def step_values(
+    stats: "StepStats",
+    seconds: float,
+    *,
+    dataset: str,
+    lr: float,
+    grad_norm: float,
+    samples: int,
+    device: torch.device,
+    hf_config: Any,
+    params_non_embedding: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """The record of one logged training step: loss (overall, per dataset, per part), lr, gradient norm,
+    throughput, padding efficiency, chunks; on CUDA the peak memory and the MFU, on CPU the peak RSS."""
+    values: dict[str, Any] = {
+        "loss": stats.loss,
+        f"loss/{dataset}": stats.loss,
+        **stats.parts,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": stats.real_tokens / seconds,
+        "samples_per_s": samples / seconds,
+        "padding_efficiency": stats.padding_efficiency,
+        "chunks": stats.chunks_run,
+    }
+    if device.type == "cuda":
+        values["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        mean_len = stats.real_tokens / max(stats.sequences, 1)
+        per_token = model_flops_per_token(
+            params_non_embedding, hf_config.num_hidden_layers, attention_width(hf_config), mean_len
+        )
+        value = mfu(stats.real_tokens / seconds, per_token, peak_flops(torch.cuda.get_device_name(device)), world_size)
+        if value is not None:
+            values["mfu"] = value
+    else:
+        values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return values

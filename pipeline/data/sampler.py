@@ -74,6 +74,12 @@ class HomogeneousSchedule:
     def steps_per_epoch(self) -> int:
         return sum(self.n_batches[d] for d in self.datasets)
 
+    def probabilities(self) -> np.ndarray:
+        """p_d ~ n_batches_d ** (1 / T) of each trained dataset (order of ``datasets``), summing to 1: the chance
+        that a step draws from d (T = 1: d's share of the epoch's batches)."""
+        weights = np.array([self.n_batches[d] for d in self.datasets], dtype=np.float64) ** (1.0 / self.temperature)
+        return weights / weights.sum()
+
     def _dataset_batches(self, name: str, epoch: int, cycle: int = 0) -> np.ndarray:
         ids = self.train_ids[name]
         perm = np.random.default_rng([self.seed, epoch, _key(name), cycle]).permutation(len(ids))
@@ -88,8 +94,7 @@ class HomogeneousSchedule:
             owners = np.repeat(np.arange(len(self.datasets)), [self.n_batches[d] for d in self.datasets])
             owners = owners[rng.permutation(len(owners))]
         else:
-            weights = np.array([self.n_batches[d] for d in self.datasets], dtype=np.float64) ** (1.0 / self.temperature)
-            owners = rng.choice(len(self.datasets), size=self.steps_per_epoch, p=weights / weights.sum())
+            owners = rng.choice(len(self.datasets), size=self.steps_per_epoch, p=self.probabilities())
         counters = np.zeros(len(self.datasets), dtype=np.int64)
         names, index = [], []
         for owner in owners:

@@ -1,0 +1,66 @@
+"""Load a DeepSpeed JSON config and fill it from the training config, so that the two can never disagree.
+
+:func:`load_ds_config`: train_micro_batch_size_per_gpu = micro_batch, gradient_accumulation_steps = grad_accum and
+train_batch_size = micro_batch * grad_accum * world_size are always written (values in the file are overwritten).
+bf16 is switched on only when :func:`deepspeed_bf16` says so ("enabled": "auto" resolves the same way); fp16 is off
+on CPU as well.
+
+:func:`training_ds_config` is the dict the trainer initialises DeepSpeed with (and ``--check`` validates): the
+above, plus the optimizer's lr, betas and weight decay and the gradient clipping from ``train.*``; a scheduler in
+the JSON is dropped (the trainer's own :mod:`pipeline.training.lr_schedule` matches the config exactly).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+
+def deepspeed_bf16(model_dtype: str, device_type: str) -> bool:
+    """Whether DeepSpeed runs in bf16: on CUDA, with ``model.dtype`` auto or bfloat16 (the one bf16 decision)."""
+    return device_type == "cuda" and model_dtype in ("auto", "bfloat16")
+
+
+def load_ds_config(
+    path: str | Path,
+    *,
+    micro_batch: int,
+    grad_accum: int = 1,
+    world_size: int,
+    use_bf16: bool,
+) -> dict[str, Any]:
+    """Read `path` and return the dict to pass to ``deepspeed.initialize(config=...)``."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read DeepSpeed config ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"load_ds_config: {name} must be >= 1, got {value}")
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    bf16 = cfg.setdefault("bf16", {})
+    bf16["enabled"] = bool(use_bf16)
+    if not use_bf16 and isinstance(cfg.get("fp16"), dict):
+        cfg["fp16"]["enabled"] = False
+    return cfg
+
+
+def training_ds_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed config of a training run of `cfg` on `world_size` ranks of `device_type`."""
+    t = cfg.train
+    ds = load_ds_config(cfg.deepspeed, micro_batch=t.per_device_batch_size, world_size=world_size,
+                        use_bf16=deepspeed_bf16(cfg.model.dtype, device_type))
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    ds["optimizer"].setdefault("params", {}).update({"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay})
+    ds["gradient_clipping"] = t.grad_clip
+    ds.pop("scheduler", None)
+    return ds
