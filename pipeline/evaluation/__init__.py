@@ -1,0 +1,1 @@
+"""Retrieval evaluation: embedding, exact search, metrics, evaluation sets."""

@@ -1,0 +1,1 @@
+"""The embedding model: backbone + pooling + normalisation, packed/padded inputs, varlen attention."""

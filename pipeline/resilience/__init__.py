@@ -1,0 +1,1 @@
+"""Runs that fail loudly and resume exactly: preemption, rank health, fault injection for tests."""
