@@ -49,6 +49,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # "auto": padding-free packing for decoders, length-bucketed padding for encoders.
     packing: Literal["auto", "packed", "padded"] = "auto"
+    # Fused kernels (pipeline/model/kernels.py): "liger" = liger-kernel's RMSNorm, RoPE and SwiGLU (CUDA; Qwen3, Qwen2,
+    # Llama, Mistral); "auto" = liger where it can run, else none (the choice and its reason are logged at start).
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    # Regional torch.compile of every layer (pipeline/model/compiled.py); "auto" = on CUDA for packed (decoder) chunks.
+    # Packed chunks are then padded to exactly gradcache.chunk_tokens tokens (one static graph).
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -77,12 +83,17 @@ class GradCacheConfig:
     """Gradient caching: the per-rank batch is embedded chunk by chunk; memory depends on the chunk only."""
 
     enabled: bool = True
-    # Token budget of one chunk (computed tokens, padding included). Preferred over `chunk_size`.
-    chunk_tokens: int | None = 8192
+    # Token budget of one chunk (computed tokens, padding included). Preferred over `chunk_size`. "auto": the largest
+    # power of two whose forward + backward fits in the GPU memory left after the model and optimizer, probed at start
+    # (pipeline/training/chunk_budget.py); 8192 without a GPU.
+    chunk_tokens: int | Literal["auto"] | None = 8192
     # Sequences per chunk, when `chunk_tokens` is None.
     chunk_size: int | None = None
     # Use DeepSpeed's engine.coalesce_grad_reduction() around the per-chunk backwards when available.
     coalesce_grad_reduction: bool = True
+    # Sum the chunks' gradients in fp32 when the model is bf16/fp16 (pipeline/training/backward.py): one rounding per
+    # step, as a full-batch backward, instead of one per chunk. No effect on an fp32 model.
+    fp32_accumulation: bool = True
 
 
 @dataclass

@@ -13,11 +13,25 @@ deepspeed.utils.safe_get_full_grad on every rank). When distributed it also chec
 off, the cached distributed gradient against a single-process gradient of the global batch on an unsharded copy
 of the initial model. The last line printed is ``max relative gradient error: X``; the exit code is 1 above the
 tolerance (1e-4).
+
+``--dtype bf16`` checks exactness in bf16 instead, against an fp32 reference: the same initial weights in fp32
+compute the full-batch gradient of the global batch in one process (one chunk, one backward, dropout off); then the
+bf16 model (a DeepSpeed engine in bf16 when launched with several processes) computes
+
+    (a) GradCache with at least ``--chunks`` chunks per rank (default 32), chunk gradients summed as configured
+        (``gradcache.fp32_accumulation``, default on);
+    (b) a plain bf16 full-batch backward (one chunk per rank);
+    (c) for comparison, (a) with ``gradcache.fp32_accumulation: false`` (bf16 sums on the parameters; DeepSpeed's
+        own ``grad_accum_dtype`` still applies where it reduces chunk by chunk).
+
+It prints each relative error to the fp32 gradient, ``bf16 relative gradient error: cached A, plain B`` last, and
+exits 1 when A > 1.5 x B: GradCache in bf16 must be as exact as the plain bf16 backward it replaces.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -27,7 +41,9 @@ import torch
 from torch import nn
 
 from pipeline.data.batch import ContrastiveBatch, random_batch
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, GradCacheConfig, load_config
+from pipeline.model.compiled import CompileWatch
+from pipeline.training.chunk_budget import resolve_chunk_tokens
 from pipeline.training.distributed import init_distributed, launched_distributed, rank, teardown, world_size
 from pipeline.training.backward import base_module, is_deepspeed_engine
 from pipeline.training.ds_config import deepspeed_bf16, load_ds_config
@@ -54,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tolerance", type=float, default=1e-4)
     ap.add_argument("--no-scale-check", action="store_true", help="skip the distributed gradient-scale check")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32: cached vs plain gradient (default); bf16: both in bf16 against an fp32 reference")
+    ap.add_argument("--chunks", type=int, default=32, help="--dtype bf16: GradCache chunks per rank (default 32)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. gradcache.chunk_tokens=128")
     return ap.parse_args(argv)
@@ -95,9 +114,11 @@ def clear_grads(model: nn.Module) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def run_gradient(model: nn.Module, step: StepFn, batch: ContrastiveBatch, cfg: Config, seed: int) -> tuple[torch.Tensor, StepStats]:
+def run_gradient(
+    model: nn.Module, step: StepFn, batch: ContrastiveBatch, cfg: Config, seed: int, gc: GradCacheConfig | None = None
+) -> tuple[torch.Tensor, StepStats]:
     torch.manual_seed(seed)  # same dropout masks for every step function
-    stats = step(model, batch, cfg.loss, cfg.gradcache)
+    stats = step(model, batch, cfg.loss, gc or cfg.gradcache)
     g = full_grad(model)
     clear_grads(model)
     return g, stats
@@ -107,11 +128,16 @@ def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def build_engine(model: EmbeddingModel, cfg: Config, ds_path: str, micro_batch: int) -> nn.Module:
+def build_engine(model: EmbeddingModel, cfg: Config, ds_path: str, micro_batch: int, *, bf16: bool | None = None
+                 ) -> nn.Module:
+    """A DeepSpeed engine around `model` (bf16 as the trainer decides, unless `bf16` says otherwise)."""
     import deepspeed
 
-    ds = load_ds_config(ds_path, micro_batch=micro_batch, grad_accum=1, world_size=world_size(),
-                        use_bf16=deepspeed_bf16(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
+    if bf16 is None:
+        bf16 = deepspeed_bf16(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    ds = load_ds_config(ds_path, micro_batch=micro_batch, grad_accum=1, world_size=world_size(), use_bf16=bf16)
+    if bf16 and cfg.gradcache.fp32_accumulation:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"  # as training_ds_config
     # The optimizer only clears gradients here (lr 0: weights never move). A client torch AdamW replaces the JSON's
     # DeepSpeed AdamW so that no optimizer op has to be JIT-compiled (minutes on a fresh CPU machine).
     ds.pop("optimizer", None)
@@ -136,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     my_rank = int(os.environ.get("RANK", "0"))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(args.seed)
+    if args.dtype == "bf16":
+        cfg.model.dtype, cfg.model.compile = "float32", False  # the fp32 reference; its bf16 copy is made below
     model = EmbeddingModel.from_config(cfg.model, device)
     b = args.batch_size or cfg.train.per_device_batch_size
     vocab = model.backbone.config.vocab_size
     eos = model.backbone.config.eos_token_id
     eos = int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 1))
     batches = [make_batch(cfg, vocab, eos, b, args.dataset_type, args.seed, r) for r in range(n_ranks)]
+    if args.dtype == "bf16":
+        return bf16_main(model, batches, my_rank, cfg, args, use_ds, b)
+    gradcache = resolve_chunk_tokens(cfg.gradcache, model, device, max_len=max_sequence(batches), world_size=n_ranks)
+    CompileWatch.start(model, gradcache, max_len=max_sequence(batches))
+    cfg.gradcache = gradcache
     g_ref = None
     if n_ranks > 1 and not args.no_scale_check:
         # Before any process group exists: one process computing the global batch, unsharded, dropout off.
@@ -156,18 +189,70 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
 
 
-def reference_gradient(model: EmbeddingModel, batches: list[ContrastiveBatch], cfg: Config) -> torch.Tensor:
-    """Gradient of the global-batch loss (mean over all ranks' queries) in one process, dropout off."""
-    glob = ContrastiveBatch(
+def max_sequence(batches: list[ContrastiveBatch]) -> int:
+    return max(len(s) for bt in batches for s in bt.sequences())
+
+
+def global_batch(batches: list[ContrastiveBatch]) -> ContrastiveBatch:
+    """Every rank's batch as one (the global batch a single process computes)."""
+    return ContrastiveBatch(
         queries=[s for bt in batches for s in bt.queries],
         positives=[s for bt in batches for s in bt.positives],
         negatives=[s for bt in batches for s in bt.negatives],
         n_neg=batches[0].n_neg,
         dataset_type=batches[0].dataset_type,
     )
+
+
+def reference_gradient(
+    model: EmbeddingModel, batches: list[ContrastiveBatch], cfg: Config, gc: GradCacheConfig | None = None
+) -> torch.Tensor:
+    """Gradient of the global-batch loss (mean over all ranks' queries) in one process, dropout off."""
     model.eval()
-    plain_step(model, glob, cfg.loss, cfg.gradcache)
+    plain_step(model, global_batch(batches), cfg.loss, gc or cfg.gradcache)
     return full_grad(model)
+
+
+def bf16_main(
+    model32: EmbeddingModel, batches: list[ContrastiveBatch], my_rank: int, cfg: Config, args: argparse.Namespace,
+    use_ds: bool, b: int,
+) -> int:
+    """``--dtype bf16`` (see the module docstring)."""
+    one_chunk = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=None)
+    g_ref = reference_gradient(copy.deepcopy(model32), batches, cfg, one_chunk)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    init_distributed(use_deepspeed=use_ds)
+    try:
+        runner: nn.Module = build_engine(model16, cfg, args.ds_config or cfg.deepspeed, b, bf16=True) if use_ds \
+            else model16
+        runner.eval()
+        batch = batches[my_rank]
+        n_seqs = len(batch.sequences())
+        chunked = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=max(1, n_seqs // args.chunks))
+        summed_bf16 = dataclasses.replace(chunked, fp32_accumulation=False)
+        step_seed = args.seed + 7
+        g_cached, stats = run_gradient(runner, cached_step, batch, cfg, step_seed, chunked)
+        g_plain, _ = run_gradient(runner, plain_step, batch, cfg, step_seed, one_chunk)
+        g_bf16_sums, _ = run_gradient(runner, cached_step, batch, cfg, step_seed, summed_bf16)
+        err_cached, err_plain, err_bf16_sums = (rel_error(g, g_ref) for g in (g_cached, g_plain, g_bf16_sums))
+        accumulation = ("fp32" if chunked.fp32_accumulation else "bf16") + (
+            ", coalesced" if stats.coalesced else "")
+        log(f"bf16 check: {b} queries/rank x {world_size()} ranks, {stats.sequences} sequences, {stats.chunks} "
+            f"chunks on rank 0 (run {stats.chunks_run}); reference: fp32, one chunk, one process")
+        log(f"(a) GradCache bf16, {stats.chunks_run} chunks, chunk gradients summed in {accumulation}: "
+            f"relative error {err_cached:.3e}")
+        log(f"(b) plain bf16 full-batch backward (one chunk): relative error {err_plain:.3e}")
+        log(f"(c) as (a) with gradcache.fp32_accumulation false: relative error {err_bf16_sums:.3e}")
+        ok = err_cached <= 1.5 * err_plain
+        if rank() == 0:
+            print(f"bf16 relative gradient error: cached {err_cached:.3e}, plain {err_plain:.3e} "
+                  f"({'ok' if ok else 'FAIL'}: cached {'<=' if ok else '>'} 1.5 x plain)", flush=True)
+        return 0 if ok else 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
 
 
 def check(

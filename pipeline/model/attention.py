@@ -161,8 +161,18 @@ def varlen_attention(
             cu_seq_lens_q, int(max_length_q), scale=scaling, causal=causal,
         )
         return out.unsqueeze(0), None
-    bounds = cu_seq_lens_q.tolist()
-    return segment_attention(query, key, value, bounds, dropout=dropout, scale=scaling, causal=causal), None
+    return _segments_outside_graph(query, key, value, cu_seq_lens_q, dropout=dropout, scale=scaling, causal=causal), None
+
+
+@torch.compiler.disable
+def _segments_outside_graph(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, *,
+    dropout: float, scale: float | None, causal: bool,
+) -> torch.Tensor:
+    """:func:`segment_attention` with the bounds read from `cu_seq_lens`. A Python loop over data-dependent bounds
+    cannot be one graph: compiled layers (``model.compile``) run it eagerly, between the graphs before and after."""
+    bounds = cu_seq_lens.tolist()
+    return segment_attention(query, key, value, bounds, dropout=dropout, scale=scale, causal=causal)
 
 
 def register_varlen_attention() -> None:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import VARLEN, kernel_for, register_varlen_attention
+from pipeline.model.compiled import compile_layers, repeated_layers, resolve_compile
+from pipeline.model.kernels import KernelChoice, apply_kernels, resolve_kernels
 from pipeline.config import ModelConfig
 from pipeline.logs import log
 from pipeline.model.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
@@ -221,13 +223,16 @@ class ModelSettings:
     packed: bool
     attn_implementation: str
     dtype: torch.dtype
+    kernels: KernelChoice
+    compile: bool
 
 
 def resolve_model_settings(
-    cfg: ModelConfig, hf_config: Any, device: torch.device, *, flash: bool | None = None
+    cfg: ModelConfig, hf_config: Any, device: torch.device, *, flash: bool | None = None, liger: bool | None = None
 ) -> ModelSettings:
-    """Resolve pooling, packing, attention and dtype of `cfg` for `device` (ValueError naming the key on a setting
-    that cannot work). `flash`: whether flash-attn is usable on the ranks' device (default: it imports here)."""
+    """Resolve pooling, packing, attention, dtype, fused kernels and compilation of `cfg` for `device` (ValueError
+    naming the key on a setting that cannot work). `flash` / `liger`: whether flash-attn / liger-kernel are usable
+    on the ranks' device (default: they import here)."""
     decoder = is_decoder_config(hf_config)
     packed = resolve_packing(cfg.packing, decoder=decoder)
     return ModelSettings(
@@ -236,6 +241,8 @@ def resolve_model_settings(
         packed=packed,
         attn_implementation=resolve_attn_implementation(cfg.attn_implementation, device, packed=packed, flash=flash),
         dtype=resolve_dtype(cfg.dtype, device),
+        kernels=resolve_kernels(cfg.kernels, device, hf_config.model_type, importable=liger),
+        compile=resolve_compile(cfg.compile, device.type, packed=packed),
     )
 
 
@@ -285,6 +292,8 @@ class EmbeddingModel(nn.Module):
         self.packed = packed
         self.pad_id = pad_id
         self.attn_implementation = attn_implementation
+        self.settings: ModelSettings | None = None  # set by from_config
+        self.static_tokens: int | None = None  # packed chunks padded to exactly this many tokens (compiled layers)
         if hasattr(self.backbone, "config"):
             self.backbone.config.use_cache = False
 
@@ -297,6 +306,7 @@ class EmbeddingModel(nn.Module):
         decoder, pooling, packed = settings.decoder, settings.pooling, settings.packed
         attn, dtype = settings.attn_implementation, settings.dtype
         backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype, hf_config=hf_config)
+        apply_kernels(backbone, settings.kernels)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
         pad_id = getattr(hf_config, "pad_token_id", None)
@@ -312,6 +322,7 @@ class EmbeddingModel(nn.Module):
             pad_id=int(pad_id or 0),
             attn_implementation=attn,
         )
+        model.settings = settings
         n_params = sum(p.numel() for p in model.parameters())
         log(
             f"model: {hf_config.model_type} ({'decoder' if decoder else 'encoder'}), {n_params / 1e6:.2f}M params, "
@@ -319,7 +330,20 @@ class EmbeddingModel(nn.Module):
             f"{'packed' if packed else 'padded'} chunks, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}, device {device}"
         )
+        log(f"kernels: {settings.kernels.kernels} ({settings.kernels.reason})")
         return model
+
+    def compile_layers(self, static_tokens: int | None) -> int:
+        """Compile the backbone's layers (:mod:`pipeline.model.compiled`). `static_tokens`: every packed chunk is
+        padded to exactly this many tokens (one static graph); None lets dynamo generalise changing shapes."""
+        if self.packed and static_tokens is not None:
+            self.static_tokens = static_tokens
+        n = compile_layers(self.backbone, dynamic=False if self.static_tokens is not None else None)
+        shapes = (f"static chunks of {self.static_tokens} tokens" if self.static_tokens is not None
+                  else "dynamic shapes")
+        log(f"compile: {n} {type(repeated_layers(self.backbone)[0]).__name__} layers compiled with torch.compile "
+            f"(regional), {shapes}")
+        return n
 
     @property
     def hidden_size(self) -> int:
@@ -330,8 +354,8 @@ class EmbeddingModel(nn.Module):
         return next(self.parameters()).device
 
     def make_inputs(self, seqs: list[np.ndarray]) -> ChunkInputs:
-        """Packed or padded inputs for `seqs`, following this model's layout."""
-        return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id)
+        """Packed or padded inputs for `seqs`, following this model's layout (and static chunk length)."""
+        return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id, pad_to=self.static_tokens)
 
     def forward(self, inputs: ChunkInputs) -> torch.Tensor:
         if not inputs.packed and self.attn_implementation == VARLEN:
@@ -355,6 +379,9 @@ class EmbeddingModel(nn.Module):
                 kwargs["max_length_q"] = inputs.max_length
         else:
             kwargs["attention_mask"] = inputs.attention_mask
+        if self.static_tokens is not None and "cu_seq_lens_q" in kwargs:
+            # The number of sequences per chunk varies; all else is static: one graph for every chunk.
+            torch._dynamo.mark_dynamic(kwargs["cu_seq_lens_q"], 0)
         hidden = self.backbone(**kwargs).last_hidden_state
         emb = pool(hidden, inputs, self.pooling).float()
         return F.normalize(emb, dim=-1) if self.normalize else emb

@@ -71,16 +71,27 @@ def _as_ids(seq: np.ndarray) -> np.ndarray:
     return np.asarray(seq, dtype=np.int64)
 
 
-def pack(seqs: list[np.ndarray]) -> ChunkInputs:
-    """Concatenate `seqs` into one row; position_ids restart at 0 for each sequence."""
+def pack(seqs: list[np.ndarray], *, pad_to: int | None = None, pad_id: int = 0) -> ChunkInputs:
+    """Concatenate `seqs` into one row; position_ids restart at 0 for each sequence.
+
+    `pad_to` (static chunk shapes, for compiled layers): a row shorter than `pad_to` tokens gets one dummy segment of
+    `pad_id` tokens filling it to exactly `pad_to`; the dummy segment attends only to itself, is not one of the
+    chunk's sequences (``lengths``, ``starts``: the real ones) and its output is never pooled. ``max_length`` is then
+    `pad_to`, an upper bound that does not change from chunk to chunk. A row already longer is left as it is.
+    """
     if not seqs:
         raise ValueError("pack: no sequences")
     arrays = [_as_ids(s) for s in seqs]
     lengths = np.array([a.size for a in arrays], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    segments = lengths
+    total = int(lengths.sum())
+    if pad_to is not None and total < pad_to:
+        arrays.append(np.full(pad_to - total, pad_id, dtype=np.int64))
+        segments = np.append(lengths, pad_to - total)
     ids = torch.from_numpy(np.concatenate(arrays)).unsqueeze(0)
-    pos = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])).unsqueeze(0)
-    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    pos = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in segments])).unsqueeze(0)
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(segments)]).astype(np.int32))
     return ChunkInputs(
         input_ids=ids,
         position_ids=pos,
@@ -88,7 +99,7 @@ def pack(seqs: list[np.ndarray]) -> ChunkInputs:
         lengths=torch.from_numpy(lengths),
         starts=torch.from_numpy(starts),
         cu_seqlens=cu,
-        max_length=int(lengths.max()),
+        max_length=max(int(segments.max()), pad_to or 0),
         packed=True,
     )
 
@@ -117,15 +128,19 @@ def pad(seqs: list[np.ndarray], pad_id: int) -> ChunkInputs:
     )
 
 
-def build_inputs(seqs: list[np.ndarray], *, packed: bool, pad_id: int) -> ChunkInputs:
-    return pack(seqs) if packed else pad(seqs, pad_id)
+def build_inputs(seqs: list[np.ndarray], *, packed: bool, pad_id: int, pad_to: int | None = None) -> ChunkInputs:
+    """Packed (padded to `pad_to` tokens when given) or padded inputs of `seqs`."""
+    return pack(seqs, pad_to=pad_to, pad_id=pad_id) if packed else pad(seqs, pad_id)
 
 
-def chunk_cost(lengths: list[int] | np.ndarray, *, packed: bool) -> int:
-    """Computed tokens of one chunk: sum of lengths (packed) or n * max length (padded)."""
+def chunk_cost(lengths: list[int] | np.ndarray, *, packed: bool, pad_to: int | None = None) -> int:
+    """Computed tokens of one chunk: sum of lengths (packed; at least `pad_to` when chunks are padded to a static
+    length) or n * max length (padded)."""
     if len(lengths) == 0:
         return 0
-    return int(np.sum(lengths)) if packed else int(len(lengths) * np.max(lengths))
+    if packed:
+        return max(int(np.sum(lengths)), pad_to or 0)
+    return int(len(lengths) * np.max(lengths))
 
 
 def plan_chunks(

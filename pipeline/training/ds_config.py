@@ -63,4 +63,8 @@ def training_ds_config(cfg: Config, *, world_size: int, device_type: str) -> dic
     ds["optimizer"].setdefault("params", {}).update({"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay})
     ds["gradient_clipping"] = t.grad_clip
     ds.pop("scheduler", None)
+    if ds["bf16"]["enabled"] and cfg.gradcache.fp32_accumulation:
+        # Reduced gradient partitions summed over a step's chunks in fp32 (when chunks are reduced one by one;
+        # coalesced reduction sums on the parameters instead: pipeline.training.backward.FP32Accumulator).
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds

@@ -81,7 +81,10 @@ class RngState:
 
 def step_chunks(lengths: list[int], *, packed: bool, gc: GradCacheConfig) -> list[np.ndarray]:
     """The chunks (index arrays into the step's sequences) GradCache runs for sequences of these `lengths`: the one
-    chunking rule of the trainer, validation and ``--check``'s per-step plan."""
+    chunking rule of the trainer, validation and ``--check``'s per-step plan. ``chunk_tokens: auto`` must have been
+    resolved to a number (:func:`pipeline.training.chunk_budget.resolve_chunk_tokens`)."""
+    if gc.chunk_tokens == "auto":
+        raise ValueError("gradcache.chunk_tokens: auto is resolved at start (chunk_budget.resolve_chunk_tokens)")
     return plan_chunks(lengths, packed=packed, chunk_tokens=gc.chunk_tokens, chunk_size=gc.chunk_size)
 
 
@@ -112,7 +115,8 @@ def _split(e: torch.Tensor, batch: ContrastiveBatch) -> tuple[torch.Tensor, torc
 
 def _finish_stats(loss: float, parts: dict[str, float], plan: _Plan, model: nn.Module, device: torch.device) -> StepStats:
     real = sum(len(s) for s in plan.seqs)
-    computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed) for idx in plan.chunks)
+    computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed, pad_to=model.static_tokens)
+                   for idx in plan.chunks)
     totals = torch.tensor([loss, len(plan.seqs), real, computed], dtype=torch.float64, device=device)
     if is_distributed():
         torch.distributed.all_reduce(totals)
@@ -176,7 +180,7 @@ def cached_step(
     or a DeepSpeed engine around one (DeepSpeed reduces; call ``engine.step()`` afterwards). Call with zeroed grads.
     `loss_hook` transforms the loss before its backward (fault injection in tests; identity when None).
     """
-    backward = backward_for(model, coalesce=gc_cfg.coalesce_grad_reduction)
+    backward = backward_for(model, coalesce=gc_cfg.coalesce_grad_reduction, fp32_accumulation=gc_cfg.fp32_accumulation)
     base = backward.base
     device = base.device
     plan = _plan(base, batch, gc_cfg, device)

@@ -122,6 +122,8 @@ class ModelPlan:
     pooling: str
     packed: bool
     gradient_checkpointing: bool
+    kernels: str  # "liger" / "none", with the reason
+    compile: bool
 
 
 @dataclass
@@ -251,8 +253,8 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("data.sampling_temperature", d.sampling_temperature > 0, f"must be > 0, got {d.sampling_temperature}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
         ("loss.temperature", lo.temperature > 0, f"must be > 0, got {lo.temperature}"),
-        ("gradcache.chunk_tokens", g.chunk_tokens is None or g.chunk_tokens >= 1,
-         f"must be >= 1 or null, got {g.chunk_tokens}"),
+        ("gradcache.chunk_tokens", g.chunk_tokens in (None, "auto") or g.chunk_tokens >= 1,
+         f"must be >= 1, auto or null, got {g.chunk_tokens}"),
         ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1,
          f"must be >= 1 or null, got {g.chunk_size}"),
         ("model", (cfg.model.name_or_path is None) != (cfg.model.from_config is None),
@@ -341,11 +343,16 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
 
     requested = cfg.model.attn_implementation
     here = device == "cpu" or torch.cuda.is_available()
-    # flash-attn can only be checked on a machine with the ranks' device; elsewhere it is assumed where asked for.
+    # flash-attn and liger-kernel can only be checked on a machine with the ranks' device; elsewhere they are assumed
+    # to import (a warning says so when they are required).
     flash = None if here else requested == "flash_attention_2"
+    liger = None if here else True
+    if not here and cfg.model.kernels == "liger":
+        warnings.append(Problem("model.kernels", "liger: liger-kernel cannot be checked without CUDA on this machine; "
+                                "make sure it imports on the GPU nodes (pip install -e '.[gpu]')"))
     try:
         hf = load_hf_config(cfg.model)
-        settings = resolve_model_settings(cfg.model, hf, torch.device(device), flash=flash)
+        settings = resolve_model_settings(cfg.model, hf, torch.device(device), flash=flash, liger=liger)
     except ValueError as exc:
         raise _Stop(Problem.from_message(str(exc))) from None
     attention = settings.attn_implementation
@@ -375,16 +382,23 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         hidden_size=getattr(hf, "hidden_size", None), layers=getattr(hf, "num_hidden_layers", None),
         attention=attention, dtype=str(settings.dtype).removeprefix("torch."), pooling=settings.pooling,
         packed=settings.packed, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        kernels=f"{settings.kernels.kernels} ({settings.kernels.reason})", compile=settings.compile,
     )
 
 
 def check_data_plan(
-    cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, sample_steps: int, warnings: list[Problem]
+    cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, compiled: bool, device: str, sample_steps: int,
+    warnings: list[Problem],
 ) -> tuple[list[DatasetPlan], list[str], int, StepSample]:
-    """The trainer's data checks, split and schedule for `world` ranks, and the first steps measured."""
+    """The trainer's data checks, split and schedule for `world` ranks, and the first steps measured (with the
+    chunk length the run will use: ``chunk_tokens: auto`` as on CPU, static padding when compiled)."""
+    import dataclasses
+
     from pipeline.data.loader import TrainData, check_data, rank_batch
     from pipeline.data.shard_format import ShardError
+    from pipeline.model.compiled import static_chunk_length
     from pipeline.model.packing import chunk_cost
+    from pipeline.training.chunk_budget import DEFAULT_CHUNK_TOKENS
     from pipeline.training.gradcache import step_chunks
 
     try:
@@ -419,6 +433,16 @@ def check_data_plan(
     steps = min(sample_steps, schedule.steps_per_epoch)
     chunks_run, real, computed, seqs = [], [], [], []
     gc = cfg.gradcache
+    if gc.chunk_tokens == "auto":
+        gc = dataclasses.replace(gc, chunk_tokens=DEFAULT_CHUNK_TOKENS)
+        if device == "cuda":
+            warnings.append(Problem("gradcache.chunk_tokens", f"auto is probed on the GPUs at start; the per-step "
+                                    f"numbers below assume {DEFAULT_CHUNK_TOKENS}"))
+    try:
+        pad_to = static_chunk_length(packed=packed, chunk_tokens=gc.chunk_tokens, max_len=data.reader.max_len) \
+            if compiled else None
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
     for step in range(steps):
         per_rank_chunks, step_real, step_computed, step_seqs = [], 0, 0, 0
         for rank in range(world):
@@ -427,7 +451,7 @@ def check_data_plan(
             chunks = step_chunks(lengths, packed=packed, gc=gc)
             per_rank_chunks.append(len(chunks))
             step_real += sum(lengths)
-            step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed) for idx in chunks)
+            step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed, pad_to=pad_to) for idx in chunks)
             step_seqs += len(lengths)
         chunks_run.append(max(per_rank_chunks))
         real.append(step_real)
@@ -518,8 +542,9 @@ def check_run(
     data = None
     if world is not None:
         packed = model.packed if model is not None else True
-        data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, sample_steps=sample_steps,
-                       warnings=warnings)
+        compiled = model.compile if model is not None else False
+        data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, compiled=compiled, device=device,
+                       sample_steps=sample_steps, warnings=warnings)
     start = attempt(resume_checkpoint, cfg, resume)
     if problems or world is None or ds_plan is None or model is None or data is None or start is None:
         return report
@@ -590,6 +615,7 @@ def format_plan(plan: RunPlan) -> str:
         f"{m.hidden_size}, {m.layers} layers",
         f"  attention          {m.attention}; pooling {m.pooling}; gradient checkpointing "
         f"{'on' if m.gradient_checkpointing else 'off'}",
+        f"  kernels            {m.kernels}; layers {'compiled (torch.compile per layer)' if m.compile else 'eager'}",
         f"  precision          {precision}",
         f"  deepspeed          {ds.path}: ZeRO stage {ds.zero_stage}, {ds.offload}",
         f"  shards             {plan.shards} (sizes checked, "

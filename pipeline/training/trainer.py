@@ -40,11 +40,13 @@ from pipeline.config import Config
 from pipeline.data.batch import ContrastiveBatch
 from pipeline.data.loader import TrainData, check_data, seed_everything
 from pipeline.logs import is_rank0, log
+from pipeline.model.compiled import CompileWatch
 from pipeline.model.embedding import EmbeddingModel, check_vocabulary, load_tokenizer_for
 from pipeline.resilience.faults import NO_FAULTS, FaultInjector
 from pipeline.resilience.preemption import REASONS, StopRequest, agree
 from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
+from pipeline.training.chunk_budget import resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
 from pipeline.training.distributed import init_distributed, teardown
 from pipeline.training.ds_config import training_ds_config
@@ -138,6 +140,13 @@ class Trainer:
         self._params_non_embedding = sum(
             getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding
         )
+        # The GradCache settings of this run: chunk_tokens auto probed on the full model, before DeepSpeed
+        # partitions it (no collective while probing); then the layers compiled for that static chunk length.
+        self.gradcache = resolve_chunk_tokens(
+            cfg.gradcache, model, self.device, max_len=self.data.reader.max_len, world_size=self.dist.world_size,
+            agree_min=lambda value: -agree([-value], self.device)[0],
+        )
+        self.compile_watch = CompileWatch.start(model, self.gradcache, max_len=self.data.reader.max_len)
         self.engine = self._engine(model)
         self.backward = backward_for(self.engine)
         self.run_dir = Path(cfg.train.output_dir)
@@ -207,6 +216,7 @@ class Trainer:
             if self._train_epoch() is Outcome.STOPPED:
                 return self.state  # checkpoint written; no export of a half-trained model
         self._bar.close()
+        self.compile_watch.report()
         self._checkpoint()
         self.export("final")
         return self.state
@@ -233,8 +243,7 @@ class Trainer:
         """One attempted optimizer step on `batch`: the gradient, the agreement of all ranks, the update or skip."""
         started = time.perf_counter()
         attempt = self.state.global_step + self.state.skipped_steps + 1
-        stats = train_step(self.engine, batch, self.cfg.loss, self.cfg.gradcache,
-                           loss_hook=self.faults.loss_hook(attempt))
+        stats = train_step(self.engine, batch, self.cfg.loss, self.gradcache, loss_hook=self.faults.loss_hook(attempt))
         # The step boundary: one MAX all-reduce tells every rank whether any rank must stop (signal, launcher
         # gone) and whether the step is bad (loss or any gradient partition non-finite).
         bad_here = not math.isfinite(stats.loss) or not self.backward.grads_finite()
@@ -246,6 +255,7 @@ class Trainer:
             self.engine.step()
             self.state.global_step += 1
             self.state.consecutive_skips = 0
+            self.compile_watch.after_step()
         return StepResult(dataset, stats, time.perf_counter() - started, updated=not bad, stop=stop)
 
     def _after_update(self, result: StepResult) -> None:
@@ -269,13 +279,13 @@ class Trainer:
             hf_config=self.backward.base.backbone.config, params_non_embedding=self._params_non_embedding,
             world_size=self.dist.world_size,
         )
-        values.update(epoch=self.state.epoch, skipped_steps=self.state.skipped_steps)
+        values.update(epoch=self.state.epoch, skipped_steps=self.state.skipped_steps, **self.compile_watch.values())
         self.metrics.write(self.state.global_step, values)
 
     def validate(self) -> float | None:
         self.engine.eval()
         losses = [
-            batch_loss(self.engine, batch, self.cfg.loss, self.cfg.gradcache) for batch in self.data.validation_batches()
+            batch_loss(self.engine, batch, self.cfg.loss, self.gradcache) for batch in self.data.validation_batches()
         ]
         self.engine.train()
         if not losses:

@@ -1,0 +1,102 @@
+"""``gradcache.chunk_tokens: auto``: the largest power-of-two chunk that fits in the GPU memory a run leaves free.
+
+GradCache's peak memory is that of one chunk's forward + backward (the rest of the step holds embeddings only), so
+the chunk size is what memory decides. On CUDA, at start, before DeepSpeed partitions the model (so no rank takes
+part in a collective while it probes, and an out-of-memory error stays local):
+
+    budget     = free GPU memory - reserve for the optimizer and gradients (Adam with ZeRO: 12 bytes per parameter
+                 for fp32 master weights and moments, 4 for the fp32 gradient partition, divided over the ranks;
+                 plus the 16-bit gradients, 2 per parameter) - 10% headroom
+    candidates = 2^17, 2^16, ... down to the shards' max_len (rounded up to a power of two), at least 1024
+    chunk      = the first candidate whose forward + backward of a synthetic packed chunk (sequences of max_len
+                 tokens) runs without running out of memory and peaks within the budget
+
+then the minimum over ranks. The value is logged. Without a GPU, ``auto`` is :data:`DEFAULT_CHUNK_TOKENS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import GradCacheConfig
+from pipeline.logs import log
+
+DEFAULT_CHUNK_TOKENS = 8192
+LARGEST_CANDIDATE = 1 << 17
+SMALLEST_CANDIDATE = 1024
+HEADROOM = 0.10
+
+
+def candidates(max_len: int) -> list[int]:
+    """Powers of two from :data:`LARGEST_CANDIDATE` down to max(max_len rounded up to a power of two, 1024)."""
+    floor = max(SMALLEST_CANDIDATE, 1 << max(int(max_len) - 1, 1).bit_length())
+    out, size = [], LARGEST_CANDIDATE
+    while size >= floor:
+        out.append(size)
+        size //= 2
+    return out or [floor]
+
+
+def largest_fitting(sizes: list[int], fits: Callable[[int], bool]) -> int | None:
+    """The first (largest) of the descending `sizes` for which `fits` is true; None when none is."""
+    for size in sizes:
+        if fits(size):
+            return size
+    return None
+
+
+def optimizer_reserve_bytes(n_params: int, world_size: int) -> int:
+    """Bytes per rank the optimizer step will add once DeepSpeed is set up (see the module docstring)."""
+    return int(n_params * (12 + 4) / max(world_size, 1) + 2 * n_params)
+
+
+def _chunk_fits(model: torch.nn.Module, tokens: int, max_len: int, budget: int, device: torch.device) -> bool:
+    """One forward + backward of a packed chunk of `tokens` tokens; True when it ran and peaked within `budget`."""
+    seqs = [np.full(min(max_len, tokens - start), 7, dtype=np.int64) for start in range(0, tokens, max_len)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        emb = model(model.make_inputs(seqs))
+        grads = torch.autograd.grad(emb.float().sum(), params)
+        del emb, grads
+        peak = torch.cuda.max_memory_allocated(device) - before
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+    return peak <= budget
+
+
+def probe_chunk_tokens(model: torch.nn.Module, device: torch.device, *, max_len: int, world_size: int) -> int:
+    """The largest candidate chunk that fits on this rank (see the module docstring); this rank only."""
+    free, _ = torch.cuda.mem_get_info(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    budget = int((free - optimizer_reserve_bytes(n_params, world_size)) * (1 - HEADROOM))
+    found = largest_fitting(candidates(max_len), lambda t: _chunk_fits(model, t, max_len, budget, device))
+    if found is None:
+        raise ValueError(f"gradcache.chunk_tokens: auto found no chunk of >= {candidates(max_len)[-1]} tokens that "
+                         f"fits in {budget / 2**30:.1f} GiB; set it by hand, or use gradient checkpointing or offload")
+    return found
+
+
+def resolve_chunk_tokens(
+    gc: GradCacheConfig, model: torch.nn.Module, device: torch.device, *, max_len: int, world_size: int,
+    agree_min: Callable[[int], int] = lambda value: value,
+) -> GradCacheConfig:
+    """`gc` with ``chunk_tokens: auto`` replaced by a number (probed on CUDA; `agree_min` = minimum over ranks)."""
+    if gc.chunk_tokens != "auto":
+        return gc
+    if device.type != "cuda":
+        tokens = DEFAULT_CHUNK_TOKENS
+        log(f"gradcache.chunk_tokens auto: {tokens} (no GPU memory to probe on {device.type})")
+    else:
+        mine = probe_chunk_tokens(model, device, max_len=max_len, world_size=world_size)
+        tokens = agree_min(mine)
+        log(f"gradcache.chunk_tokens auto: {tokens} (largest power of two whose forward + backward fits in the GPU "
+            f"memory left for activations, minimum over ranks)")
+    return dataclasses.replace(gc, chunk_tokens=tokens)
