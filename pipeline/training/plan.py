@@ -554,6 +554,11 @@ def check_run(
     gc = cfg.gradcache
     budget = f"chunk_tokens {gc.chunk_tokens}" if gc.chunk_tokens is not None else (
         f"chunk_size {gc.chunk_size}" if gc.chunk_size is not None else "one chunk")
+    if gc.chunk_tokens == "auto":
+        from pipeline.training.chunk_budget import DEFAULT_CHUNK_TOKENS
+
+        budget = (f"chunk_tokens auto (probed on the GPUs at start; {DEFAULT_CHUNK_TOKENS} assumed here)"
+                  if device == "cuda" else f"chunk_tokens auto = {DEFAULT_CHUNK_TOKENS} (no GPU to probe)")
     report.plan = RunPlan(
         config=str(config), world=world, device=device, per_device_batch=t.per_device_batch_size,
         global_batch=t.per_device_batch_size * size, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
