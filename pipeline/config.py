@@ -58,6 +58,21 @@ class ModelConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Embedding distillation (F2LLM v2): MSE between the student's and the teacher's pooled hidden states."""
+
+    # Teacher model directory (HF, sentence-transformers or an export of this pipeline; pkg:<package>/<dir> allowed).
+    # Its tokenizer must be the shards' (the teacher reads the same token ids); its hidden size >= the student's.
+    teacher: str
+    # Weight of the distillation term in the loss (F2LLM v2: 1.0).
+    weight: float = 1.0
+    # The teacher's weights and compute: "auto" = bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # "embedding_mse": F2LLM v2's loss (pipeline/training/losses.py distillation_loss).
+    kind: Literal["embedding_mse"] = "embedding_mse"
+
+
+@dataclass
 class LossConfig:
     """Contrastive objective: in-batch + hard-negative InfoNCE, Matryoshka, false-negative mask, distillation."""
 
@@ -75,7 +90,8 @@ class LossConfig:
     matryoshka_dims: list[int] | None = None
     # In-batch candidates scoring above (positive score + margin) are masked out. None = off.
     false_negative_margin: float | None = None
-    distill_weight: float = 0.0
+    # Embedding distillation from a teacher model (F2LLM v2); null = off.
+    distill: DistillConfig | None = None
 
 
 @dataclass
@@ -303,6 +319,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     cfg.deepspeed = str(_resolve_relative(cfg.deepspeed, path))
     cfg.model.name_or_path = resolve_resource(cfg.model.name_or_path)
     cfg.model.tokenizer = resolve_resource(cfg.model.tokenizer)
+    if cfg.loss.distill is not None:
+        cfg.loss.distill.teacher = resolve_resource(cfg.loss.distill.teacher)
     return cfg
 
 

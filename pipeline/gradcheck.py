@@ -11,8 +11,9 @@ run different numbers of chunks and the dummy-chunk padding is exercised), then 
 ||g_plain|| over all parameters (L2, full gradients; under ZeRO they are assembled with
 deepspeed.utils.safe_get_full_grad on every rank). When distributed it also checks the gradient SCALE: with dropout
 off, the cached distributed gradient against a single-process gradient of the global batch on an unsharded copy
-of the initial model. The last line printed is ``max relative gradient error: X``; the exit code is 1 above the
-tolerance (1e-4).
+of the initial model. With ``loss.distill`` in the config the teacher takes part in both steps (partitioned under
+ZeRO-3), so the check covers the distillation term too. The last line printed is ``max relative gradient error:
+X``; the exit code is 1 above the tolerance (1e-4).
 
 ``--dtype bf16`` checks exactness in bf16 instead, against an fp32 reference: the same initial weights in fp32
 compute the full-batch gradient of the global batch in one process (one chunk, one backward, dropout off); then the
@@ -44,6 +45,7 @@ from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import Config, ConfigError, GradCacheConfig, load_config
 from pipeline.model.compiled import CompileWatch
 from pipeline.training.chunk_budget import resolve_chunk_tokens
+from pipeline.training.teacher import load_teacher
 from pipeline.training.distributed import (
     init_distributed, is_distributed, launched_distributed, rank, teardown, world_size,
 )
@@ -117,10 +119,11 @@ def clear_grads(model: nn.Module) -> None:
 
 
 def run_gradient(
-    model: nn.Module, step: StepFn, batch: ContrastiveBatch, cfg: Config, seed: int, gc: GradCacheConfig | None = None
+    model: nn.Module, step: StepFn, batch: ContrastiveBatch, cfg: Config, seed: int, gc: GradCacheConfig | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[torch.Tensor, StepStats]:
     torch.manual_seed(seed)  # same dropout masks for every step function
-    stats = step(model, batch, cfg.loss, gc or cfg.gradcache)
+    stats = step(model, batch, cfg.loss, gc or cfg.gradcache, teacher=teacher)
     g = full_grad(model)
     clear_grads(model)
     return g, stats
@@ -177,13 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     gradcache = resolve_chunk_tokens(cfg.gradcache, model, device, max_len=max_sequence(batches), world_size=n_ranks)
     CompileWatch.start(model, gradcache, max_len=max_sequence(batches))
     cfg.gradcache = gradcache
+    teacher = None
+    if cfg.loss.distill is not None:  # a frozen copy here; partitioned (ZeRO-3) for the distributed steps below
+        teacher = load_teacher(cfg.loss.distill, device, student_hidden=model.hidden_size, zero_stage=0, world_size=1)
     g_ref = None
     if n_ranks > 1 and not args.no_scale_check:
         # Before any process group exists: one process computing the global batch, unsharded, dropout off.
-        g_ref = reference_gradient(copy.deepcopy(model), batches, cfg)
+        g_ref = reference_gradient(copy.deepcopy(model), batches, cfg, teacher=teacher)
     init_distributed(use_deepspeed=use_ds)
     try:
-        return check(model, batches[my_rank], cfg, args, use_ds, b, g_ref)
+        return check(model, batches[my_rank], cfg, args, use_ds, b, g_ref, teacher)
     except ValueError as exc:  # bad DeepSpeed JSON, batch or setting: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -207,11 +213,12 @@ def global_batch(batches: list[ContrastiveBatch]) -> ContrastiveBatch:
 
 
 def reference_gradient(
-    model: EmbeddingModel, batches: list[ContrastiveBatch], cfg: Config, gc: GradCacheConfig | None = None
+    model: EmbeddingModel, batches: list[ContrastiveBatch], cfg: Config, gc: GradCacheConfig | None = None, *,
+    teacher: nn.Module | None = None,
 ) -> torch.Tensor:
     """Gradient of the global-batch loss (mean over all ranks' queries) in one process, dropout off."""
     model.eval()
-    plain_step(model, global_batch(batches), cfg.loss, gc or cfg.gradcache)
+    plain_step(model, global_batch(batches), cfg.loss, gc or cfg.gradcache, teacher=teacher)
     return full_grad(model)
 
 
@@ -267,12 +274,16 @@ def check(
     use_ds: bool,
     b: int,
     g_ref: torch.Tensor | None,
+    teacher: nn.Module | None = None,
 ) -> int:
     runner: nn.Module = build_engine(model, cfg, args.ds_config or cfg.deepspeed, b) if use_ds else model
     runner.train()
+    if teacher is not None and use_ds and int(runner.zero_optimization_stage()) == 3:
+        teacher = load_teacher(cfg.loss.distill, model.device, student_hidden=model.hidden_size, zero_stage=3,
+                               world_size=world_size())
     step_seed = args.seed + 7 + rank()
-    g_plain, s_plain = run_gradient(runner, plain_step, batch, cfg, step_seed)
-    g_cached, s_cached = run_gradient(runner, cached_step, batch, cfg, step_seed)
+    g_plain, s_plain = run_gradient(runner, plain_step, batch, cfg, step_seed, teacher=teacher)
+    g_cached, s_cached = run_gradient(runner, cached_step, batch, cfg, step_seed, teacher=teacher)
     if abs(s_plain.loss - s_cached.loss) > 1e-5 * max(1.0, abs(s_plain.loss)):
         log(f"loss differs: plain {s_plain.loss:.8f} vs cached {s_cached.loss:.8f}")
     err = rel_error(g_cached, g_plain)
@@ -282,11 +293,12 @@ def check(
         f"chunks on rank 0 {s_cached.chunks}, run {s_cached.chunks_run}; loss {s_cached.loss:.6f}; "
         f"coalesced grad reduction {'on' if s_cached.coalesced else 'off'}"
     )
-    log(f"cached vs plain (dropout on): relative gradient error {err:.3e} (||g|| = {float(g_plain.norm()):.4e})")
+    log(f"cached vs plain (dropout on{', with a distillation teacher' if teacher is not None else ''}): relative "
+        f"gradient error {err:.3e} (||g|| = {float(g_plain.norm()):.4e}; loss parts {s_cached.parts})")
     errors = [err]
     if g_ref is not None:
         runner.eval()
-        g_dist, _ = run_gradient(runner, cached_step, batch, cfg, step_seed)
+        g_dist, _ = run_gradient(runner, cached_step, batch, cfg, step_seed, teacher=teacher)
         scale_err = rel_error(g_dist, g_ref)
         log(f"scale check (dropout off): distributed cached vs single-process global batch: {scale_err:.3e}")
         errors.append(scale_err)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from helpers_model import one_torch_thread
-from pipeline.config import LossConfig
+from pipeline.config import DistillConfig, LossConfig
 from pipeline.training.losses import (
     contrastive_loss,
-    distillation_mse,
+    distillation_loss,
+    embedding_mse,
     hard_negative_infonce,
     in_batch_infonce,
     matryoshka_dims,
@@ -134,12 +135,27 @@ def test_matryoshka_total_by_hand():
 
 
 def test_distillation_by_hand():
+    """F2LLM v2's loss: raw states, teacher truncated to the student's width and NOT re-normalised."""
     student = t([[1.0, 0.0], [0.0, 1.0]])
-    teacher = t([[0.6, 0.8, 5.0], [0.0, 2.0, 1.0]])  # truncated to 2 dims and re-normalised: (0.6, 0.8), (0, 1)
-    # mean of squared differences over 4 elements: (0.4^2 + 0.8^2 + 0 + 0) / 4 = 0.2
-    assert float(distillation_mse(student, teacher)) == pytest.approx(0.2, rel=1e-12)
+    teacher = t([[0.6, 0.8, 5.0], [0.0, 2.0, 1.0]])  # truncated to 2 dims: (0.6, 0.8), (0, 2)
+    # mean of squared differences over 4 elements: (0.4^2 + 0.8^2 + 0 + 1^2) / 4 = 0.45
+    assert float(embedding_mse(student, teacher)) == pytest.approx(0.45, rel=1e-12)
     with pytest.raises(ValueError, match="teacher width"):
-        distillation_mse(teacher, student)
+        embedding_mse(teacher, student)
+    # query + positive + negatives, each a mean; no negatives: their term left out
+    kd = distillation_loss((student, 2 * student, student[:0]), (teacher, teacher, teacher[:0]))
+    second = ((2.0 - 0.6) ** 2 + 0.8**2 + 0.0 + 0.0) / 4
+    assert float(kd) == pytest.approx(0.45 + second, rel=1e-12)
+    # in the objective: weight x L_kd added to the contrastive terms, logged as the "distill" part
+    q, p_, n = t([[1.0, 0.0]]), t([[0.6, 0.8]]), t([[0.0, 1.0]])
+    tq, tp, tn = t([[2.0, 0.0, 1.0]]), t([[0.6, 0.8, 0.0]]), t([[0.0, 1.0, 3.0]])
+    cfg = LossConfig(matryoshka=False, distill=DistillConfig(teacher="unused", weight=0.5))
+    plain = contrastive_loss(q, p_, n, 1, "classification", LossConfig(matryoshka=False))
+    out = contrastive_loss(q, p_, n, 1, "classification", cfg, (tq, tp, tn))
+    assert out.parts["distill"] == pytest.approx(0.5, rel=1e-6)  # (1 - 2)^2 / 2 for the query; 0 for the others
+    assert float(out.total) == pytest.approx(float(plain.total) + 0.5 * 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="no teacher embeddings"):
+        contrastive_loss(q, p_, n, 1, "classification", cfg)
 
 
 def test_loss_gradient_flows_to_all_inputs():

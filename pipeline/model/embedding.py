@@ -357,7 +357,9 @@ class EmbeddingModel(nn.Module):
         """Packed or padded inputs for `seqs`, following this model's layout (and static chunk length)."""
         return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id, pad_to=self.static_tokens)
 
-    def forward(self, inputs: ChunkInputs) -> torch.Tensor:
+    def forward(self, inputs: ChunkInputs, raw: bool = False) -> torch.Tensor:
+        """[n, d] fp32 embeddings of the chunk's sequences: L2-normalised when ``normalize``, unless `raw` (the pooled
+        hidden states themselves, which embedding distillation compares)."""
         if not inputs.packed and self.attn_implementation == VARLEN:
             raise ValueError("varlen attention needs packed inputs")
         cu_host = inputs.cu_seqlens  # sequence bounds on the host for per-sequence sdpa (no device sync per layer)
@@ -384,7 +386,7 @@ class EmbeddingModel(nn.Module):
             torch._dynamo.mark_dynamic(kwargs["cu_seq_lens_q"], 0)
         hidden = self.backbone(**kwargs).last_hidden_state
         emb = pool(hidden, inputs, self.pooling).float()
-        return F.normalize(emb, dim=-1) if self.normalize else emb
+        return F.normalize(emb, dim=-1) if self.normalize and not raw else emb
 
 
 def load_model_dir(model_dir: str, device: torch.device | str) -> tuple[EmbeddingModel, str]:

@@ -13,7 +13,9 @@ all-reduced (MAX) and short ranks run dummy chunks (a 2-token sequence, surrogat
 forward all-gathers the parameters, so a missing forward would deadlock the others. Gradient scale: the loss of a
 rank is the mean over its queries, gathered positives receive gradient from all ranks; averaging the parameter
 gradients over ranks (DeepSpeed does it, and :class:`pipeline.training.backward.PlainBackward` without it) gives
-the gradient of the global mean loss (see :mod:`pipeline.training.losses`). How each backward reaches the
+the gradient of the global mean loss (see :mod:`pipeline.training.losses`). With embedding distillation the teacher
+embeds the same chunks in step 1 (no graph; its states are constants of the loss, so the gradient stays exact) and
+the student's cached states are its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the
 gradients (plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is
 :mod:`pipeline.training.backward`; the caller runs the optimizer step.
 """
@@ -133,16 +135,17 @@ def _finish_stats(loss: float, parts: dict[str, float], plan: _Plan, model: nn.M
 
 
 def _embed_without_grad(
-    model: nn.Module, base: nn.Module, plan: _Plan, device: torch.device, states: list[RngState] | None = None
+    model: nn.Module, plan: _Plan, device: torch.device, states: list[RngState] | None = None, *, raw: bool = False
 ) -> torch.Tensor:
-    """[n_seqs, d] fp32 embeddings of every chunk of `plan` (dummy chunks run, results dropped), no graph.
-    When `states` is given, the RNG state each chunk started from is appended to it."""
+    """[n_seqs, d] fp32 embeddings of every chunk of `plan` (dummy chunks run, results dropped), no graph, in the
+    layout of `model` (a student, or a teacher). When `states` is given, the RNG state each chunk started from is
+    appended to it. `raw`: pooled states before normalisation (for distillation)."""
     pieces: list[tuple[np.ndarray, torch.Tensor]] = []
     with torch.no_grad():
-        for inputs, idx in plan.inputs(base):
+        for inputs, idx in plan.inputs(base_module(model)):
             if states is not None:
                 states.append(RngState.capture(device))
-            emb = model(inputs)
+            emb = model(inputs, raw=raw)
             if idx is not None:
                 pieces.append((idx, emb))
     cache = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
@@ -151,18 +154,35 @@ def _embed_without_grad(
     return cache
 
 
+def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBatch, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The teacher's raw pooled states of the step's sequences, (queries, positives, negatives): the same chunks as
+    the student's no-grad pass (so ZeRO-3's gathers of a partitioned teacher stay in step across ranks), no graph,
+    constants of the loss. The global RNG state is left as it was (the student's dropout masks do not move)."""
+    if teacher is None:
+        return None
+    rng = RngState.capture(device)
+    states = _embed_without_grad(teacher, plan, device, raw=True)
+    rng.restore()
+    return _split(states, batch)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------------------
-def batch_loss(model: nn.Module, batch: ContrastiveBatch, loss_cfg: LossConfig, gc_cfg: GradCacheConfig) -> float:
+def batch_loss(
+    model: nn.Module, batch: ContrastiveBatch, loss_cfg: LossConfig, gc_cfg: GradCacheConfig, *,
+    teacher: nn.Module | None = None,
+) -> float:
     """The contrastive loss of `batch` without gradients (validation): chunked like training, with the chunk
     count padded across ranks, so ZeRO-3's parameter gathers stay in step. Call in eval mode for no dropout."""
     base = base_module(model)
     device = base.device
     plan = _plan(base, batch, gc_cfg, device)
-    embeddings = _embed_without_grad(model, base, plan, device)
+    embeddings = _embed_without_grad(model, plan, device, raw=loss_cfg.distill is not None)
     with torch.no_grad():
-        out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg)
+        out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
+                               _teacher_states(teacher, plan, batch, device))
     return float(out.total)
 
 
@@ -173,26 +193,30 @@ def cached_step(
     gc_cfg: GradCacheConfig,
     *,
     loss_hook: LossHook | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepStats:
     """Accumulate the exact gradient of the contrastive loss of `batch` into the parameters' grads, chunk by chunk.
 
     `model`: an EmbeddingModel (single process or torch.distributed; parameter grads are averaged over ranks here)
     or a DeepSpeed engine around one (DeepSpeed reduces; call ``engine.step()`` afterwards). Call with zeroed grads.
-    `loss_hook` transforms the loss before its backward (fault injection in tests; identity when None).
+    `loss_hook` transforms the loss before its backward (fault injection in tests; identity when None). `teacher`
+    (with ``loss_cfg.distill``): its states join the loss as constants; the cached student states are then raw.
     """
     backward = backward_for(model, coalesce=gc_cfg.coalesce_grad_reduction, fp32_accumulation=gc_cfg.fp32_accumulation)
     base = backward.base
     device = base.device
     plan = _plan(base, batch, gc_cfg, device)
+    raw = loss_cfg.distill is not None
 
-    # 1. Embeddings without a graph, remembering the RNG state each chunk started from.
+    # 1. Embeddings without a graph, remembering the RNG state each chunk started from (and the teacher's states).
     states: list[RngState] = []
-    cache = _embed_without_grad(model, base, plan, device, states)
+    cache = _embed_without_grad(model, plan, device, states, raw=raw)
     rng_after = RngState.capture(device)
+    teacher_states = _teacher_states(teacher, plan, batch, device)
 
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
-    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg)
+    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
     total = out.total if loss_hook is None else loss_hook(out.total)
     total.backward()
     grad = cache.grad
@@ -204,7 +228,7 @@ def cached_step(
     with backward.accumulate():
         for k, (inputs, idx) in enumerate(plan.inputs(base)):
             states[k].restore()
-            emb = model(inputs)
+            emb = model(inputs, raw=raw)
             if idx is None:
                 surrogate = emb.sum() * 0.0
             else:
@@ -224,6 +248,7 @@ def plain_step(
     gc_cfg: GradCacheConfig,
     *,
     loss_hook: LossHook | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepStats:
     """The same gradient without caching: every chunk's graph is kept alive until one backward of the loss.
 
@@ -234,10 +259,12 @@ def plain_step(
     base = backward.base
     device = base.device
     plan = _plan(base, batch, gc_cfg, device)
+    raw = loss_cfg.distill is not None
+    teacher_states = _teacher_states(teacher, plan, batch, device)
     pieces: list[tuple[np.ndarray, torch.Tensor]] = []
     dummy = None
     for inputs, idx in plan.inputs(base):
-        emb = model(inputs)
+        emb = model(inputs, raw=raw)
         if idx is None:  # keeps every rank's backward graph (ZeRO-3 gathers) the same size
             dummy = emb.sum() * 0.0 if dummy is None else dummy + emb.sum() * 0.0
         else:
@@ -245,7 +272,7 @@ def plain_step(
     order = torch.as_tensor(np.concatenate([idx for idx, _ in pieces]), device=device)
     e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
     e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
-    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg)
+    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
     loss = out.total if loss_hook is None else loss_hook(out.total)
     backward.backward(loss if dummy is None else loss + dummy, last=True)
     backward.finish()
@@ -259,7 +286,8 @@ def train_step(
     gc_cfg: GradCacheConfig,
     *,
     loss_hook: LossHook | None = None,
+    teacher: nn.Module | None = None,
 ) -> StepStats:
     """:func:`cached_step` when ``gc_cfg.enabled``, else :func:`plain_step` (same gradient, memory grows with B)."""
     step = cached_step if gc_cfg.enabled else plain_step
-    return step(model, batch, loss_cfg, gc_cfg, loss_hook=loss_hook)
+    return step(model, batch, loss_cfg, gc_cfg, loss_hook=loss_hook, teacher=teacher)

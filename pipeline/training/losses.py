@@ -20,9 +20,13 @@ B over ranks (the global batch).
   descending order and numbered n = 1, 2, ... (n = 1 is the full d):
       L = sum_{n, dim} L(dim) / (n * sqrt(d / dim))
   Off: only dim = d, weight 1.
-- Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0]).
-- Distillation (F2LLM v2, function only): L_kd = mean over elements (s - t)^2, t the teacher embedding truncated to
-  the student's width and re-normalised.
+- Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0])
+  (+ distill.weight * L_kd).
+- Distillation (F2LLM v2; ``loss.distill``): L_kd = sum over x in {query, positive, negatives} of
+  mean over elements (s_x - t_x[..., :d])^2, s the student's and t the teacher's RAW pooled hidden states (before
+  L2 normalisation; the teacher truncated to the student's width d and not re-normalised), as F2LLM computes it
+  (F2LLM/utils.py, lines 206-208). Total += weight * L_kd. Nothing is gathered; the teacher's states are constants
+  (computed without a graph, chunk by chunk, in GradCache's first pass), so the gradient stays exact.
 
 Gradient semantics across ranks: each rank's loss is the mean over ITS queries. Backward through the differentiable
 gather sends rank r's in-batch gradient into every rank's positives (summed), so the parameter gradient of one rank
@@ -121,14 +125,27 @@ def hard_negative_infonce(
     return F.cross_entropy(scores / temperature, labels)
 
 
-def distillation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """L_kd = mean((s - t)^2) over all elements; t = teacher truncated to the student's width and re-normalised."""
+def embedding_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mean over elements of (s - t[..., :d])^2: the teacher's raw pooled states truncated to the student's width d,
+    NOT re-normalised - as F2LLM computes it (F2LLM/utils.py in codefuse-ai/CodeFuse-Embeddings, lines 206-208:
+    ``F.mse_loss(output[...], t_out[...][..., :d])``). The teacher is a constant (detached)."""
     if teacher.shape[-1] < student.shape[-1]:
         raise ValueError(
             f"distillation: teacher width {teacher.shape[-1]} is smaller than the student's {student.shape[-1]}"
         )
-    t = truncate(teacher.detach().to(student.dtype), student.shape[-1])
-    return F.mse_loss(student, t)
+    return F.mse_loss(student, teacher.detach()[..., : student.shape[-1]].to(student.dtype))
+
+
+def distillation_loss(
+    student: tuple[torch.Tensor, torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """L_kd = mse(q, t_q) + mse(p, t_p) + mse(n, t_n) (:func:`embedding_mse` each; raw pooled states of query,
+    positive and negatives, the negatives' term left out when there are none), as F2LLM v2 sums them."""
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher):
+        if s.shape[0] > 0:
+            total = total + embedding_mse(s, t)
+    return total
 
 
 @dataclass
@@ -146,10 +163,13 @@ def contrastive_loss(
     n_neg: int,
     dataset_type: str,
     cfg: LossConfig,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
     """The F2LLM objective of this rank's local embeddings (gathers the positives across ranks inside).
 
-    q, p: [B, d]; n: [B * n_neg, d] (may be empty when n_neg == 0). Inputs are re-normalised (cosine similarity).
+    q, p: [B, d]; n: [B * n_neg, d] (may be empty when n_neg == 0). Inputs are re-normalised for the contrastive
+    terms (cosine similarity); with ``cfg.distill``, `teacher` holds the teacher's (q, p, n) states and q, p, n must
+    be the student's raw pooled states (not normalised), as the distillation term reads them.
     """
     if q.shape != p.shape:
         raise ValueError(f"contrastive_loss: queries {tuple(q.shape)} vs positives {tuple(p.shape)}")
@@ -189,5 +209,11 @@ def contrastive_loss(
             total = total + w * cfg.hard_negative_weight * l_hn
             if dim == hidden:
                 parts["hard_negative"] = float(l_hn.detach())
+    if cfg.distill is not None:
+        if teacher is None:
+            raise ValueError("contrastive_loss: loss.distill is set but no teacher embeddings were given")
+        l_kd = distillation_loss((q, p, n), teacher)
+        total = total + cfg.distill.weight * l_kd
+        parts["distill"] = float(l_kd.detach())
     parts["total"] = float(total.detach())
     return LossOutput(total, parts)

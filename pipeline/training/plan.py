@@ -253,6 +253,8 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("data.sampling_temperature", d.sampling_temperature > 0, f"must be > 0, got {d.sampling_temperature}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
         ("loss.temperature", lo.temperature > 0, f"must be > 0, got {lo.temperature}"),
+        ("loss.distill.weight", lo.distill is None or lo.distill.weight > 0,
+         f"must be > 0, got {lo.distill.weight if lo.distill else None}"),
         ("gradcache.chunk_tokens", g.chunk_tokens in (None, "auto") or g.chunk_tokens >= 1,
          f"must be >= 1, auto or null, got {g.chunk_tokens}"),
         ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1,
@@ -466,6 +468,17 @@ def check_data_plan(
     return datasets, list(schedule.skipped), schedule.steps_per_epoch, sample
 
 
+def check_teacher(cfg: Config) -> None:
+    """``loss.distill``: the teacher's tokenizer is the shards' (the trainer's own check); raises _Stop."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.teacher import check_teacher_tokenizer
+
+    try:
+        check_teacher_tokenizer(cfg.loss.distill, read_manifest(cfg.data.shards)["tokenizer"])
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+
+
 def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
     """What the run will start from: with ``--resume auto`` the newest complete checkpoint (or a fresh start when
     there is none), with ``--resume TAG`` that checkpoint (raises _Stop unless it is complete), else a fresh start
@@ -545,6 +558,8 @@ def check_run(
         compiled = model.compile if model is not None else False
         data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, compiled=compiled, device=device,
                        sample_steps=sample_steps, warnings=warnings)
+    if cfg.loss.distill is not None and data is not None:
+        attempt(check_teacher, cfg)
     start = attempt(resume_checkpoint, cfg, resume)
     if problems or world is None or ds_plan is None or model is None or data is None or start is None:
         return report

@@ -55,6 +55,7 @@ from pipeline.training.export import export_model
 from pipeline.training.gradcache import StepStats, batch_loss, train_step
 from pipeline.training.lr_schedule import warmup_cosine
 from pipeline.training.metrics import MetricsWriter, step_values
+from pipeline.training.teacher import check_teacher_tokenizer, load_teacher
 
 
 def _device(local_rank: int) -> torch.device:
@@ -123,7 +124,9 @@ class Trainer:
         # Input checks before any process group or model exists (one-line errors): shard directory, manifest,
         # datasets, file sizes, tokenizer, then checksums (pipeline.data.loader.check_data).
         self.tokenizer = load_tokenizer_for(cfg.model)
-        check_data(cfg.data, self.tokenizer)
+        shards = check_data(cfg.data, self.tokenizer)
+        if cfg.loss.distill is not None:
+            check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"])
         self.dist = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -149,6 +152,10 @@ class Trainer:
         self.compile_watch = CompileWatch.start(model, self.gradcache, max_len=self.data.reader.max_len)
         self.engine = self._engine(model)
         self.backward = backward_for(self.engine)
+        self.teacher = None if cfg.loss.distill is None else load_teacher(
+            cfg.loss.distill, self.device, student_hidden=model.hidden_size,
+            zero_stage=int(self.engine.zero_optimization_stage()), world_size=self.dist.world_size,
+        )
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, faults=faults)
         self.state = TrainerState(config=cfg.to_dict())
@@ -243,7 +250,8 @@ class Trainer:
         """One attempted optimizer step on `batch`: the gradient, the agreement of all ranks, the update or skip."""
         started = time.perf_counter()
         attempt = self.state.global_step + self.state.skipped_steps + 1
-        stats = train_step(self.engine, batch, self.cfg.loss, self.gradcache, loss_hook=self.faults.loss_hook(attempt))
+        stats = train_step(self.engine, batch, self.cfg.loss, self.gradcache, loss_hook=self.faults.loss_hook(attempt),
+                           teacher=self.teacher)
         # The step boundary: one MAX all-reduce tells every rank whether any rank must stop (signal, launcher
         # gone) and whether the step is bad (loss or any gradient partition non-finite).
         bad_here = not math.isfinite(stats.loss) or not self.backward.grads_finite()
@@ -285,7 +293,8 @@ class Trainer:
     def validate(self) -> float | None:
         self.engine.eval()
         losses = [
-            batch_loss(self.engine, batch, self.cfg.loss, self.gradcache) for batch in self.data.validation_batches()
+            batch_loss(self.engine, batch, self.cfg.loss, self.gradcache, teacher=self.teacher)
+            for batch in self.data.validation_batches()
         ]
         self.engine.train()
         if not losses:
