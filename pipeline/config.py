@@ -122,6 +122,9 @@ class DataConfig:
     # Dataset sampling weight ~ n_batches ** (1 / temperature); 1.0 = proportional to size (F2LLM).
     sampling_temperature: float = 1.0
     validation_fraction: float = 0.01
+    # Drop each dataset's last global batch when it is smaller than train.per_device_batch_size x world size (and
+    # datasets with fewer training queries than that). false: every training query is trained every epoch.
+    drop_last: bool = False
     num_workers: int = 1
     # sha256 of every shard file against the manifest at start (~1 GiB/s per core, split over a node's ranks).
     # File sizes are always checked (stat only); false skips the hashing for very large corpora.

@@ -6,7 +6,10 @@
     ... --ds-config ds_configs/zero2.json gradcache.coalesce_grad_reduction=false        # other JSON, overrides
 
 Builds the configured model (same seed on every rank) and a random batch per rank (rank-dependent lengths, so ranks
-run different numbers of chunks and the dummy-chunk padding is exercised), then computes from the same RNG state
+run different numbers of chunks and the dummy-chunk padding is exercised; ``--rank-batch-sizes 6,3`` gives the
+ranks different numbers of queries, 0 included, as a dataset's last global batch does; the same positive document
+appears twice in the global batch, on two ranks when there are two non-empty ones, so the in-batch mask of the
+gathered positive ids takes part), then computes from the same RNG state
 (dropout masks included) the gradient of the plain step and of the cached step. Error = ||g_cached - g_plain|| /
 ||g_plain|| over all parameters (L2, full gradients; under ZeRO they are assembled with
 deepspeed.utils.safe_get_full_grad on every rank). When distributed it also checks the gradient SCALE: with dropout
@@ -70,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--ds-config", default=None, help="DeepSpeed JSON overriding the config's `deepspeed` path")
     ap.add_argument("--batch-size", type=int, default=None, help="queries per rank (default: train.per_device_batch_size)")
+    ap.add_argument("--rank-batch-sizes", default=None, metavar="N,N,...",
+                    help="queries of each rank's batch, one number per rank, 0 allowed (a ragged last batch); "
+                         "default: --batch-size on every rank")
     ap.add_argument("--dataset-type", default="retrieval", choices=["retrieval", "classification", "clustering"])
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--tolerance", type=float, default=1e-4)
@@ -90,6 +96,40 @@ def make_batch(cfg: Config, vocab: int, eos: int, b: int, dataset_type: str, see
         rng, batch_size=b, n_neg=n_neg, vocab_size=vocab, eos_id=eos,
         query_len=(6, 24), passage_len=(12, 48 + 32 * r), dataset_type=dataset_type,
     )
+
+
+def make_batches(cfg: Config, vocab: int, eos: int, sizes: list[int], dataset_type: str, seed: int
+                 ) -> list[ContrastiveBatch]:
+    """Every rank's batch (:func:`make_batch`, sizes[r] queries on rank r) with positive corpus ids, distinct except
+    one document that is the positive of two queries: the first query of the first two non-empty ranks (of the only
+    non-empty one's first two queries), the same tokens under the same id."""
+    batches = [make_batch(cfg, vocab, eos, b, dataset_type, seed, r) for r, b in enumerate(sizes)]
+    offsets = np.cumsum([0, *sizes])
+    for r, batch in enumerate(batches):
+        batch.positive_ids = np.arange(offsets[r], offsets[r + 1], dtype=np.int64)
+    slots = [(r, i) for r, b in enumerate(sizes) for i in range(min(b, 2))]
+    holders = [slot for slot in slots if slot[1] == 0]
+    pair = holders[:2] if len(holders) >= 2 else slots[:2]
+    if len(pair) == 2:
+        (r0, i0), (r1, i1) = pair
+        batches[r1].positives[i1] = batches[r0].positives[i0].copy()
+        batches[r1].positive_ids[i1] = batches[r0].positive_ids[i0]
+    return batches
+
+
+def rank_batch_sizes(args: argparse.Namespace, b: int, n_ranks: int) -> list[int]:
+    """Queries per rank: ``--rank-batch-sizes`` (one per rank, >= 0, not all 0) or `b` everywhere; ConfigError."""
+    if args.rank_batch_sizes is None:
+        return [b] * n_ranks
+    try:
+        sizes = [int(x) for x in args.rank_batch_sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--rank-batch-sizes: expected comma-separated integers, got {args.rank_batch_sizes!r}") \
+            from None
+    if len(sizes) != n_ranks or min(sizes) < 0 or sum(sizes) == 0:
+        raise ConfigError(f"--rank-batch-sizes: expected {n_ranks} numbers >= 0 (one per rank, not all 0), got "
+                          f"{args.rank_batch_sizes!r}")
+    return sizes
 
 
 def full_grad(model: nn.Module) -> torch.Tensor:
@@ -171,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.dtype, cfg.model.compile = "float32", False  # the fp32 reference; its bf16 copy is made below
     model = EmbeddingModel.from_config(cfg.model, device)
     b = args.batch_size or cfg.train.per_device_batch_size
+    try:
+        sizes = rank_batch_sizes(args, b, n_ranks)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     vocab = model.backbone.config.vocab_size
     eos = model.backbone.config.eos_token_id
     eos = int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 1))
-    batches = [make_batch(cfg, vocab, eos, b, args.dataset_type, args.seed, r) for r in range(n_ranks)]
+    batches = make_batches(cfg, vocab, eos, sizes, args.dataset_type, args.seed)
     if args.dtype == "bf16":
         return bf16_main(model, batches, my_rank, cfg, args, use_ds, b)
     gradcache = resolve_chunk_tokens(cfg.gradcache, model, device, max_len=max_sequence(batches), world_size=n_ranks)
@@ -209,6 +254,7 @@ def global_batch(batches: list[ContrastiveBatch]) -> ContrastiveBatch:
         negatives=[s for bt in batches for s in bt.negatives],
         n_neg=batches[0].n_neg,
         dataset_type=batches[0].dataset_type,
+        positive_ids=None if batches[0].positive_ids is None else np.concatenate([bt.positive_ids for bt in batches]),
     )
 
 
@@ -288,8 +334,8 @@ def check(
         log(f"loss differs: plain {s_plain.loss:.8f} vs cached {s_cached.loss:.8f}")
     err = rel_error(g_cached, g_plain)
     log(
-        f"batch: {b} queries/rank x {world_size()} ranks, {batch.n_neg} negatives, {s_cached.sequences} sequences, "
-        f"{s_cached.real_tokens} tokens, padding efficiency {s_cached.padding_efficiency:.3f}; "
+        f"batch: {s_cached.queries} queries over {world_size()} ranks ({batch.size} on rank 0), {batch.n_neg} "
+        f"negatives, {s_cached.sequences} sequences, {s_cached.real_tokens} tokens, padding efficiency {s_cached.padding_efficiency:.3f}; "
         f"chunks on rank 0 {s_cached.chunks}, run {s_cached.chunks_run}; loss {s_cached.loss:.6f}; "
         f"coalesced grad reduction {'on' if s_cached.coalesced else 'off'}"
     )

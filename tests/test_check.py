@@ -52,13 +52,14 @@ def errors(stderr: str) -> list[str]:
 
 
 def expected_steps_per_epoch(shards: Path, global_batch: int, fraction: float = 0.05) -> int:
-    """Global batches per epoch from the manifest's query counts (the split holds out round(f * n), at least 1)."""
+    """Global batches per epoch from the manifest's query counts (the split holds out round(f * n) of the example's
+    distinct queries, at least 1; the last batch of a dataset may be smaller: ceil)."""
     manifest = json.loads((shards / "manifest.json").read_text())
     total = 0
     for entry in manifest["datasets"].values():
         n = entry["counts"]["queries"]
         n_val = max(int(round(fraction * n)), 1 if n > 1 else 0)
-        total += (n - n_val) // global_batch
+        total += -(-(n - n_val) // global_batch)
     return total
 
 
@@ -143,7 +144,7 @@ def _ds_file(tmp_path: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("case", [
     "config_key", "config_value", "timeout_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
-    "dataset", "tokenizer", "too_few_queries",
+    "dataset", "tokenizer", "too_few_queries", "in_batch_type", "hard_negative_type",
 ])
 def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
     args = [f"data.shards={example_shards}", f"train.output_dir={tmp_path / 'run'}"]
@@ -180,14 +181,30 @@ def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tok
     elif case == "tokenizer":
         args.append(f"model.tokenizer={word_tokenizer}")
         expected = f"error: {example_shards / 'manifest.json'}: shards were tokenized with"
+    elif case == "in_batch_type":
+        args.append("loss.in_batch_types=[retrieval, qa]")
+        expected = "error: loss.in_batch_types[1]: unknown dataset type 'qa' (expected one of retrieval, "
+    elif case == "hard_negative_type":
+        args.append("loss.hard_negatives={retreival: 7, classification: 1, clustering: 9}")
+        expected = "error: loss.hard_negatives.retreival: unknown dataset type 'retreival'"
     else:
-        args += ["--world-size", "64"]
-        expected = "error: data: no dataset has a full global batch of 512 training queries"
+        args += ["data.drop_last=true", "--world-size", "64"]
+        expected = "error: data: no dataset has a full global batch of 512 (data.drop_last) training queries"
     code, out, err = check_main(capsys, *args)
     assert code == 2, err
     assert len(errors(err)) == 1, err
     assert errors(err)[0].startswith(expected), errors(err)
     assert "check: OK" not in out and not (tmp_path / "run").exists()
+
+
+def test_unknown_loss_type_stops_the_start(example_shards, tmp_path, capsys):
+    """The trainer's start runs the same check as --check (pipeline.training.losses.loss_type_problems)."""
+    code = train_entry.main(["--config", str(TINY), f"data.shards={example_shards}",
+                             f"train.output_dir={tmp_path / 'run'}", "loss.hard_negatives={retrieval: 3, qa: 1}"])
+    err = capsys.readouterr().err
+    assert code == 2 and errors(err) == ["error: loss.hard_negatives.qa: unknown dataset type 'qa' (expected one of "
+                                         "retrieval, classification, clustering)"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_problem_is_listed_one_per_line(example_shards, tmp_path):

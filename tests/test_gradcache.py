@@ -2,6 +2,8 @@
 
 Single process in-process; 2 processes (gloo) through torchrun: DeepSpeed ZeRO-2, ZeRO-3 and plain
 torch.distributed, via the gradcheck CLI (which also checks the gradient scale against a one-process global batch).
+ZeRO-3 and torch.distributed run ragged global batches (a dataset's last batch): 5 queries on rank 0 and none on
+rank 1, and 6 / 3; the scale check then verifies the rank weighting of the loss (B_r x W / G).
 """
 from __future__ import annotations
 
@@ -97,20 +99,26 @@ def _two_process_gradcheck(extra: list[str]) -> tuple[float, str]:
     return float(m.group(1)), out.stderr
 
 
-@pytest.mark.parametrize("ds_json", ["zero2.json", "zero3.json"])
-def test_cached_equals_full_batch_deepspeed_two_processes(ds_json):
+@pytest.mark.parametrize("ds_json,sizes", [("zero2.json", None), ("zero3.json", "5,0")])
+def test_cached_equals_full_batch_deepspeed_two_processes(ds_json, sizes):
+    ragged = ["--rank-batch-sizes", sizes] if sizes else []
     err, log = _two_process_gradcheck(
-        ["--engine", "deepspeed", "--ds-config", str(REPO / "ds_configs" / ds_json), "gradcache.chunk_tokens=256"]
+        ["--engine", "deepspeed", "--ds-config", str(REPO / "ds_configs" / ds_json), *ragged,
+         "gradcache.chunk_tokens=256"]
     )
     assert err <= TOL
     stage = ds_json[4]
     assert f"ZeRO stage {stage}, world size 2" in log
     assert "scale check (dropout off)" in log  # the one-process global-batch reference ran
     chunks, run = map(int, re.search(r"chunks on rank 0 (\d+), run (\d+)", log).groups())
-    assert run > chunks, "rank 0 must pad with dummy chunks (ranks have different chunk counts)"
+    if sizes:  # rank 1 holds no query: it runs dummy chunks only and still joins the loss's gathers
+        assert "batch: 5 queries over 2 ranks (5 on rank 0)" in log and run == chunks
+    else:
+        assert run > chunks, "rank 0 must pad with dummy chunks (ranks have different chunk counts)"
 
 
 def test_cached_equals_full_batch_torch_distributed_two_processes():
-    err, log = _two_process_gradcheck(["--engine", "torch", "gradcache.chunk_tokens=128"])
+    err, log = _two_process_gradcheck(["--engine", "torch", "--rank-batch-sizes", "6,3", "gradcache.chunk_tokens=128"])
     assert err <= TOL
     assert "world size 2, backend gloo" in log and "ZeRO" not in log
+    assert "batch: 9 queries over 2 ranks (6 on rank 0)" in log and "scale check (dropout off)" in log

@@ -14,6 +14,7 @@ from pipeline.training.losses import (
     embedding_mse,
     hard_negative_infonce,
     in_batch_infonce,
+    loss_type_problems,
     matryoshka_dims,
     matryoshka_weights,
 )
@@ -87,6 +88,56 @@ def test_retrieval_without_negatives_is_in_batch_only():
     assert float(out.total) == pytest.approx((softplus(-0.4 / 0.5) + softplus(-0.8 / 0.5)) / 2, rel=1e-12)
     with pytest.raises(ValueError, match="no loss applies"):
         contrastive_loss(Q, P, Q[:0], 0, "classification", cfg)
+
+
+def test_same_document_in_batch_is_masked_by_hand():
+    """Queries 1 and 3 have the same positive document (corpus id 7, under two rows): each is a false negative of
+    the other and leaves the other's denominator; query 2 (id 9) keeps every candidate."""
+    tau = 0.5
+    q = t([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    p = t([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    ids = torch.tensor([7, 9, 7])
+    s = q @ p.T
+
+    def row(i: int, keep: list[int]) -> float:
+        return -(float(s[i, i]) / tau - math.log(sum(math.exp(float(s[i, m]) / tau) for m in keep)))
+
+    masked = (row(0, [0, 1]) + row(1, [0, 1, 2]) + row(2, [1, 2])) / 3
+    got = in_batch_infonce(q, p, 0, tau, positive_ids=ids, candidate_ids=ids)
+    assert float(got) == pytest.approx(masked, rel=1e-12)
+    unmasked = (row(0, [0, 1, 2]) + row(1, [0, 1, 2]) + row(2, [0, 1, 2])) / 3
+    assert float(in_batch_infonce(q, p, 0, tau)) == pytest.approx(unmasked, rel=1e-12) and unmasked > masked + 0.1
+    # through the objective: the ids are the batch's positive corpus ids (gathered with the positives)
+    cfg = LossConfig(temperature=tau, matryoshka=False, hard_negative_weight=0.0)
+    out = contrastive_loss(q, p, q[:0], 0, "retrieval", cfg, positive_ids=ids)
+    assert out.parts["in_batch"] == pytest.approx(masked, rel=1e-12)
+
+
+def test_loss_sums_weight_and_parts():
+    """total = (W / G) x sum of the per-query objectives (one process: the mean); sums and parts per query."""
+    cfg = LossConfig(temperature=0.5, matryoshka=False)
+    out = contrastive_loss(Q, P, N, 1, "retrieval", cfg)
+    ib = (softplus((0.6 - 1.0) / 0.5) + softplus((0 - 0.8) / 0.5)) / 2
+    hn = (softplus((0 - 1.0) / 0.5) + softplus((0 - 0.8) / 0.5)) / 2
+    assert out.queries == 2 and set(out.sums) == {"in_batch", "hard_negative", "total"}
+    assert out.sums["in_batch"] == pytest.approx(2 * ib) and out.sums["hard_negative"] == pytest.approx(2 * hn)
+    assert out.sums["total"] == pytest.approx(2 * (ib + hn)) and float(out.total) == pytest.approx(ib + hn)
+    assert out.parts == pytest.approx({"in_batch": ib, "hard_negative": hn, "total": ib + hn})
+    # distillation summed over queries: B x the F2LLM mean (negatives' rows averaged per query)
+    student = (t([[1.0, 0.0], [0.0, 1.0]]), t([[0.5, 0.5], [0.0, 0.0]]), t([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]))
+    teacher = (t([[0.0, 0.0], [0.0, 0.0]]),) * 2 + (t([[0.0, 0.0]] * 4),)
+    assert float(distillation_loss(student, teacher, reduction="sum")) == pytest.approx(
+        2 * float(distillation_loss(student, teacher)), rel=1e-12)
+
+
+def test_unknown_dataset_types_in_loss_keys():
+    assert loss_type_problems(LossConfig()) == []
+    problems = loss_type_problems(LossConfig(in_batch_types=["retrieval", "qa"], hard_negatives={"retreival": 7}))
+    assert problems == [
+        "loss.in_batch_types[1]: unknown dataset type 'qa' (expected one of retrieval, classification, clustering)",
+        "loss.hard_negatives.retreival: unknown dataset type 'retreival' (expected one of retrieval, "
+        "classification, clustering)",
+    ]
 
 
 def test_false_negative_mask_by_hand():

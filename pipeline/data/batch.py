@@ -3,7 +3,9 @@
 A batch holds B queries, B positives (positive i belongs to query i) and B * n_neg hard negatives, query i's
 negatives at ``negatives[i * n_neg:(i + 1) * n_neg]``. Every sequence is a 1-D array of token ids that already
 ends in the tokenizer's EOS (the pooled token for last-token pooling). ``dataset_type`` decides which losses apply
-(see :mod:`pipeline.training.losses`).
+(see :mod:`pipeline.training.losses`). ``positive_ids`` are the positives' corpus ids (the in-batch loss masks a
+candidate that is the query's own positive document under another row); None when unknown (all distinct). B may
+be 0: a rank's share of a global batch smaller than the world size, which still takes part in every collective.
 """
 from __future__ import annotations
 
@@ -16,21 +18,25 @@ DATASET_TYPES = ("retrieval", "classification", "clustering")
 
 @dataclass
 class ContrastiveBatch:
-    """B queries, B positives, B * n_neg negatives (token-id arrays), and the dataset type."""
+    """B >= 0 queries, B positives, B * n_neg negatives (token-id arrays), the dataset type and the positives'
+    corpus ids."""
 
     queries: list[np.ndarray]
     positives: list[np.ndarray]
     negatives: list[np.ndarray]
     n_neg: int
     dataset_type: str
+    positive_ids: np.ndarray | None = None  # [B] int64 corpus ids of the positives
 
     def __post_init__(self) -> None:
         if self.dataset_type not in DATASET_TYPES:
             raise ValueError(f"ContrastiveBatch: dataset_type {self.dataset_type!r} is not one of {DATASET_TYPES}")
         if self.n_neg < 0:
             raise ValueError(f"ContrastiveBatch: n_neg must be >= 0, got {self.n_neg}")
-        if len(self.queries) == 0:
-            raise ValueError("ContrastiveBatch: empty batch (no queries)")
+        if self.positive_ids is not None and len(self.positive_ids) != len(self.queries):
+            raise ValueError(
+                f"ContrastiveBatch: {len(self.queries)} queries but {len(self.positive_ids)} positive ids"
+            )
         if len(self.positives) != len(self.queries):
             raise ValueError(
                 f"ContrastiveBatch: {len(self.queries)} queries but {len(self.positives)} positives"

@@ -1,7 +1,8 @@
 """Training data: shards -> this rank's :class:`ContrastiveBatch` for every step, built in DataLoader workers.
 
-`TrainData` owns the split (train / held-out validation per dataset), the homogeneous schedule and the number of
-hard negatives per dataset (``loss.hard_negatives[type]``, capped by the widest negative list the dataset has).
+`TrainData` owns the split (train / held-out validation per dataset, by query text), the homogeneous schedule and
+the number of hard negatives per dataset (``loss.hard_negatives[type]``, capped by the widest negative list the
+dataset has).
 `StepBatches` is a map-style dataset indexed by step: item s is rank r's slice of global batch s of the epoch, with
 tokens copied out of the memory map; a DataLoader iterates it from any step on, so resuming mid-epoch is one
 sampler offset. Workers open the shards themselves (memory maps are not shipped between processes).
@@ -20,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
 from pipeline.resilience.preemption import ignore_stop_signals
-from pipeline.data.sampler import HomogeneousSchedule, sample_negatives, split_validation
+from pipeline.data.sampler import HomogeneousSchedule, batch_count, rank_share, sample_negatives, split_validation
 from pipeline.data.shard_format import MANIFEST, ShardError
-from pipeline.data.shards import ShardDataset, ShardReader, read_manifest
+from pipeline.data.shards import ShardDataset, ShardReader, identical_rows, read_manifest
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,11 @@ def negatives_per_dataset(reader: ShardReader, names: list[str], loss: LossConfi
 def build_batch(
     ds: ShardDataset, query_ids: np.ndarray, n_neg: int, *, seed: int, epoch: int
 ) -> ContrastiveBatch:
-    """Token arrays (copied out of the map) of the given queries, their positives and sampled negatives."""
+    """Token arrays (copied out of the map) of the given queries (none: an empty batch), their positives with
+    their corpus ids, and sampled negatives."""
+    query_ids = np.asarray(query_ids, dtype=np.int64)
     queries = [np.array(ds.queries[int(q)]) for q in query_ids]
-    pos_ids = ds.positives[query_ids]
+    pos_ids = np.array(ds.positives[query_ids], dtype=np.int64)
     positives = [np.array(ds.corpus[int(p)]) for p in pos_ids]
     negatives = []
     for q, p in zip(query_ids, pos_ids):
@@ -119,7 +122,7 @@ def build_batch(
             dataset=ds.name, query=int(q),
         )
         negatives.extend(np.array(ds.corpus[int(j)]) for j in picks)
-    return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type)
+    return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type, positive_ids=pos_ids)
 
 
 def rank_batch(
@@ -171,7 +174,8 @@ class TrainData:
         self.rank = rank
         self.reader = check_data(cfg, verify=verify)
         names = sorted(self.reader.datasets)
-        splits = {n: split_validation(self.reader[n].num_queries, cfg.validation_fraction, seed, n) for n in names}
+        splits = {n: split_validation(identical_rows(self.reader[n].queries), cfg.validation_fraction, seed, n)
+                  for n in names}
         self.train_ids = {n: s[0] for n, s in splits.items()}
         self.val_ids = {n: s[1] for n, s in splits.items()}
         self.plan = DataPlan(
@@ -183,7 +187,7 @@ class TrainData:
             world_size=world_size,
         )
         self.schedule = HomogeneousSchedule(
-            self.train_ids, per_device_batch * world_size, seed, cfg.sampling_temperature
+            self.train_ids, per_device_batch * world_size, seed, cfg.sampling_temperature, drop_last=cfg.drop_last
         )
 
     @property
@@ -207,20 +211,21 @@ class TrainData:
             generator=torch.Generator().manual_seed(self.plan.seed + epoch),
         )
 
-    def validation_batches(self) -> Iterator[ContrastiveBatch]:
-        """This rank's validation batches: each dataset's held-out queries in per-device batches, the same count
-        on every rank (a dataset contributes floor(n_val / (B * world)) steps)."""
-        per_rank = self.plan.per_device_batch
+    def validation_steps(self, name: str) -> int:
+        """Validation batches of dataset `name`: ceil(held-out queries / global batch), the last one ragged."""
+        return batch_count(len(self.val_ids[name]), self.plan.per_device_batch * self.plan.world_size, False)
+
+    def validation_batches(self) -> Iterator[tuple[str, ContrastiveBatch]]:
+        """(dataset, this rank's batch) for every validation step: each dataset's held-out queries in global
+        batches of B x world (the last one smaller), split over the ranks like training batches
+        (:func:`pipeline.data.sampler.rank_share`). Every rank gets the same steps; a rank's batch may be empty."""
         world = self.plan.world_size
+        global_batch = self.plan.per_device_batch * world
         for name in self.plan.datasets:
             ids = self.val_ids[name]
-            steps = len(ids) // (per_rank * world)
-            for s in range(steps):
-                start = (s * world + self.rank) * per_rank
-                yield build_batch(
-                    self.reader[name], ids[start : start + per_rank], self.plan.n_neg[name],
-                    seed=self.plan.seed, epoch=0,
-                )
+            for s in range(self.validation_steps(name)):
+                mine = rank_share(ids[s * global_batch : (s + 1) * global_batch], self.rank, world)
+                yield name, build_batch(self.reader[name], mine, self.plan.n_neg[name], seed=self.plan.seed, epoch=0)
 
 
 def _identity(item: tuple[str, ContrastiveBatch]) -> tuple[str, ContrastiveBatch]:

@@ -1,20 +1,27 @@
 """Homogeneous global-batch schedule (F2LLM's "homogeneous macro batches") and hard-negative sampling.
 
-Every optimizer step draws ONE global batch of G = per_device_batch x world_size queries from ONE dataset, so all
-ranks compute the same loss type and in-batch candidates come from the same task. Per epoch e:
+Every optimizer step draws ONE global batch of up to G = per_device_batch x world_size queries from ONE dataset,
+so all ranks compute the same loss type and in-batch candidates come from the same task. Per epoch e:
 
-* each dataset d's training queries are permuted with a RNG seeded by (seed, e, d) and cut into floor(n_d / G)
-  global batches (the remainder is dropped for this epoch; the permutation differs every epoch);
+* each dataset d's training queries are permuted with a RNG seeded by (seed, e, d) and cut into ceil(n_d / G)
+  global batches: full ones and one last, smaller batch of n_d mod G queries, so every training query is trained
+  once per epoch (datasets smaller than G are one small batch). With ``data.drop_last`` the remainder is dropped
+  instead (floor(n_d / G) batches; the permutation differs every epoch) and datasets smaller than G are not
+  trained;
 * with sampling temperature T = 1 the epoch is a random order (seed, e) of all those batches: equivalent to F2LLM
   choosing, at every step, a dataset with probability proportional to its remaining batches;
 * with T != 1 each step picks dataset d with probability p_d ~ n_batches_d ** (1 / T) (T > 1 flattens towards
   uniform), cycling through d's permuted batches; the epoch length stays sum_d n_batches_d.
 
-Rank r takes the disjoint slice [r*B, (r+1)*B) of the global batch, so every rank takes the same number of steps.
-Everything is a pure function of (seed, epoch, step): a resumed run sees exactly the batches it would have seen.
+Rank r takes its share of the global batch (:func:`rank_share`: contiguous, sizes differing by at most one, B each
+for a full batch; a rank may get none of a batch smaller than the world size). Every rank takes every step: a rank
+with fewer queries runs GradCache's dummy chunks, and the loss weights each rank by its queries
+(:mod:`pipeline.training.losses`). Everything is a pure function of (seed, epoch, step): a resumed run sees exactly
+the batches it would have seen.
 
 Validation: a fraction of each dataset's queries, chosen with a RNG seeded by (seed, d) and fixed for the run, is
-held out of training.
+held out of training. The split is by query: rows whose query token sequences are identical (a JSONL line with
+several positives becomes one row per positive) are held out or trained together, never split.
 """
 from __future__ import annotations
 
@@ -29,20 +36,43 @@ def _key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def split_validation(n_queries: int, fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train ids, validation ids) of one dataset; round(fraction * n) queries held out, at least 1 if fraction>0
-    and the dataset has more than one query."""
-    order = np.random.default_rng([seed, _key(name), 1]).permutation(n_queries)
-    n_val = int(round(fraction * n_queries))
-    if fraction > 0 and n_val == 0 and n_queries > 1:
+def split_validation(
+    groups: np.ndarray, fraction: float, seed: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train row ids, validation row ids) of one dataset, split by query.
+
+    `groups[i]` is the query of row i (dense ids 0..n_groups-1, numbered by first appearance:
+    :func:`pipeline.data.shards.identical_rows`). round(fraction * n_groups) queries are held out - at least one
+    when fraction > 0 and the dataset has more than one query - with every row of each. With one row per query
+    (groups = 0, 1, 2, ...) this is a permutation of the rows cut at round(fraction * n)."""
+    groups = np.asarray(groups, dtype=np.int64)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    order = np.random.default_rng([seed, _key(name), 1]).permutation(n_groups)
+    n_val = int(round(fraction * n_groups))
+    if fraction > 0 and n_val == 0 and n_groups > 1:
         n_val = 1
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    held = np.zeros(n_groups, dtype=bool)
+    held[order[:n_val]] = True
+    is_val = held[groups]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def rank_share(query_ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s contiguous share of a global batch: sizes differ by at most one, lower ranks take the extra
+    query (``numpy.array_split``); B each when the batch holds B x world_size queries, none for some ranks when it
+    holds fewer queries than ranks."""
+    return np.array_split(query_ids, world_size)[rank]
+
+
+def batch_count(n_queries: int, global_batch: int, drop_last: bool) -> int:
+    """Global batches of `n_queries` queries: ceil(n / G), or floor(n / G) with `drop_last`."""
+    return n_queries // global_batch if drop_last else -(-n_queries // global_batch)
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
     dataset: str
-    query_ids: np.ndarray  # the global batch: G query row ids of `dataset`
+    query_ids: np.ndarray  # the global batch: G query row ids of `dataset` (fewer in a dataset's last batch)
 
 
 class HomogeneousSchedule:
@@ -54,6 +84,7 @@ class HomogeneousSchedule:
         global_batch: int,
         seed: int,
         temperature: float = 1.0,
+        drop_last: bool = False,
     ) -> None:
         if global_batch < 1:
             raise ValueError(f"global batch must be >= 1, got {global_batch}")
@@ -62,13 +93,27 @@ class HomogeneousSchedule:
         self.global_batch = global_batch
         self.seed = seed
         self.temperature = temperature
+        self.drop_last = drop_last
         self.train_ids = {name: ids for name, ids in sorted(train_ids.items())}
-        self.n_batches = {name: len(ids) // global_batch for name, ids in self.train_ids.items()}
+        self.n_batches = {name: batch_count(len(ids), global_batch, drop_last) for name, ids in self.train_ids.items()}
         self.datasets = [name for name, n in self.n_batches.items() if n > 0]
         self.skipped = [name for name, n in self.n_batches.items() if n == 0]
         if not self.datasets:
             sizes = ", ".join(f"{n}: {len(ids)}" for n, ids in self.train_ids.items())
-            raise ValueError(f"no dataset has a full global batch of {global_batch} training queries ({sizes})")
+            what = f"a full global batch of {global_batch} (data.drop_last)" if drop_last else "any"
+            raise ValueError(f"no dataset has {what} training queries ({sizes})")
+
+    def skip_reason(self, name: str) -> str:
+        """Why dataset `name` (one of ``skipped``) is not trained on."""
+        n = len(self.train_ids[name])
+        if n == 0:
+            return "no training queries (all held out for validation, or none): not trained on"
+        return f"{n} training queries, fewer than one global batch of {self.global_batch} (data.drop_last): not trained on"
+
+    @property
+    def trained_queries(self) -> int:
+        """Training queries the epoch's batches hold, over all datasets (every one unless ``drop_last``)."""
+        return sum(min(len(self.train_ids[d]), self.n_batches[d] * self.global_batch) for d in self.datasets)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -80,11 +125,10 @@ class HomogeneousSchedule:
         weights = np.array([self.n_batches[d] for d in self.datasets], dtype=np.float64) ** (1.0 / self.temperature)
         return weights / weights.sum()
 
-    def _dataset_batches(self, name: str, epoch: int, cycle: int = 0) -> np.ndarray:
+    def _dataset_order(self, name: str, epoch: int, cycle: int = 0) -> np.ndarray:
+        """`name`'s training queries in the order (seed, epoch, cycle): batch k is [k*G, (k+1)*G) of it."""
         ids = self.train_ids[name]
-        perm = np.random.default_rng([self.seed, epoch, _key(name), cycle]).permutation(len(ids))
-        n = self.n_batches[name]
-        return ids[perm[: n * self.global_batch]].reshape(n, self.global_batch)
+        return ids[np.random.default_rng([self.seed, epoch, _key(name), cycle]).permutation(len(ids))]
 
     @lru_cache(maxsize=2)
     def epoch_plan(self, epoch: int) -> tuple[list[str], list[int]]:
@@ -109,11 +153,12 @@ class HomogeneousSchedule:
         name, k = names[step], index[step]
         n = self.n_batches[name]
         cycle, k = divmod(k, n)
-        return ScheduledBatch(name, self._dataset_batches(name, epoch, cycle)[k])
+        g = self.global_batch
+        return ScheduledBatch(name, self._dataset_order(name, epoch, cycle)[k * g : (k + 1) * g])
 
     def rank_slice(self, batch: ScheduledBatch, rank: int, world_size: int) -> np.ndarray:
-        per_rank = self.global_batch // world_size
-        return batch.query_ids[rank * per_rank : (rank + 1) * per_rank]
+        """Rank `rank`'s queries of `batch` (:func:`rank_share`)."""
+        return rank_share(batch.query_ids, rank, world_size)
 
 
 def sample_negatives(
@@ -121,14 +166,16 @@ def sample_negatives(
 ) -> np.ndarray:
     """`n_neg` hard-negative corpus ids for one query, a pure function of (seed, epoch, dataset, query).
 
-    `pool` is the query's row of negative ids (-1 = empty slot). Without replacement when the pool is large enough,
-    with replacement when it has fewer valid ids than `n_neg`, and random corpus documents other than the positive
-    when it has none (so every query of a batch gets the same number of negatives).
+    `pool` is the query's row of negative ids (-1 = empty slot). The positive's own id is never a negative (a pool
+    that lists it - e.g. the same document mined for a query with several positives - has it removed before the
+    draw). Without replacement when the pool is large enough, with replacement when it has fewer valid ids than
+    `n_neg`, and random corpus documents other than the positive when it has none (so every query of a batch gets
+    the same number of negatives).
     """
     if n_neg == 0:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng([seed, epoch, _key(dataset), query, 7])
-    valid = pool[pool >= 0]
+    valid = pool[(pool >= 0) & (pool != positive)]
     if len(valid) >= n_neg:
         return rng.choice(valid, size=n_neg, replace=False)
     if len(valid) > 0:

@@ -45,6 +45,46 @@ class TokenTable:
         return np.diff(self.offsets)
 
 
+_HASH_BASE = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: an odd multiplier, so powers never vanish mod 2^64
+_HASH_BLOCK_TOKENS = 1 << 23  # tokens hashed per numpy pass (bounded temporary memory on large tables)
+
+
+def identical_rows(table: TokenTable) -> np.ndarray:
+    """Group id of every row: rows with identical token sequences share one; ids are dense, numbered by first
+    appearance (rows all distinct -> 0, 1, 2, ...).
+
+    Vectorised, in blocks of rows: each row is keyed by its length and the polynomial hash
+    sum_j (t_j + 1) * base^j mod 2^64. Identical rows always share a key; two different rows could in principle
+    collide and would then be grouped together (harmless where groups only say what must stay together)."""
+    n = len(table)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = table.offsets.astype(np.int64)
+    lengths = np.diff(offsets)
+    powers = np.full(max(int(lengths.max()), 1), _HASH_BASE, dtype=np.uint64)
+    powers[0] = 1
+    powers = np.cumprod(powers)  # base^j mod 2^64 (uint64 products wrap)
+    keys = np.zeros(n, dtype=np.uint64)
+    start = 0
+    while start < n:
+        stop = int(np.searchsorted(offsets, offsets[start] + _HASH_BLOCK_TOKENS, side="right")) - 1
+        stop = min(max(stop, start + 1), n)
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        rows = lengths[start:stop]
+        if hi > lo:
+            first = offsets[start:stop] - lo
+            position = np.arange(hi - lo, dtype=np.int64) - np.repeat(first, rows)
+            terms = (table.values[lo:hi].astype(np.uint64) + np.uint64(1)) * powers[position]
+            filled = rows > 0  # reduceat needs strictly increasing starts: empty rows keep key 0
+            keys[start:stop][filled] = np.add.reduceat(terms, first[filled])
+        start = stop
+    keys = keys * _HASH_BASE + lengths.astype(np.uint64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
 def _numpy_view(array: pa.Array, path: Path) -> np.ndarray:
     """Zero-copy numpy view of a primitive Arrow array without nulls (``Array.to_numpy`` imports pandas on first
     use, which costs ~0.5 s and ~45 MiB at every open)."""

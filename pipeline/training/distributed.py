@@ -106,6 +106,18 @@ def all_gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> tor
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def all_gather_rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate `t` ([sizes[rank], ...], any dtype) from all ranks along dim 0, without gradient; shorter inputs
+    are zero-padded to the longest for the collective and the padding dropped."""
+    if not is_distributed() or world_size() == 1:
+        return t
+    longest = max(sizes)
+    padded = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))]) if t.shape[0] < longest else t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def gather_sizes(n: int, device: torch.device) -> list[int]:
     """Every rank's `n`, as a list indexed by rank."""
     if not is_distributed() or world_size() == 1:

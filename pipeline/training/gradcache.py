@@ -10,10 +10,12 @@ Peak activation memory is that of ONE chunk, whatever the batch size; the price 
 
 Distributed (torch.distributed or DeepSpeed): every rank runs the same number of chunks - the local count is
 all-reduced (MAX) and short ranks run dummy chunks (a 2-token sequence, surrogate 0 * sum(e)); under ZeRO-3 each
-forward all-gathers the parameters, so a missing forward would deadlock the others. Gradient scale: the loss of a
-rank is the mean over its queries, gathered positives receive gradient from all ranks; averaging the parameter
-gradients over ranks (DeepSpeed does it, and :class:`pipeline.training.backward.PlainBackward` without it) gives
-the gradient of the global mean loss (see :mod:`pipeline.training.losses`). With embedding distillation the teacher
+forward all-gathers the parameters, so a missing forward would deadlock the others; a rank whose batch is empty (a
+dataset's last, small global batch) runs dummy chunks only and still joins the loss's gathers. Gradient scale: the
+loss of a rank is the sum over its queries times W / G (its mean weighted by its share of the step's queries),
+gathered positives receive gradient from all ranks; averaging the parameter gradients over ranks (DeepSpeed does
+it, and :class:`pipeline.training.backward.PlainBackward` without it) gives the gradient of the global mean loss
+(see :mod:`pipeline.training.losses`). With embedding distillation the teacher
 embeds the same chunks in step 1 (no graph; its states are constants of the loss, so the gradient stays exact) and
 the student's cached states are its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the
 gradients (plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is
@@ -33,7 +35,7 @@ from pipeline.data.batch import ContrastiveBatch
 from pipeline.model.packing import ChunkInputs, chunk_cost, padding_efficiency, plan_chunks
 from pipeline.training.backward import base_module, backward_for
 from pipeline.training.distributed import all_reduce_max, is_distributed, world_size
-from pipeline.training.losses import contrastive_loss
+from pipeline.training.losses import PARTS, LossOutput, contrastive_loss
 
 LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to the step's loss before its backward
 
@@ -45,8 +47,9 @@ LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to the step's loss 
 class StepStats:
     """One step's loss and work. Token/sequence counts are summed over ranks; chunks are this rank's."""
 
-    loss: float  # mean over ranks of each rank's loss
-    parts: dict[str, float] = field(default_factory=dict)  # this rank's loss parts
+    loss: float  # the step's loss: mean over all ranks' queries (= mean over ranks of each rank's weighted loss)
+    parts: dict[str, float] = field(default_factory=dict)  # each part's mean over all ranks' queries (full dim)
+    queries: int = 0
     sequences: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
@@ -115,17 +118,23 @@ def _split(e: torch.Tensor, batch: ContrastiveBatch) -> tuple[torch.Tensor, torc
     return e[:b], e[b : 2 * b], e[2 * b :]
 
 
-def _finish_stats(loss: float, parts: dict[str, float], plan: _Plan, model: nn.Module, device: torch.device) -> StepStats:
+def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, device: torch.device) -> StepStats:
+    """The step's numbers, summed over ranks in ONE all-reduce: loss (each rank's weighted loss, so the mean over
+    ranks is the global mean), queries and part sums (global means per part), sequences and tokens."""
     real = sum(len(s) for s in plan.seqs)
     computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed, pad_to=model.static_tokens)
                    for idx in plan.chunks)
-    totals = torch.tensor([loss, len(plan.seqs), real, computed], dtype=torch.float64, device=device)
+    keys = [k for k in PARTS if k in out.sums]  # the same on every rank (dataset type, negatives and config)
+    totals = torch.tensor([loss, len(plan.seqs), real, computed, out.queries, *(out.sums[k] for k in keys)],
+                          dtype=torch.float64, device=device)
     if is_distributed():
         torch.distributed.all_reduce(totals)
         totals[0] /= world_size()
+    queries = int(totals[4])
     return StepStats(
         loss=float(totals[0]),
-        parts=parts,
+        parts={k: float(totals[5 + i]) / max(queries, 1) for i, k in enumerate(keys)},
+        queries=queries,
         sequences=int(totals[1]),
         real_tokens=int(totals[2]),
         computed_tokens=int(totals[3]),
@@ -141,14 +150,16 @@ def _embed_without_grad(
     layout of `model` (a student, or a teacher). When `states` is given, the RNG state each chunk started from is
     appended to it. `raw`: pooled states before normalisation (for distillation)."""
     pieces: list[tuple[np.ndarray, torch.Tensor]] = []
+    width = 0
     with torch.no_grad():
         for inputs, idx in plan.inputs(base_module(model)):
             if states is not None:
                 states.append(RngState.capture(device))
             emb = model(inputs, raw=raw)
+            width = emb.shape[-1]  # from a dummy chunk too, when this rank's batch is empty
             if idx is not None:
                 pieces.append((idx, emb))
-    cache = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
+    cache = torch.empty((len(plan.seqs), width), dtype=torch.float32, device=device)
     for idx, emb in pieces:
         cache[torch.as_tensor(idx, device=device)] = emb.float()
     return cache
@@ -170,20 +181,28 @@ def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBa
 # --------------------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------------------
+def _positive_ids(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
+    return None if batch.positive_ids is None else torch.as_tensor(batch.positive_ids, dtype=torch.int64,
+                                                                    device=device)
+
+
 def batch_loss(
     model: nn.Module, batch: ContrastiveBatch, loss_cfg: LossConfig, gc_cfg: GradCacheConfig, *,
     teacher: nn.Module | None = None,
-) -> float:
+) -> LossOutput:
     """The contrastive loss of `batch` without gradients (validation): chunked like training, with the chunk
-    count padded across ranks, so ZeRO-3's parameter gathers stay in step. Call in eval mode for no dropout."""
+    count padded across ranks, so ZeRO-3's parameter gathers stay in step; the batch may be empty (every rank
+    calls it for every validation batch). Returns this rank's part sums and query count, to be reduced over ranks
+    by the caller. Call in eval mode for no dropout."""
     base = base_module(model)
     device = base.device
     plan = _plan(base, batch, gc_cfg, device)
     embeddings = _embed_without_grad(model, plan, device, raw=loss_cfg.distill is not None)
     with torch.no_grad():
         out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
-                               _teacher_states(teacher, plan, batch, device))
-    return float(out.total)
+                               _teacher_states(teacher, plan, batch, device), _positive_ids(batch, device))
+    out.total = out.total.detach()
+    return out
 
 
 def cached_step(
@@ -216,13 +235,13 @@ def cached_step(
 
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
-    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
+    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
+                           _positive_ids(batch, device))
     total = out.total if loss_hook is None else loss_hook(out.total)
     total.backward()
     grad = cache.grad
     loss = float(total.detach())
-    parts = out.parts
-    del out
+    out.total = total.detach()
 
     # 3. Replay each chunk with a graph; backpropagate sum(e_c * g_c).
     with backward.accumulate():
@@ -236,7 +255,7 @@ def cached_step(
             backward.backward(surrogate, last=k == plan.n_run - 1)
     rng_after.restore()
     backward.finish()
-    stats = _finish_stats(loss, parts, plan, base, device)
+    stats = _finish_stats(loss, out, plan, base, device)
     stats.coalesced = backward.coalesced
     return stats
 
@@ -263,20 +282,26 @@ def plain_step(
     teacher_states = _teacher_states(teacher, plan, batch, device)
     pieces: list[tuple[np.ndarray, torch.Tensor]] = []
     dummy = None
+    empty = None  # a [0, d] slice of a dummy chunk's embedding: an empty batch's embeddings, still in the graph
     for inputs, idx in plan.inputs(base):
         emb = model(inputs, raw=raw)
         if idx is None:  # keeps every rank's backward graph (ZeRO-3 gathers) the same size
             dummy = emb.sum() * 0.0 if dummy is None else dummy + emb.sum() * 0.0
+            empty = emb[:0].float()
         else:
             pieces.append((idx, emb.float()))
-    order = torch.as_tensor(np.concatenate([idx for idx, _ in pieces]), device=device)
-    e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
-    e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
-    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
+    if pieces:
+        order = torch.as_tensor(np.concatenate([idx for idx, _ in pieces]), device=device)
+        e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
+        e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
+    else:  # no queries on this rank: the loss's gathers (and their backward) must still run
+        e = empty
+    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
+                           _positive_ids(batch, device))
     loss = out.total if loss_hook is None else loss_hook(out.total)
     backward.backward(loss if dummy is None else loss + dummy, last=True)
     backward.finish()
-    return _finish_stats(float(loss.detach()), out.parts, plan, base, device)
+    return _finish_stats(float(loss.detach()), out, plan, base, device)
 
 
 def train_step(

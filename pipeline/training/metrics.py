@@ -92,13 +92,14 @@ def step_values(
     params_non_embedding: int,
     world_size: int,
 ) -> dict[str, Any]:
-    """The record of one logged training step: loss (overall, per dataset, per part; the distillation part also per
-    dataset), lr, gradient norm,
+    """The record of one logged training step: loss (overall, per dataset, per part - means over all ranks' queries;
+    the distillation part also per dataset), the step's queries, lr, gradient norm,
     throughput, padding efficiency, chunks; on CUDA the peak memory and the MFU, on CPU the peak RSS."""
     values: dict[str, Any] = {
         "loss": stats.loss,
         f"loss/{dataset}": stats.loss,
         **stats.parts,
+        "queries": stats.queries,
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": stats.real_tokens / seconds,

@@ -4,7 +4,8 @@ Nothing here initialises torch.distributed or allocates model weights. Every dec
 by the same function the trainer calls, so that the dry run cannot drift from the run. Checked, cheapest first:
 
 * the YAML recipe (:func:`pipeline.config.load_config`: keys and types) and the values a type cannot catch
-  (positive batch size and learning rate, fractions in range, ...);
+  (positive batch size and learning rate, fractions in range, dataset types of the loss keys
+  (:func:`pipeline.training.losses.loss_type_problems`, as the trainer at start), ...);
 * the world size: ``--hostfile`` (parsed like DeepSpeed does, :func:`pipeline.preflight.parse_hostfile`) with
   ``--num_nodes`` / ``--num_gpus`` limits, ``--world-size N``, or this machine's GPUs (1 process without any);
 * the DeepSpeed JSON (DeepSpeed's own ZeRO section model; completed by
@@ -17,7 +18,8 @@ by the same function the trainer calls, so that the dry run cannot drift from th
   the vocabulary covers the tokenizer;
 * the data exactly as the trainer checks it at start (:func:`pipeline.data.loader.check_data`: directory, manifest,
   datasets, file sizes, tokenizer, sha256 when ``data.verify_checksums``), then the split and schedule for the
-  resolved world size (at least one global batch per trained dataset, hard-negative counts per type).
+  resolved world size (training queries per dataset - a full global batch each with ``data.drop_last`` -,
+  hard-negative counts per type).
 
 The plan: world size, batch per rank and global, steps per epoch and in total (``TrainConfig.total_steps``),
 datasets with their share of the steps (``HomogeneousSchedule.probabilities``), chunks per rank and real tokens per
@@ -263,6 +265,9 @@ def value_problems(cfg: Config) -> list[Problem]:
          "set exactly one of name_or_path and from_config"),
     ]
     problems = [Problem(key, what) for key, ok, what in rules if not ok]
+    from pipeline.training.losses import loss_type_problems
+
+    problems += [Problem.from_message(line) for line in loss_type_problems(lo)]
     for key, count in lo.hard_negatives.items():
         if count < 0:
             problems.append(Problem(f"loss.hard_negatives.{key}", f"must be >= 0, got {count}"))
@@ -409,13 +414,12 @@ def check_data_plan(
                          world_size=world, rank=0, verify=False)
     except ShardError as exc:
         raise _Stop(Problem.from_message(str(exc))) from None
-    except ValueError as exc:  # schedule: no dataset with a full global batch; hard negatives per type
+    except ValueError as exc:  # schedule: no dataset with training queries; hard negatives per type
         raise _Stop(Problem("data", " ".join(str(exc).split()))) from None
     schedule = data.schedule
     names, _ = schedule.epoch_plan(0)
     steps_epoch0 = {n: names.count(n) for n in schedule.datasets}
     weights = dict(zip(schedule.datasets, schedule.probabilities().tolist()))
-    global_batch = schedule.global_batch
     datasets = []
     for name in sorted(data.reader.datasets):
         ds = data.reader[name]
@@ -424,14 +428,12 @@ def check_data_plan(
             name=name, type=ds.type, train_queries=len(data.train_ids[name]), validation_queries=n_val,
             batches_per_epoch=schedule.n_batches[name], steps_epoch0=steps_epoch0.get(name, 0),
             weight=weights.get(name, 0.0), hard_negatives=data.plan.n_neg[name],
-            validation_batches=n_val // global_batch,
+            validation_batches=data.validation_steps(name),
         ))
     for name in schedule.skipped:
-        warnings.append(Problem(f"data: dataset {name}", f"{len(data.train_ids[name])} training queries, fewer than "
-                                                         f"one global batch of {global_batch}: not trained on"))
+        warnings.append(Problem(f"data: dataset {name}", schedule.skip_reason(name)))
     if cfg.train.eval_every and not any(d.validation_batches for d in datasets):
-        warnings.append(Problem("data.validation_fraction", f"no dataset holds out a full global batch of "
-                                                            f"{global_batch} queries: no validation loss"))
+        warnings.append(Problem("data.validation_fraction", "no dataset holds out a query: no validation loss"))
     steps = min(sample_steps, schedule.steps_per_epoch)
     chunks_run, real, computed, seqs = [], [], [], []
     gc = cfg.gradcache

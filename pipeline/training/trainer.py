@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.batch import ContrastiveBatch
 from pipeline.data.loader import TrainData, check_data, seed_everything
 from pipeline.logs import is_rank0, log
@@ -52,10 +51,12 @@ from pipeline.training.distributed import init_distributed, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
 from pipeline.training.export import export_model
-from pipeline.training.gradcache import StepStats, batch_loss, train_step
+from pipeline.training.gradcache import StepStats, train_step
+from pipeline.training.losses import loss_type_problems
 from pipeline.training.lr_schedule import warmup_cosine
 from pipeline.training.metrics import MetricsWriter, step_values
 from pipeline.training.teacher import check_teacher_tokenizer, load_teacher
+from pipeline.training.validation import validation_values
 
 
 def _device(local_rank: int) -> torch.device:
@@ -112,6 +113,9 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None, faults: FaultInjector = NO_FAULTS) -> None:
+        problems = loss_type_problems(cfg.loss)  # values the config's types cannot catch, as --check finds them
+        if problems:
+            raise ConfigError(problems[0])
         self.cfg = cfg
         self.faults = faults
         for line in faults.describe():
@@ -135,7 +139,7 @@ class Trainer:
             world_size=self.dist.world_size, rank=self.dist.rank, verify=False,
         )
         for name in self.data.schedule.skipped:
-            log(f"dataset {name}: fewer training queries than one global batch; not trained on")
+            log(f"dataset {name}: {self.data.schedule.skip_reason(name)}")
         self.total_steps = cfg.train.total_steps(self.data.steps_per_epoch)
         model = EmbeddingModel.from_config(cfg.model, self.device)
         check_vocabulary(model.backbone.get_input_embeddings().num_embeddings, self.tokenizer)
@@ -283,7 +287,7 @@ class Trainer:
         values = step_values(
             result.stats, result.seconds, dataset=result.dataset, lr=self.engine.get_lr()[0],
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            samples=self.cfg.train.per_device_batch_size * self.dist.world_size, device=self.device,
+            samples=result.stats.queries, device=self.device,
             hf_config=self.backward.base.backbone.config, params_non_embedding=self._params_non_embedding,
             world_size=self.dist.world_size,
         )
@@ -291,18 +295,18 @@ class Trainer:
         self.metrics.write(self.state.global_step, values)
 
     def validate(self) -> float | None:
+        """Validation loss over every held-out query, all ranks (pipeline.training.validation); logged per dataset
+        and per part. Returns the overall loss (None when nothing is held out)."""
         self.engine.eval()
-        losses = [
-            batch_loss(self.engine, batch, self.cfg.loss, self.gradcache, teacher=self.teacher)
-            for batch in self.data.validation_batches()
-        ]
+        values = validation_values(self.engine, self.data, self.cfg.loss, self.gradcache, self.device,
+                                   teacher=self.teacher)
         self.engine.train()
-        if not losses:
+        if values is None:
             return None
-        value = float(np.mean(losses))
-        self.metrics.write(self.state.global_step, {"loss": value, "batches": len(losses)}, split="validation")
-        log(f"step {self.state.global_step}: validation loss {value:.4f} over {len(losses)} batches")
-        return value
+        self.metrics.write(self.state.global_step, values, split="validation")
+        log(f"step {self.state.global_step}: validation loss {values['loss']:.4f} over {values['queries']} queries "
+            f"({values['batches']} batches)")
+        return values["loss"]
 
     def export(self, name: str) -> Path:
         reader = self.data.reader
