@@ -35,9 +35,12 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 def test_gradcheck_with_a_partitioned_teacher(teacher_dir):
     """2 ranks, ZeRO-3 (student and teacher partitioned): cached vs plain, and against one process computing the
-    global batch with an unsharded teacher."""
-    proc = run_torchrun(["pipeline.gradcheck", "--config", str(TINY), f"loss.distill.teacher={teacher_dir}"])
+    global batch with an unsharded teacher; a ragged batch (7 and 2 queries), so the distillation term is weighted
+    by each rank's queries too."""
+    proc = run_torchrun(["pipeline.gradcheck", "--config", str(TINY), "--rank-batch-sizes", "7,2",
+                         f"loss.distill.teacher={teacher_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch: 9 queries over 2 ranks (7 on rank 0)" in proc.stderr
     assert "partitioned over 2 ranks (ZeRO-3, inference only)" in proc.stderr
     assert re.search(r"with a distillation teacher\): relative gradient error .*'distill': [\d.]+", proc.stderr)
     assert float(last_line(proc.stdout).split(": ")[1]) < 1e-5

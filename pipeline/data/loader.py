@@ -213,7 +213,8 @@ class TrainData:
 
     def validation_steps(self, name: str) -> int:
         """Validation batches of dataset `name`: ceil(held-out queries / global batch), the last one ragged."""
-        return batch_count(len(self.val_ids[name]), self.plan.per_device_batch * self.plan.world_size, False)
+        return batch_count(len(self.val_ids[name]), self.plan.per_device_batch * self.plan.world_size,
+                           drop_last=False)
 
     def validation_batches(self) -> Iterator[tuple[str, ContrastiveBatch]]:
         """(dataset, this rank's batch) for every validation step: each dataset's held-out queries in global

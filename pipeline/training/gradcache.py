@@ -15,11 +15,11 @@ dataset's last, small global batch) runs dummy chunks only and still joins the l
 loss of a rank is the sum over its queries times W / G (its mean weighted by its share of the step's queries),
 gathered positives receive gradient from all ranks; averaging the parameter gradients over ranks (DeepSpeed does
 it, and :class:`pipeline.training.backward.PlainBackward` without it) gives the gradient of the global mean loss
-(see :mod:`pipeline.training.losses`). With embedding distillation the teacher
-embeds the same chunks in step 1 (no graph; its states are constants of the loss, so the gradient stays exact) and
-the student's cached states are its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the
-gradients (plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is
-:mod:`pipeline.training.backward`; the caller runs the optimizer step.
+(see :mod:`pipeline.training.losses`). With embedding distillation the teacher embeds the same chunks in step 1
+(no graph; its states are constants of the loss, so the gradient stays exact) and the student's cached states are
+its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the gradients
+(plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is :mod:`pipeline.training.backward`;
+the caller runs the optimizer step.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ LossHook = Callable[[torch.Tensor], torch.Tensor]  # applied to the step's loss 
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class StepStats:
-    """One step's loss and work. Token/sequence counts are summed over ranks; chunks are this rank's."""
+    """One step's loss and work. Query, token and sequence counts are summed over ranks; chunks are this rank's."""
 
     loss: float  # the step's loss: mean over all ranks' queries (= mean over ranks of each rank's weighted loss)
     parts: dict[str, float] = field(default_factory=dict)  # each part's mean over all ranks' queries (full dim)
@@ -201,7 +201,6 @@ def batch_loss(
     with torch.no_grad():
         out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
                                _teacher_states(teacher, plan, batch, device), _positive_ids(batch, device))
-    out.total = out.total.detach()
     return out
 
 
@@ -241,7 +240,6 @@ def cached_step(
     total.backward()
     grad = cache.grad
     loss = float(total.detach())
-    out.total = total.detach()
 
     # 3. Replay each chunk with a graph; backpropagate sum(e_c * g_c).
     with backward.accumulate():
