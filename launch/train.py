@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Contrastive training of an embedding model with GradCache and DeepSpeed ZeRO.",
-        epilog="Example: deepspeed --num_gpus 8 launch/train.py --config configs/f2llm-0.6b.yaml train.lr=1e-5",
+        epilog="Example: deepspeed --num_gpus 8 launch/train.py --config configs/f2llm-v2-0.6b.yaml train.lr=1e-5",
     )
     parser.add_argument("--config", required=True, help="YAML training recipe (see configs/)")
     parser.add_argument("--resume", default=None,
