@@ -122,13 +122,12 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float 
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class ModelDir:
-    """One input: its config, where each tensor is stored, and the tensors' shapes and dtypes (from the headers)."""
+    """One input: its config, where each tensor is stored, and the tensors' shapes (from the file headers)."""
 
     path: Path
     config: dict[str, Any]
     files: dict[str, str]  # tensor name -> safetensors file name inside `path`
     shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]  # safetensors dtype names: F32, BF16, I64, ...
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -153,21 +152,19 @@ class ModelDir:
             files = {}
         else:
             raise MergeError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX} (merging reads safetensors weights)")
-        shapes, dtypes = {}, {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for name in sorted(set(files.values())) or [WEIGHTS_FILE]:
             try:
                 with safe_open(str(path / name), framework="pt") as handle:
                     for key in handle.keys():
-                        info = handle.get_slice(key)
                         files[key] = name
-                        shapes[key] = tuple(info.get_shape())
-                        dtypes[key] = info.get_dtype()
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header
                 raise MergeError(f"{path / name}: cannot read safetensors ({exc})") from None
         missing = sorted(k for k in files if k not in shapes)
         if missing:
             raise MergeError(f"{path / WEIGHTS_INDEX}: {missing[0]} is mapped to a file that does not hold it")
-        return cls(path, config, files, shapes, dtypes)
+        return cls(path, config, files, shapes)
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -251,7 +248,7 @@ def check_sentence_transformers(first: ModelDir, other: ModelDir) -> None:
     except ValueError as exc:
         raise MergeError(str(exc)) from None
     if a != b:
-        k = sorted(set(a) ^ set(b) or {k for k in a if a[k] != b[k]})[0]
+        k = min(set(a) ^ set(b) or {k for k in a if a[k] != b[k]})
         raise MergeError(f"{where}: different query prompts ({k}: {a.get(k)!r} vs {b.get(k)!r})")
 
 

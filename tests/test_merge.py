@@ -70,7 +70,9 @@ def test_slerp_properties():
     torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
     # tensors of equal norm: at t the angle to a is t * Omega, to b (1 - t) * Omega, and the norm is kept
     # (the coefficients multiply the tensors as they are, as in mergekit: unequal norms weigh in)
-    angle = lambda x, y: math.acos(float(torch.dot(x.flatten(), y.flatten()) / (x.norm() * y.norm())))  # noqa: E731
+    def angle(x: torch.Tensor, y: torch.Tensor) -> float:
+        return math.acos(float(torch.dot(x.flatten(), y.flatten()) / (x.norm() * y.norm())))
+
     c = b * (a.norm() / b.norm())
     omega = angle(a, c)
     for t in (0.25, 0.5):
@@ -208,6 +210,6 @@ def test_other_hidden_size_is_refused_by_the_command(models, tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: {models[0]}, {wide}: different architecture (config.json hidden_size: 64 "
-                     f"vs 96)"], proc.stderr
+    expected = f"error: {models[0]}, {wide}: different architecture (config.json hidden_size: 64 vs 96)"
+    assert lines == [expected], proc.stderr
     assert not (tmp_path / "out").exists()
