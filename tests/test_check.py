@@ -93,13 +93,16 @@ def test_plan_numbers_match_the_trainer_code(example_shards):
     from pipeline.config import load_config
     from pipeline.data.loader import StepBatches, TrainData
     from pipeline.training.gradcache import _plan
-    from pipeline.training.plan import check_run
+    from pipeline.training.plan import check_run, format_plan
 
     world, steps = 3, 4
-    report = check_run(TINY, [f"data.shards={example_shards}"], world_size=world, sample_steps=steps)
+    report = check_run(TINY, [f"data.shards={example_shards}", "train.merge_window=10", "train.merge_every=4"],
+                       world_size=world, sample_steps=steps)
     assert report.ok, report.problems
     plan = report.plan
     assert plan.world.size == world and plan.global_batch == 24 and plan.total_steps == 30
+    assert plan.merge_steps == [24, 28]  # multiples of 4 after step 30 - 10
+    assert "merge exports      after steps 24, 28: export/merge_step_<N>" in format_plan(plan)
     assert plan.steps_per_epoch == expected_steps_per_epoch(example_shards, 24)
     assert sum(d.steps_epoch0 for d in plan.datasets) == plan.steps_per_epoch
     cfg = load_config(TINY, [f"data.shards={example_shards}"])
@@ -142,7 +145,7 @@ def _ds_file(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case", [
-    "config_key", "config_value", "timeout_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
+    "config_key", "config_value", "timeout_value", "merge_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
     "dataset", "tokenizer", "too_few_queries",
 ])
 def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
@@ -156,6 +159,9 @@ def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tok
     elif case == "timeout_value":
         args.append("train.collective_timeout_s=0")
         expected = "error: train.collective_timeout_s: must be > 0, got 0"
+    elif case == "merge_value":
+        args.append("train.merge_every=-1")
+        expected = "error: train.merge_every: must be >= 0, got -1"
     elif case == "ds_missing":
         args.append(f"deepspeed={tmp_path / 'nope.json'}")
         expected = f"error: {tmp_path / 'nope.json'}: cannot read DeepSpeed config"

@@ -24,7 +24,8 @@ datasets with their share of the steps (``HomogeneousSchedule.probabilities``), 
 step - measured by building the first steps' batches of every rank with the trainer's own code
 (:func:`pipeline.data.loader.rank_batch`) and chunking them with GradCache's
 :func:`pipeline.training.gradcache.step_chunks` - ZeRO stage, precision, attention, output directory and the
-checkpoint the run starts from (``--resume``).
+checkpoint the run starts from (``--resume``), and the steps of the merge exports (``train.merge_every`` /
+``merge_window``, :class:`pipeline.training.trainer.EveryInLast`, the trainer's own rule).
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ class RunPlan:
     verify_checksums: bool
     output_dir: str
     resume: str  # what the run starts from
+    merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N>
 
 
 @dataclass
@@ -247,6 +249,8 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("train.log_every", t.log_every >= 0, f"must be >= 0, got {t.log_every}"),
         ("train.eval_every", t.eval_every >= 0, f"must be >= 0, got {t.eval_every}"),
         ("train.save_every", t.save_every >= 0, f"must be >= 0, got {t.save_every}"),
+        ("train.merge_window", t.merge_window >= 0, f"must be >= 0, got {t.merge_window}"),
+        ("train.merge_every", t.merge_every >= 0, f"must be >= 0, got {t.merge_every}"),
         ("train.collective_timeout_s", t.collective_timeout_s > 0, f"must be > 0, got {t.collective_timeout_s}"),
         ("train.max_consecutive_skips", t.max_consecutive_skips >= 1, f"must be >= 1, got {t.max_consecutive_skips}"),
         ("data.validation_fraction", 0 <= d.validation_fraction < 1, f"must be in [0, 1), got {d.validation_fraction}"),
@@ -524,6 +528,8 @@ def check_run(
     """Run every check; problems are collected (one per failed check), the plan is built when there are none."""
     import torch
 
+    from pipeline.training.trainer import EveryInLast
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     report = CheckReport(plan=None)
@@ -581,7 +587,7 @@ def check_run(
         datasets=datasets, skipped=skipped, sample=sample, model=model, deepspeed=ds_plan,
         gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
         shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
-        resume=start,
+        resume=start, merge_steps=EveryInLast(t.merge_every, t.merge_window, total).planned(),
     )
     return report
 
@@ -593,6 +599,12 @@ def _millions(n: int | None) -> str:
     if n is None:
         return "?"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _merge_exports(plan: RunPlan) -> str:
+    if not plan.merge_steps:
+        return "none"
+    return f"after steps {', '.join(map(str, plan.merge_steps))}: export/merge_step_<N> (for python -m pipeline.merge)"
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -641,6 +653,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  shards             {plan.shards} (sizes checked, "
         f"{'sha256 verified' if plan.verify_checksums else 'sha256 not verified: data.verify_checksums false'})",
         f"  output dir         {plan.output_dir}",
+        f"  merge exports      {_merge_exports(plan)}",
         f"  start              {plan.resume}",
     ]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ One optimizer step per global batch. Read top to bottom, :meth:`Trainer.fit` is
                 agree with every rank: stop (signal, launcher gone)? non-finite loss or gradient?
                 finite: engine.step()               # ZeRO optimizer step, clipping, lr (DeepSpeed)
                 else:   the step is skipped, its gradients discarded          (pipeline.training.backward)
-            after an update, each periodic action asked whether it is due: log, validate, checkpoint
+            after an update, each periodic action asked whether it is due: log, validate, checkpoint, merge export
             stop agreed: checkpoint, no export, leave
         end of the epoch: export epoch_<e>
     end of the run: checkpoint, export final                                  (pipeline.training.export)
@@ -90,6 +90,28 @@ class Every:
         return self.steps > 0 and (step % self.steps == 0 or (self.also_first and step == 1))
 
 
+@dataclass(frozen=True)
+class EveryInLast:
+    """Whether an action is due after optimizer step `step`: at the multiples of `steps` within the last `window`
+    steps of a `total`-step run (``total - window < step <= total``; never when `steps` or `window` is 0). F2LLM's
+    "every 500 steps in the last 2500" extra saves for checkpoint merging (its ``utils.py``)."""
+
+    steps: int
+    window: int
+    total: int
+
+    def due(self, step: int) -> bool:
+        in_window = self.total - self.window < step <= self.total
+        return self.steps > 0 and self.window > 0 and step % self.steps == 0 and in_window
+
+    def planned(self) -> list[int]:
+        """Every step at which it is due, in order."""
+        if self.steps <= 0 or self.window <= 0:
+            return []
+        first = (max(self.total - self.window, 0) // self.steps + 1) * self.steps
+        return list(range(first, self.total + 1, self.steps))
+
+
 class Outcome(enum.Enum):
     """How a pass over an epoch's batches ended."""
 
@@ -164,10 +186,12 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir)
         t = cfg.train
         # The actions that happen every N optimizer steps, in this order; each is asked whether it is due.
-        self.periodic: list[tuple[Every, Callable[[StepResult], Any]]] = [
+        self.periodic: list[tuple[Every | EveryInLast, Callable[[StepResult], Any]]] = [
             (Every(t.log_every, also_first=True), self._log_step),
             (Every(t.eval_every), lambda result: self.validate()),
             (Every(t.save_every), lambda result: self._checkpoint()),
+            (EveryInLast(t.merge_every, t.merge_window, self.total_steps),
+             lambda result: self.export(f"merge_step_{self.state.global_step}")),
         ]
         # From here on a rank that dies or hangs is named and ends the run within train.collective_timeout_s
         # (pipeline.resilience.rank_health); before, a failed rank surfaces as a collective timeout.
