@@ -106,6 +106,20 @@ def test_resume_point_refuses_forces_and_warns(tmp_path):
                             "by an older version): cannot check that the recipe is unchanged",)
 
 
+def test_failed_conversion_is_one_line_and_leaves_nothing(tmp_path):
+    from pipeline.training.errors import TrainingAborted
+    from pipeline.training.resume import universal_copy
+
+    tag = tmp_path / "step_00000002"
+    _checkpoint(tmp_path, tag.name, {"global_step": 2, "world_size": 2})  # no DeepSpeed files in it
+    with pytest.raises(TrainingAborted) as failed:  # launch/train.py: one "error:" line, exit 1
+        universal_copy(tag)
+    message = str(failed.value)
+    assert message.startswith(f"checkpoint {tag}: conversion to a universal checkpoint (another world size) failed "
+                              "on rank 0: RuntimeError: ds_to_universal exited with 1: ") and "\n" not in message
+    assert sorted(p.name for p in tag.iterdir()) == ["COMPLETE"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------------------------

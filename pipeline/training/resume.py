@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from pipeline.logs import global_rank, log
 from pipeline.training.checkpoint import COMPLETE, CheckpointManager, TrainerState
+from pipeline.training.errors import TrainingAborted
 from pipeline.training.run_identity import identity_changes
 
 UNIVERSAL = "universal"
@@ -152,7 +153,7 @@ def reseed(seed: int, step: int, rank: int) -> None:
 def universal_copy(tag_dir: Path) -> Path:
     """``tag_dir/universal``: DeepSpeed's universal checkpoint of `tag_dir`, converted by rank 0 unless an earlier
     resume did (written to a temporary directory and renamed, so it is complete or absent). Every rank returns the
-    path, or raises the same :class:`RuntimeError` naming the checkpoint when the conversion failed."""
+    path, or raises the same :class:`TrainingAborted` naming the checkpoint when the conversion failed."""
     target = tag_dir / UNIVERSAL
     error = ""
     if global_rank() == 0 and not target.is_dir():
@@ -164,7 +165,7 @@ def universal_copy(tag_dir: Path) -> Path:
             shutil.rmtree(target.with_name(f".{UNIVERSAL}.tmp"), ignore_errors=True)
     errors = _gather_with_timeout(error, CONVERSION_TIMEOUT_S)
     if any(errors):
-        raise RuntimeError(f"checkpoint {tag_dir}: conversion to a universal checkpoint (another world size) failed "
+        raise TrainingAborted(f"checkpoint {tag_dir}: conversion to a universal checkpoint (another world size) failed "
                            f"on rank 0: {next(e for e in errors if e)}")
     return target
 
