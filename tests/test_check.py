@@ -248,3 +248,19 @@ def test_resume_target_is_reported(example_shards, tmp_path, capsys):
     code, text, err = check_main(capsys, "--resume", "auto", *args)
     assert code == 0, err
     assert f"resumes from {tag} (step 10)" in text
+    assert "records no run identity" in err  # written before identities: unknown, a warning
+
+    # The trainer's refusal of a changed recipe (pipeline.training.resume.resume_point), and --resume-force.
+    from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.run_identity import run_identity
+
+    saved = run_identity(load_config(TINY, args + ["train.per_device_batch_size=4"]), read_manifest(example_shards), 2)
+    (tag / "COMPLETE").write_text(json.dumps({"global_step": 10, "world_size": 2, "identity": saved}))
+    code, _, err = check_main(capsys, "--resume", "auto", "--world-size", "1", *args, "train.seed=7")
+    assert code == 2 and errors(err) == [f"error: --resume {tag}: the run changed: train.seed 42 -> 7 (pass "
+                                         "--resume-force to continue anyway)"], err  # 2 x 4 = 1 x 8: same batch
+    code, text, err = check_main(capsys, "--resume", "auto", "--resume-force", "--world-size", "1", *args,
+                                 "train.seed=7")
+    assert code == 0 and f"warning: --resume {tag}: the run changed: train.seed 42 -> 7; continuing anyway" in err
+    assert f"resumes from {tag} (step 10), written by 2 ranks" in text

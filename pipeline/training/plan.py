@@ -483,31 +483,41 @@ def check_teacher(cfg: Config) -> None:
         raise _Stop(Problem.from_message(str(exc))) from None
 
 
-def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
+def resume_checkpoint(cfg: Config, resume: str | None = None, *, world_size: int = 1, force: bool = False,
+                      warnings: list[Problem] | None = None) -> str:
     """What the run will start from: with ``--resume auto`` the newest complete checkpoint (or a fresh start when
-    there is none), with ``--resume TAG`` that checkpoint (raises _Stop unless it is complete), else a fresh start
-    (naming the checkpoint ``--resume auto`` would load, if any)."""
-    import json
-
-    from pipeline.training.checkpoint import COMPLETE, CheckpointManager
+    there is none), with ``--resume TAG`` that checkpoint, else a fresh start (naming the checkpoint ``--resume auto``
+    would load, if any). The trainer's own decision (:func:`pipeline.training.resume.resume_point`): raises _Stop
+    when the tag is not a complete checkpoint or the run identity changed (unless `force`; its warnings are added to
+    `warnings`)."""
+    from pipeline.data.shard_format import ShardError
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.checkpoint import CheckpointManager
+    from pipeline.training.resume import ResumeRefused, resume_point
+    from pipeline.training.run_identity import run_identity
 
     manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
 
     def describe(tag: str) -> str:
-        try:
-            step = json.loads((manager.root / tag / COMPLETE).read_text())["global_step"]
-            return f"{manager.root / tag} (step {step})"
-        except (OSError, ValueError, KeyError):
-            return str(manager.root / tag)
+        step = manager.info(tag).step
+        return f"{manager.root / tag} (step {step})" if step is not None else str(manager.root / tag)
 
-    if resume not in (None, "auto"):
-        if not (manager.root / resume / COMPLETE).is_file():
-            raise _Stop(Problem("--resume", f"{manager.root / resume} is not a complete checkpoint"))
-        return f"resumes from {describe(resume)}"
-    tag = manager.latest()
-    if resume == "auto":
-        return f"resumes from {describe(tag)}" if tag else f"fresh start (no complete checkpoint in {manager.root})"
-    return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
+    if resume is None:
+        tag = manager.latest()
+        return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
+    try:
+        identity = run_identity(cfg, read_manifest(cfg.data.shards), world_size)
+    except ShardError:  # reported by the data check; the checkpoint is then not compared
+        identity = None
+    try:
+        point = resume_point(manager, resume, identity, world_size, force=force)
+    except ResumeRefused as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+    if point is None:
+        return f"fresh start (no complete checkpoint in {manager.root})"
+    if warnings is not None:
+        warnings.extend(Problem.from_message(line) for line in point.warnings)
+    return f"resumes from {point.describe()}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -524,6 +534,7 @@ def check_run(
     device: str = "auto",
     sample_steps: int = 8,
     resume: str | None = None,
+    resume_force: bool = False,
 ) -> CheckReport:
     """Run every check; problems are collected (one per failed check), the plan is built when there are none."""
     import torch
@@ -566,7 +577,7 @@ def check_run(
                        sample_steps=sample_steps, warnings=warnings)
     if cfg.loss.distill is not None and data is not None:
         attempt(check_teacher, cfg)
-    start = attempt(resume_checkpoint, cfg, resume)
+    start = attempt(resume_checkpoint, cfg, resume, world_size=size, force=resume_force, warnings=warnings)
     if problems or world is None or ds_plan is None or model is None or data is None or start is None:
         return report
     datasets, skipped, steps_per_epoch, sample = data

@@ -48,13 +48,15 @@ from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
 from pipeline.training.chunk_budget import resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
-from pipeline.training.distributed import init_distributed, teardown
+from pipeline.training.distributed import init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
 from pipeline.training.export import export_model
 from pipeline.training.gradcache import StepStats, batch_loss, train_step
 from pipeline.training.lr_schedule import warmup_cosine
 from pipeline.training.metrics import MetricsWriter, step_values
+from pipeline.training.resume import load as load_checkpoint, resume_point, with_resume
+from pipeline.training.run_identity import run_identity
 from pipeline.training.teacher import check_teacher_tokenizer, load_teacher
 
 
@@ -133,7 +135,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: str | None = None, faults: FaultInjector = NO_FAULTS) -> None:
+    def __init__(self, cfg: Config, *, resume: str | None = None, resume_force: bool = False,
+                 faults: FaultInjector = NO_FAULTS) -> None:
         self.cfg = cfg
         self.faults = faults
         for line in faults.describe():
@@ -149,6 +152,13 @@ class Trainer:
         shards = check_data(cfg.data, self.tokenizer)
         if cfg.loss.distill is not None:
             check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"])
+        # The run identity (what fixes the data stream and the math) goes into every checkpoint; --resume from a
+        # checkpoint of another identity is refused here, before the process group (pipeline.training.resume).
+        self.run_dir = Path(cfg.train.output_dir)
+        identity = run_identity(cfg, shards.manifest, launched_world_size())
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, identity=identity,
+                                      faults=faults)
+        self.resume_from = resume_point(self.ckpt, resume, identity, launched_world_size(), force=resume_force)
         self.dist = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -178,8 +188,6 @@ class Trainer:
             cfg.loss.distill, self.device, student_hidden=model.hidden_size,
             zero_stage=int(self.engine.zero_optimization_stage()), world_size=self.dist.world_size,
         )
-        self.run_dir = Path(cfg.train.output_dir)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, faults=faults)
         self.state = TrainerState(config=cfg.to_dict())
         if resume:
             self._resume(resume)
@@ -220,19 +228,20 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=training_ds_config(self.cfg, world_size=self.dist.world_size, device_type=self.device.type),
+            config=with_resume(training_ds_config(self.cfg, world_size=self.dist.world_size,
+                                                  device_type=self.device.type), self.resume_from),
             lr_scheduler=scheduler,
         )
         return engine
 
     def _resume(self, resume: str) -> None:
-        tag = self.ckpt.latest() if resume == "auto" else resume
-        if tag is None:
+        point = self.resume_from
+        if point is None:
             log(f"--resume {resume}: no complete checkpoint in {self.ckpt.root}; starting fresh")
             return
-        self.state = self.ckpt.load(self.engine, tag)
-        self._saved = (self._state_key(), self.ckpt.root / tag)
-        log(f"resumed from {self.ckpt.root / tag}: step {self.state.global_step}, epoch {self.state.epoch}")
+        self.state = load_checkpoint(point, self.ckpt, self.engine, seed=self.cfg.train.seed)
+        self._saved = (self._state_key(), point.path)
+        log(f"resumed from {point.path}: step {self.state.global_step}, epoch {self.state.epoch}")
 
     # ---------------------------------------------------------------------------------------------------------
     # The loop
@@ -398,9 +407,9 @@ class Trainer:
         teardown()
 
 
-def run(cfg: Config, *, resume: str | None = None) -> TrainerState:
+def run(cfg: Config, *, resume: str | None = None, resume_force: bool = False) -> TrainerState:
     """Train `cfg` (the fault injection the environment asks for, if any)."""
-    trainer = Trainer(cfg, resume=resume, faults=FaultInjector.from_env())
+    trainer = Trainer(cfg, resume=resume, resume_force=resume_force, faults=FaultInjector.from_env())
     try:
         return trainer.fit()
     except Exception as exc:
