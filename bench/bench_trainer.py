@@ -324,7 +324,8 @@ def worker(args: argparse.Namespace) -> None:
     backbone = build_backbone(cfg.model, attn_implementation="sdpa", dtype=resolve_dtype(cfg.model.dtype,
                                                                                           trainer.device))
     seed_engine = Trainer._engine(SimpleNamespace(cfg=cfg, dist=trainer.dist, device=trainer.device,
-                                                  total_steps=trainer.total_steps), SeedEmbedder(backbone))
+                                                  total_steps=trainer.total_steps, resume_from=None),
+                                  SeedEmbedder(backbone))
     seed_engine.train()
     trainer.engine.train()
     pad_id = trainer.data.reader.pad_id

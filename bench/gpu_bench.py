@@ -19,7 +19,7 @@ methods, one process.
 Data: random token ids with lengths drawn like retrieval data at F2LLM's max length 1024: queries log-normal with
 median 24 tokens (sigma 0.5, clipped to [6, 128]), passages log-normal with median 160 (sigma 0.7, clipped to
 [16, 1024]); each sequence ends in EOS; 7 hard negatives per query (F2LLM's retrieval setting), dataset type
-retrieval (in-batch + hard-negative InfoNCE, Matryoshka on, as configs/f2llm-0.6b.yaml).
+retrieval (in-batch + hard-negative InfoNCE, Matryoshka on, as configs/f2llm-v2-0.6b.yaml).
 
 Methods, each step timed between CUDA synchronisations, `train_step` + ``engine.step()``:
 

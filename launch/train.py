@@ -18,11 +18,16 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Contrastive training of an embedding model with GradCache and DeepSpeed ZeRO.",
-        epilog="Example: deepspeed --num_gpus 8 launch/train.py --config configs/f2llm-0.6b.yaml train.lr=1e-5",
+        epilog="Example: deepspeed --num_gpus 8 launch/train.py --config configs/f2llm-v2-0.6b.yaml train.lr=1e-5",
     )
     parser.add_argument("--config", required=True, help="YAML training recipe (see configs/)")
     parser.add_argument("--resume", default=None,
-                        help="'auto' = latest complete checkpoint in train.output_dir, or a checkpoint tag")
+                        help="'auto' = latest complete checkpoint in train.output_dir, or a checkpoint tag. Refused "
+                             "(exit 2) when the checkpoint's run identity differs from this run's: global batch, "
+                             "seed, datasets and their checksums, validation fraction, sampling temperature, the "
+                             "loss section, the model; another world size at the same global batch is fine")
+    parser.add_argument("--resume-force", action="store_true",
+                        help="resume even though the run identity changed (a WARNING lists the changes)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-5")
     check = parser.add_argument_group(
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_command(
             args.config, args.overrides, hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus,
             world_size=args.world_size, device=args.device, sample_steps=max(args.sample_steps, 1), resume=args.resume,
+            resume_force=args.resume_force,
         )
     check_only = ("hostfile", "num_nodes", "num_gpus", "world_size")
     if any(getattr(args, name) is not None for name in check_only):
@@ -68,10 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training.errors import TrainingAborted
     from pipeline.logs import is_rank0
     from pipeline.data.shard_format import ShardError
+    from pipeline.training.resume import ResumeRefused
     from pipeline.training.trainer import run
 
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, resume_force=args.resume_force)
+    except ResumeRefused as exc:  # every rank refuses alike, before the process group: one line
+        if is_rank0():
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

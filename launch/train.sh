@@ -30,7 +30,7 @@ Environment:
   PYTHON            interpreter for the DeepSpeed launcher and the ranks (default python3)
 
 Examples:
-  launch/train.sh --config configs/f2llm-0.6b.yaml train.lr=1e-5
+  launch/train.sh --config configs/f2llm-v2-0.6b.yaml train.lr=1e-5
   NPROC=2 launch/train.sh --config configs/tiny-cpu.yaml -- --resume auto
 EOF
 }

@@ -158,6 +158,11 @@ class TrainConfig:
     # counters unchanged, its batch consumed. After this many consecutive skipped steps the run stops with an error
     # and a checkpoint of the unchanged weights (0 = stop at the first non-finite step).
     max_consecutive_skips: int = 5
+    # Extra exports for checkpoint merging (python -m pipeline.merge), as F2LLM saved them: export/merge_step_<N>
+    # after every optimizer step N that is a multiple of `merge_every` within the last `merge_window` steps of the
+    # run (N > total - merge_window). 0 = off.
+    merge_window: int = 0
+    merge_every: int = 0
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps``, else ``ceil(epochs * steps_per_epoch)`` (at least 1)."""

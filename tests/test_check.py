@@ -94,13 +94,16 @@ def test_plan_numbers_match_the_trainer_code(example_shards):
     from pipeline.config import load_config
     from pipeline.data.loader import StepBatches, TrainData
     from pipeline.training.gradcache import _plan
-    from pipeline.training.plan import check_run
+    from pipeline.training.plan import check_run, format_plan
 
     world, steps = 3, 4
-    report = check_run(TINY, [f"data.shards={example_shards}"], world_size=world, sample_steps=steps)
+    report = check_run(TINY, [f"data.shards={example_shards}", "train.merge_window=10", "train.merge_every=4"],
+                       world_size=world, sample_steps=steps)
     assert report.ok, report.problems
     plan = report.plan
     assert plan.world.size == world and plan.global_batch == 24 and plan.total_steps == 30
+    assert plan.merge_steps == [24, 28]  # multiples of 4 after step 30 - 10
+    assert "merge exports      after steps 24, 28: export/merge_step_<N>" in format_plan(plan)
     assert plan.steps_per_epoch == expected_steps_per_epoch(example_shards, 24)
     assert sum(d.steps_epoch0 for d in plan.datasets) == plan.steps_per_epoch
     cfg = load_config(TINY, [f"data.shards={example_shards}"])
@@ -143,7 +146,7 @@ def _ds_file(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case", [
-    "config_key", "config_value", "timeout_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
+    "config_key", "config_value", "timeout_value", "merge_value", "ds_missing", "ds_invalid", "ds_accumulation", "ds_stage", "hostfile",
     "dataset", "tokenizer", "too_few_queries", "in_batch_type", "hard_negative_type",
 ])
 def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
@@ -157,6 +160,9 @@ def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tok
     elif case == "timeout_value":
         args.append("train.collective_timeout_s=0")
         expected = "error: train.collective_timeout_s: must be > 0, got 0"
+    elif case == "merge_value":
+        args.append("train.merge_every=-1")
+        expected = "error: train.merge_every: must be >= 0, got -1"
     elif case == "ds_missing":
         args.append(f"deepspeed={tmp_path / 'nope.json'}")
         expected = f"error: {tmp_path / 'nope.json'}: cannot read DeepSpeed config"
@@ -259,3 +265,19 @@ def test_resume_target_is_reported(example_shards, tmp_path, capsys):
     code, text, err = check_main(capsys, "--resume", "auto", *args)
     assert code == 0, err
     assert f"resumes from {tag} (step 10)" in text
+    assert "records no run identity" in err  # written before identities: unknown, a warning
+
+    # The trainer's refusal of a changed recipe (pipeline.training.resume.resume_point), and --resume-force.
+    from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.run_identity import run_identity
+
+    saved = run_identity(load_config(TINY, args + ["train.per_device_batch_size=4"]), read_manifest(example_shards), 2)
+    (tag / "COMPLETE").write_text(json.dumps({"global_step": 10, "world_size": 2, "identity": saved}))
+    code, _, err = check_main(capsys, "--resume", "auto", "--world-size", "1", *args, "train.seed=7")
+    assert code == 2 and errors(err) == [f"error: --resume {tag}: the run changed: train.seed 42 -> 7 (pass "
+                                         "--resume-force to continue anyway)"], err  # 2 x 4 = 1 x 8: same batch
+    code, text, err = check_main(capsys, "--resume", "auto", "--resume-force", "--world-size", "1", *args,
+                                 "train.seed=7")
+    assert code == 0 and f"warning: --resume {tag}: the run changed: train.seed 42 -> 7; continuing anyway" in err
+    assert f"resumes from {tag} (step 10), written by 2 ranks" in text

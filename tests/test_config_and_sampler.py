@@ -14,11 +14,32 @@ from pipeline.data.shards import TokenTable, identical_rows
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "f2llm-0.6b", "f2llm-1.7b", "f2llm-4b"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "demo-minilm"] + [f"f2llm-{v}-{size}" for v in ("v1", "v2")
+                                                               for size in ("0.6b", "1.7b", "4b")])
 def test_shipped_recipes_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert Path(cfg.deepspeed).is_file()
     assert cfg.loss.temperature == 0.05 and cfg.train.betas == [0.9, 0.98]
+    if name.startswith("f2llm-"):  # F2LLM's published values (configs' headers cite where each comes from)
+        t = cfg.train
+        assert (t.seed, t.per_device_batch_size, t.epochs, t.min_lr, t.warmup_steps, t.weight_decay) == (
+            0, 16, 2, 1e-7, 500, 0.01)
+        assert (t.log_every, t.eval_every, t.save_every, t.grad_clip, cfg.data.validation_fraction) == (
+            100, 5000, 5000, 1.0, 0.01)
+        v2 = "-v2-" in name
+        assert cfg.loss.matryoshka is v2 and cfg.loss.distill is None
+        assert cfg.loss.hard_negatives == {"retrieval": 7, "clustering": 9 if v2 else 7, "classification": 1}
+        assert cfg.deepspeed.endswith("zero2.json") and (name.endswith("-4b") or t.lr != 8e-6)
+
+
+def test_f2llm_dataset_registry():
+    from pipeline.data.registry import load_registry
+
+    registry = load_registry(REPO / "configs" / "f2llm-datasets.yaml")
+    types = [spec.type for spec in registry.datasets.values()]
+    assert (types.count("retrieval"), types.count("clustering"), types.count("classification")) == (459, 33, 10)
+    assert registry.datasets["msmarco"].type == "retrieval" and registry.datasets["banking77"].type == "clustering"
+    assert registry.datasets["imdb"].type == "classification" and registry.datasets["xcodeeval_code2code_C#"]
 
 
 def test_config_errors_name_the_key(tmp_path):

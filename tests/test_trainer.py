@@ -1,8 +1,9 @@
 """The trainer end to end: 2-process DeepSpeed ZeRO-3 on CPU (gloo) through the deepspeed launcher.
 
-One uninterrupted reference run is shared by the tests: its loss must fall, a run SIGKILLed mid-way and resumed
-must log the same losses and end with the same weights, and its export must load in transformers and
-sentence-transformers with the training model's embeddings.
+One uninterrupted reference run is shared by the tests: its loss must fall, it writes the merge exports at exactly
+the planned steps, a run SIGKILLed mid-way and resumed must log the same losses and end with the same weights (and
+merge exports), and its export must load in transformers and sentence-transformers with the training model's
+embeddings.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from train_helpers import (
+    export_weights,
     kill_group,
     resume_matches_reference,
     run_training,
@@ -25,10 +27,12 @@ from train_helpers import (
 
 STEPS = 10
 SAVE_EVERY = 4
+MERGE = {"train.merge_window": "5", "train.merge_every": "2"}  # exports after steps 6, 8, 10 (> 10 - 5, even)
+MERGE_STEPS = [6, 8, 10]
 
 
 def overrides(shards: Path, out: Path, **extra: str) -> list[str]:
-    return web_search_overrides(shards, out, steps=STEPS, save_every=SAVE_EVERY, eval_every=5, **extra)
+    return web_search_overrides(shards, out, steps=STEPS, save_every=SAVE_EVERY, eval_every=5, **MERGE, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,17 @@ def test_zero3_training_loss_decreases(reference_run):
     ckpts = reference_run / "checkpoints"
     assert (ckpts / "latest_complete").read_text() == f"step_{STEPS:08d}"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000010"]
+    # merge exports: exactly at the planned steps (the rule --check prints), the last one the final weights
+    from pipeline.training.trainer import EveryInLast
+
+    assert EveryInLast(2, 5, STEPS).planned() == MERGE_STEPS
+    exports = {p.name for p in (reference_run / "export").iterdir()}
+    assert exports == {"final", *(f"merge_step_{n}" for n in MERGE_STEPS)}, exports
+    final, last = export_weights(reference_run / "export" / "final"), export_weights(
+        reference_run / "export" / "merge_step_10")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    early = export_weights(reference_run / "export" / "merge_step_6")
+    assert any(not torch.equal(final[k], early[k]) for k in final)
 
 
 def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
@@ -69,6 +84,10 @@ def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
     assert not (out / "export" / "final").exists()
     resume_matches_reference(overrides(example_shards, out), out, reference_run, resumed_from=resumed_from,
                              steps=STEPS, log=tmp_path / "resume_log.txt")
+    for n in MERGE_STEPS:  # the merge exports written after the resume match the uninterrupted run's
+        ours, theirs = (export_weights(run / "export" / f"merge_step_{n}") for run in (out, reference_run))
+        for name in theirs:
+            assert (ours[name] - theirs[name]).norm() <= 1e-6 * theirs[name].norm(), (n, name)
 
 
 def test_export_loads_in_transformers_and_sentence_transformers(reference_run, example_shards, example_raw):

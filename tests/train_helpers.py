@@ -36,8 +36,8 @@ def env() -> dict[str, str]:
 
 
 def run_training(overrides: list[str], *, timeout: int = 420, resume: bool = False, log: Path | None = None,
-                 config: Path = TINY) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(overrides, resume=resume, config=config), cwd=REPO, env=env(),
+                 config: Path = TINY, nproc: int = 2) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(overrides, nproc=nproc, resume=resume, config=config), cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=timeout)
     if log is not None:
         log.write_text(proc.stdout + proc.stderr)

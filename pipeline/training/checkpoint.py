@@ -5,7 +5,11 @@ Layout under ``<output_dir>/checkpoints``::
     step_00000200/            engine.save_checkpoint(tag=...): ZeRO partitions, optimizer, lr scheduler,
                               client state {"trainer": TrainerState} (written by every rank)
     step_00000200/rng_rank{r}.pt   rank r's python / numpy / torch (CPU and CUDA) RNG states
-    step_00000200/COMPLETE    written by rank 0 only after a barrier that every rank reaches after writing
+    step_00000200/COMPLETE    written by rank 0 only after a barrier that every rank reaches after writing: JSON
+                              {global_step, time, world_size, identity} (the run identity,
+                              pipeline.training.run_identity, compared at resume)
+    step_00000200/universal/  DeepSpeed's universal copy, made when a run resumes on another world size
+                              (pipeline.training.resume)
     latest_complete           name of the newest COMPLETE tag, replaced atomically after COMPLETE
 
 A crash while saving leaves a tag without COMPLETE, which resume ignores (and the next save removes); the pointer
@@ -47,6 +51,16 @@ class CheckpointError(TrainingAborted):
     """A checkpoint could not be written (on some rank); the previous checkpoint stays the latest."""
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a complete checkpoint's COMPLETE file says: its step, the world size that wrote it, and the run
+    identity (None when written before identities were recorded)."""
+
+    step: int | None
+    world_size: int | None
+    identity: dict[str, Any] | None
+
+
 @dataclass
 class TrainerState:
     """Where training stands: the next batch to train on is `step_in_epoch` of `epoch`; `global_step` optimizer
@@ -66,6 +80,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -82,12 +100,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Saves and finds complete checkpoints under `root` (layout in the module docstring); `faults` injects write
-    errors in tests."""
+    """Saves and finds complete checkpoints under `root` (layout in the module docstring); `identity` (the run
+    identity) is recorded in every checkpoint saved; `faults` injects write errors in tests."""
 
-    def __init__(self, root: str | Path, keep_last: int, *, faults: FaultInjector = NO_FAULTS) -> None:
+    def __init__(self, root: str | Path, keep_last: int, *, identity: dict[str, Any] | None = None,
+                 faults: FaultInjector = NO_FAULTS) -> None:
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self.identity = identity
         self.faults = faults
 
     @staticmethod
@@ -103,6 +123,23 @@ class CheckpointManager:
                 return tag
         complete = sorted(p.parent.name for p in self.root.glob(f"step_*/{COMPLETE}"))
         return complete[-1] if complete else None
+
+    def info(self, tag: str) -> CheckpointInfo:
+        """The COMPLETE record of `tag`. Checkpoints written before it recorded the world size count their
+        ``rng_rank*.pt`` files (one per rank); unreadable fields are None."""
+        try:
+            record = json.loads((self.root / tag / COMPLETE).read_text())
+        except (OSError, ValueError):
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+        world = record.get("world_size")
+        if not isinstance(world, int):
+            world = len(list((self.root / tag).glob("rng_rank*.pt"))) or None
+        step = record.get("global_step")
+        identity = record.get("identity")
+        return CheckpointInfo(step if isinstance(step, int) else None, world,
+                              identity if isinstance(identity, dict) else None)
 
     def save(self, engine: Any, state: TrainerState, tag: str | None = None) -> Path:
         """Save on every rank (default tag: ``step_<global_step>``); returns the tag directory. Raises
@@ -143,7 +180,10 @@ class CheckpointManager:
         error = ""  # 3. COMPLETE, then the pointer (atomically)
         if global_rank() == 0:
             try:
-                (path / COMPLETE).write_text(json.dumps({"global_step": state.global_step, "time": time.time()}))
+                record = {"global_step": state.global_step, "time": time.time(), "world_size": _world_size()}
+                if self.identity is not None:
+                    record["identity"] = self.identity
+                (path / COMPLETE).write_text(json.dumps(record))
                 tmp = self.root / f".{POINTER}.tmp"
                 tmp.write_text(tag)
                 os.replace(tmp, self.root / POINTER)
@@ -181,8 +221,17 @@ class CheckpointManager:
         for tag in sorted(doomed):
             shutil.rmtree(self.root / tag, ignore_errors=True)
 
-    def load(self, engine: Any, tag: str) -> TrainerState:
-        """Load weights, optimizer, scheduler, trainer state and this rank's RNG states from `tag`."""
+    def load(self, engine: Any, tag: str, *, universal: Path | None = None) -> TrainerState:
+        """Load weights, optimizer, scheduler, trainer state and this rank's RNG states from `tag`.
+
+        `universal`: DeepSpeed's universal copy of `tag` (written by another world size), loaded instead by an
+        engine built with ``"checkpoint": {"load_universal": true}``; the RNG states are then not restored (they
+        belong to the old ranks: :func:`pipeline.training.resume.load` reseeds them)."""
+        if universal is not None:
+            path, client = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+            if path is None or client is None or "trainer" not in client:
+                raise RuntimeError(f"checkpoint {universal}: could not be loaded")
+            return TrainerState(**client["trainer"])
         path, client = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None or client is None or "trainer" not in client:
             raise RuntimeError(f"checkpoint {self.root / tag}: could not be loaded")

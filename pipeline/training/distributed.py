@@ -36,9 +36,15 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def launched_world_size() -> int:
+    """The world size the launcher (torchrun, deepspeed) set in WORLD_SIZE, 1 without one: known before the process
+    group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_distributed() -> bool:
     """True when a launcher (torchrun, deepspeed) started several processes (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
 
 
 DEFAULT_TIMEOUT_S = 300.0  # train.collective_timeout_s's default; torch's own is 10 min (NCCL) / 30 min (gloo)

@@ -132,6 +132,18 @@ def write_sentence_transformers_files(
     )
 
 
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete directory `tmp` to `out`; an existing `out` is removed only once `tmp` has replaced it."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def export_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -167,14 +179,7 @@ def export_model(
                 max_seq_length=max_seq_length,
                 prompts=query_prompts(instructions, query_template),
             )
-            if out.exists():  # swap: the old export is removed only once the new one is complete
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            move_into_place(tmp, out)
         except Exception as exc:  # noqa: BLE001 - OSError, or a serializer error wrapping one
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""

@@ -26,7 +26,8 @@ datasets with their share of the steps (``HomogeneousSchedule.probabilities``), 
 step - measured by building the first steps' batches of every rank with the trainer's own code
 (:func:`pipeline.data.loader.rank_batch`) and chunking them with GradCache's
 :func:`pipeline.training.gradcache.step_chunks` - ZeRO stage, precision, attention, output directory and the
-checkpoint the run starts from (``--resume``).
+checkpoint the run starts from (``--resume``), and the steps of the merge exports (``train.merge_every`` /
+``merge_window``, :class:`pipeline.training.trainer.EveryInLast`, the trainer's own rule).
 """
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ class RunPlan:
     verify_checksums: bool
     output_dir: str
     resume: str  # what the run starts from
+    merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N>
 
 
 @dataclass
@@ -249,6 +251,8 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("train.log_every", t.log_every >= 0, f"must be >= 0, got {t.log_every}"),
         ("train.eval_every", t.eval_every >= 0, f"must be >= 0, got {t.eval_every}"),
         ("train.save_every", t.save_every >= 0, f"must be >= 0, got {t.save_every}"),
+        ("train.merge_window", t.merge_window >= 0, f"must be >= 0, got {t.merge_window}"),
+        ("train.merge_every", t.merge_every >= 0, f"must be >= 0, got {t.merge_every}"),
         ("train.collective_timeout_s", t.collective_timeout_s > 0, f"must be > 0, got {t.collective_timeout_s}"),
         ("train.max_consecutive_skips", t.max_consecutive_skips >= 1, f"must be >= 1, got {t.max_consecutive_skips}"),
         ("data.validation_fraction", 0 <= d.validation_fraction < 1, f"must be in [0, 1), got {d.validation_fraction}"),
@@ -481,31 +485,41 @@ def check_teacher(cfg: Config) -> None:
         raise _Stop(Problem.from_message(str(exc))) from None
 
 
-def resume_checkpoint(cfg: Config, resume: str | None = None) -> str:
+def resume_checkpoint(cfg: Config, resume: str | None = None, *, world_size: int = 1, force: bool = False,
+                      warnings: list[Problem] | None = None) -> str:
     """What the run will start from: with ``--resume auto`` the newest complete checkpoint (or a fresh start when
-    there is none), with ``--resume TAG`` that checkpoint (raises _Stop unless it is complete), else a fresh start
-    (naming the checkpoint ``--resume auto`` would load, if any)."""
-    import json
-
-    from pipeline.training.checkpoint import COMPLETE, CheckpointManager
+    there is none), with ``--resume TAG`` that checkpoint, else a fresh start (naming the checkpoint ``--resume auto``
+    would load, if any). The trainer's own decision (:func:`pipeline.training.resume.resume_point`): raises _Stop
+    when the tag is not a complete checkpoint or the run identity changed (unless `force`; its warnings are added to
+    `warnings`)."""
+    from pipeline.data.shard_format import ShardError
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.checkpoint import CheckpointManager
+    from pipeline.training.resume import ResumeRefused, resume_point
+    from pipeline.training.run_identity import run_identity
 
     manager = CheckpointManager(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
 
     def describe(tag: str) -> str:
-        try:
-            step = json.loads((manager.root / tag / COMPLETE).read_text())["global_step"]
-            return f"{manager.root / tag} (step {step})"
-        except (OSError, ValueError, KeyError):
-            return str(manager.root / tag)
+        step = manager.info(tag).step
+        return f"{manager.root / tag} (step {step})" if step is not None else str(manager.root / tag)
 
-    if resume not in (None, "auto"):
-        if not (manager.root / resume / COMPLETE).is_file():
-            raise _Stop(Problem("--resume", f"{manager.root / resume} is not a complete checkpoint"))
-        return f"resumes from {describe(resume)}"
-    tag = manager.latest()
-    if resume == "auto":
-        return f"resumes from {describe(tag)}" if tag else f"fresh start (no complete checkpoint in {manager.root})"
-    return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
+    if resume is None:
+        tag = manager.latest()
+        return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
+    try:
+        identity = run_identity(cfg, read_manifest(cfg.data.shards), world_size)
+    except ShardError:  # reported by the data check; the checkpoint is then not compared
+        identity = None
+    try:
+        point = resume_point(manager, resume, identity, world_size, force=force)
+    except ResumeRefused as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
+    if point is None:
+        return f"fresh start (no complete checkpoint in {manager.root})"
+    if warnings is not None:
+        warnings.extend(Problem.from_message(line) for line in point.warnings)
+    return f"resumes from {point.describe()}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -522,9 +536,12 @@ def check_run(
     device: str = "auto",
     sample_steps: int = 8,
     resume: str | None = None,
+    resume_force: bool = False,
 ) -> CheckReport:
     """Run every check; problems are collected (one per failed check), the plan is built when there are none."""
     import torch
+
+    from pipeline.training.trainer import EveryInLast
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -562,7 +579,7 @@ def check_run(
                        sample_steps=sample_steps, warnings=warnings)
     if cfg.loss.distill is not None and data is not None:
         attempt(check_teacher, cfg)
-    start = attempt(resume_checkpoint, cfg, resume)
+    start = attempt(resume_checkpoint, cfg, resume, world_size=size, force=resume_force, warnings=warnings)
     if problems or world is None or ds_plan is None or model is None or data is None or start is None:
         return report
     datasets, skipped, steps_per_epoch, sample = data
@@ -583,7 +600,7 @@ def check_run(
         datasets=datasets, skipped=skipped, sample=sample, model=model, deepspeed=ds_plan,
         gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
         shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
-        resume=start,
+        resume=start, merge_steps=EveryInLast(t.merge_every, t.merge_window, total).planned(),
     )
     return report
 
@@ -595,6 +612,12 @@ def _millions(n: int | None) -> str:
     if n is None:
         return "?"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _merge_exports(plan: RunPlan) -> str:
+    if not plan.merge_steps:
+        return "none"
+    return f"after steps {', '.join(map(str, plan.merge_steps))}: export/merge_step_<N> (for python -m pipeline.merge)"
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -643,6 +666,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  shards             {plan.shards} (sizes checked, "
         f"{'sha256 verified' if plan.verify_checksums else 'sha256 not verified: data.verify_checksums false'})",
         f"  output dir         {plan.output_dir}",
+        f"  merge exports      {_merge_exports(plan)}",
         f"  start              {plan.resume}",
     ]
     return "\n".join(lines)

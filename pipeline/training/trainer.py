@@ -9,7 +9,7 @@ One optimizer step per global batch. Read top to bottom, :meth:`Trainer.fit` is
                 agree with every rank: stop (signal, launcher gone)? non-finite loss or gradient?
                 finite: engine.step()               # ZeRO optimizer step, clipping, lr (DeepSpeed)
                 else:   the step is skipped, its gradients discarded          (pipeline.training.backward)
-            after an update, each periodic action asked whether it is due: log, validate, checkpoint
+            after an update, each periodic action asked whether it is due: log, validate, checkpoint, merge export
             stop agreed: checkpoint, no export, leave
         end of the epoch: export epoch_<e>
     end of the run: checkpoint, export final                                  (pipeline.training.export)
@@ -47,7 +47,7 @@ from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
 from pipeline.training.chunk_budget import resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
-from pipeline.training.distributed import init_distributed, teardown
+from pipeline.training.distributed import init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
 from pipeline.training.export import export_model
@@ -55,6 +55,8 @@ from pipeline.training.gradcache import StepStats, train_step
 from pipeline.training.losses import loss_type_problems
 from pipeline.training.lr_schedule import warmup_cosine
 from pipeline.training.metrics import MetricsWriter, step_values
+from pipeline.training.resume import load as load_checkpoint, resume_point, with_resume
+from pipeline.training.run_identity import run_identity
 from pipeline.training.teacher import check_teacher_tokenizer, load_teacher
 from pipeline.training.validation import validation_values
 
@@ -91,6 +93,28 @@ class Every:
         return self.steps > 0 and (step % self.steps == 0 or (self.also_first and step == 1))
 
 
+@dataclass(frozen=True)
+class EveryInLast:
+    """Whether an action is due after optimizer step `step`: at the multiples of `steps` within the last `window`
+    steps of a `total`-step run (``total - window < step <= total``; never when `steps` or `window` is 0). F2LLM's
+    "every 500 steps in the last 2500" extra saves for checkpoint merging (its ``utils.py``)."""
+
+    steps: int
+    window: int
+    total: int
+
+    def due(self, step: int) -> bool:
+        in_window = self.total - self.window < step <= self.total
+        return self.steps > 0 and self.window > 0 and step % self.steps == 0 and in_window
+
+    def planned(self) -> list[int]:
+        """Every step at which it is due, in order."""
+        if self.steps <= 0 or self.window <= 0:
+            return []
+        first = (max(self.total - self.window, 0) // self.steps + 1) * self.steps
+        return list(range(first, self.total + 1, self.steps))
+
+
 class Outcome(enum.Enum):
     """How a pass over an epoch's batches ended."""
 
@@ -112,7 +136,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: str | None = None, faults: FaultInjector = NO_FAULTS) -> None:
+    def __init__(self, cfg: Config, *, resume: str | None = None, resume_force: bool = False,
+                 faults: FaultInjector = NO_FAULTS) -> None:
         problems = loss_type_problems(cfg.loss)  # values the config's types cannot catch, as --check finds them
         if problems:
             raise ConfigError(problems[0])
@@ -131,6 +156,13 @@ class Trainer:
         shards = check_data(cfg.data, self.tokenizer)
         if cfg.loss.distill is not None:
             check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"])
+        # The run identity (what fixes the data stream and the math) goes into every checkpoint; --resume from a
+        # checkpoint of another identity is refused here, before the process group (pipeline.training.resume).
+        self.run_dir = Path(cfg.train.output_dir)
+        identity = run_identity(cfg, shards.manifest, launched_world_size())
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, identity=identity,
+                                      faults=faults)
+        self.resume_from = resume_point(self.ckpt, resume, identity, launched_world_size(), force=resume_force)
         self.dist = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -160,18 +192,18 @@ class Trainer:
             cfg.loss.distill, self.device, student_hidden=model.hidden_size,
             zero_stage=int(self.engine.zero_optimization_stage()), world_size=self.dist.world_size,
         )
-        self.run_dir = Path(cfg.train.output_dir)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, faults=faults)
         self.state = TrainerState(config=cfg.to_dict())
         if resume:
             self._resume(resume)
         self.metrics = MetricsWriter(self.run_dir)
         t = cfg.train
         # The actions that happen every N optimizer steps, in this order; each is asked whether it is due.
-        self.periodic: list[tuple[Every, Callable[[StepResult], Any]]] = [
+        self.periodic: list[tuple[Every | EveryInLast, Callable[[StepResult], Any]]] = [
             (Every(t.log_every, also_first=True), self._log_step),
             (Every(t.eval_every), lambda result: self.validate()),
             (Every(t.save_every), lambda result: self._checkpoint()),
+            (EveryInLast(t.merge_every, t.merge_window, self.total_steps),
+             lambda result: self.export(f"merge_step_{self.state.global_step}")),
         ]
         # From here on a rank that dies or hangs is named and ends the run within train.collective_timeout_s
         # (pipeline.resilience.rank_health); before, a failed rank surfaces as a collective timeout.
@@ -200,19 +232,20 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=training_ds_config(self.cfg, world_size=self.dist.world_size, device_type=self.device.type),
+            config=with_resume(training_ds_config(self.cfg, world_size=self.dist.world_size,
+                                                  device_type=self.device.type), self.resume_from),
             lr_scheduler=scheduler,
         )
         return engine
 
     def _resume(self, resume: str) -> None:
-        tag = self.ckpt.latest() if resume == "auto" else resume
-        if tag is None:
+        point = self.resume_from
+        if point is None:
             log(f"--resume {resume}: no complete checkpoint in {self.ckpt.root}; starting fresh")
             return
-        self.state = self.ckpt.load(self.engine, tag)
-        self._saved = (self._state_key(), self.ckpt.root / tag)
-        log(f"resumed from {self.ckpt.root / tag}: step {self.state.global_step}, epoch {self.state.epoch}")
+        self.state = load_checkpoint(point, self.ckpt, self.engine, seed=self.cfg.train.seed)
+        self._saved = (self._state_key(), point.path)
+        log(f"resumed from {point.path}: step {self.state.global_step}, epoch {self.state.epoch}")
 
     # ---------------------------------------------------------------------------------------------------------
     # The loop
@@ -378,9 +411,9 @@ class Trainer:
         teardown()
 
 
-def run(cfg: Config, *, resume: str | None = None) -> TrainerState:
+def run(cfg: Config, *, resume: str | None = None, resume_force: bool = False) -> TrainerState:
     """Train `cfg` (the fault injection the environment asks for, if any)."""
-    trainer = Trainer(cfg, resume=resume, faults=FaultInjector.from_env())
+    trainer = Trainer(cfg, resume=resume, resume_force=resume_force, faults=FaultInjector.from_env())
     try:
         return trainer.fit()
     except Exception as exc:

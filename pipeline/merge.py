@@ -1,0 +1,410 @@
+"""Checkpoint merging: ``python -m pipeline.merge --out DIR MODEL_DIR [MODEL_DIR ...] [--method mean|ema|slerp]``.
+
+Averages the weights of several model directories of one run - typically the exports ``export/merge_step_<N>``
+that ``train.merge_every`` / ``train.merge_window`` write near the end of training, as F2LLM saved checkpoints "for
+ckpt merging" every 500 steps in the last 2,500 (its ``utils.py``) - into one model directory.
+
+Methods, for every floating-point tensor of the models theta_1 .. theta_n (given in this order), computed in fp32
+and stored in the first input's dtype:
+
+* ``mean``: theta = sum_i w_i theta_i, w = ``--weights`` (default uniform) normalised to sum 1: uniform weight
+  averaging of checkpoints of one run ("model soups", Wortsman et al. 2022, arXiv:2203.05482; LAWA, Kaddour
+  2022, arXiv:2209.14981).
+* ``ema``: an exponential moving average over the inputs in the given order, decay d = ``--ema-decay``:
+  e_1 = theta_1, e_k = d e_{k-1} + (1 - d) theta_k, theta = e_n; that is theta_1 weighted d^(n-1) and theta_k
+  (k >= 2) weighted (1 - d) d^(n-k) (the weights sum to 1). d = 0 keeps the last model, d = 1 the first.
+* ``slerp``: spherical linear interpolation between exactly two models, per tensor, at t = ``--weights T``
+  (default 0.5; 0 = the first model, 1 = the second). With v0, v1 flattened, Omega the angle between them:
+  slerp = sin((1 - t) Omega) / sin(Omega) v0 + sin(t Omega) / sin(Omega) v1 (Shoemake 1985). As in mergekit
+  (``mergekit/merge_methods/slerp.py``, arcee-ai/mergekit), the angle comes from the normalised tensors, the
+  coefficients multiply the original ones, and nearly parallel tensors (|cos Omega| > 0.9995) are interpolated
+  linearly, (1 - t) v0 + t v1; here also tensors of (near) zero norm. Checkpoints of one run are often that close:
+  the command reports how many tensors took the linear path.
+
+Non-floating-point tensors (integer buffers) must be equal in all inputs and are copied.
+
+Refused with one line naming the directories and what differs (exit 2): inputs of another architecture
+(``model_type``, any other ``config.json`` value but dropout, dtype, cache and name fields, parameter names or
+shapes), another tokenizer (vocabulary hash, :func:`pipeline.data.shard_format.tokenizer_fingerprint`), or other
+sentence-transformers settings (modules, pooling, ``max_seq_length``, query prompts).
+
+The output has the inputs' layout (an export's: :mod:`pipeline.training.export`): every file of the first input
+but its weights and model card is copied (``config.json``, tokenizer, ``modules.json``, ``sentence_bert_config.json``,
+``1_Pooling/``, ``2_Normalize``, ``config_sentence_transformers.json`` with the prompts), the merged weights are
+written as safetensors with the first input's file split (``model.safetensors`` or the shards of an index), and
+``merge.json`` records the inputs, method and coefficients. It is written to ``.DIR.tmp`` and renamed into place
+(an existing DIR is replaced only with ``--overwrite``, once the new one is complete). Memory: tensors are read one
+at a time from memory-mapped safetensors files; the merged tensors of one output file are held until it is written
+(one model at most), plus one tensor's fp32 working copies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+METHODS = ("mean", "ema", "slerp")
+DEFAULT_EMA_DECAY = 0.5
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit's DOT_THRESHOLD: |cos| above it -> linear interpolation
+SLERP_EPS = 1e-8
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# config.json fields that training changes without changing the architecture or what the weights mean.
+CONFIG_IGNORED = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "architectures")
+ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+NOT_COPIED = ("*.safetensors", WEIGHTS_INDEX, "pytorch_model*.bin", "README.md", "merge.json")
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged, or bad options; the message is one line naming them."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The merge rules
+# --------------------------------------------------------------------------------------------------------------
+def linear_coefficients(method: str, n: int, weights: Sequence[float] | None = None,
+                        ema_decay: float = DEFAULT_EMA_DECAY) -> list[float]:
+    """Coefficients c_i of theta = sum_i c_i theta_i for ``mean`` and ``ema`` (see the module docstring)."""
+    if method == "mean":
+        w = [1.0] * n if weights is None else [float(x) for x in weights]
+        if len(w) != n:
+            raise MergeError(f"--weights: {len(w)} value(s) for {n} models")
+        if any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+            raise MergeError(f"--weights: must be finite, >= 0 and not all 0, got {list(w)}")
+        return [x / sum(w) for x in w]
+    if method == "ema":
+        if weights is not None:
+            raise MergeError("--weights: not used by --method ema (the order of the models and --ema-decay set them)")
+        if not 0 <= ema_decay <= 1:
+            raise MergeError(f"--ema-decay: must be in [0, 1], got {ema_decay}")
+        return [ema_decay ** (n - 1)] + [(1 - ema_decay) * ema_decay ** (n - k) for k in range(2, n + 1)]
+    raise MergeError(f"--method: {method} is not a linear merge (mean, ema)")
+
+
+def slerp_t(n: int, weights: Sequence[float] | None) -> float:
+    """The interpolation point of ``slerp``: ``--weights T`` (one value in [0, 1]) or 0.5."""
+    if n != 2:
+        raise MergeError(f"--method slerp: interpolates exactly two models, got {n}")
+    if weights is None:
+        return 0.5
+    if len(weights) != 1 or not 0 <= weights[0] <= 1:
+        raise MergeError(f"--weights: slerp takes one value t in [0, 1] (0 = the first model, 1 = the second), "
+                         f"got {list(weights)}")
+    return float(weights[0])
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
+          eps: float = SLERP_EPS) -> tuple[torch.Tensor, bool]:
+    """Spherical linear interpolation of two tensors (fp32 result, same shape) and whether it fell back to linear
+    interpolation (nearly parallel or near-zero tensors); the rule of mergekit's ``slerp``."""
+    a, b = v0.float(), v1.float()
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if na <= eps or nb <= eps:
+        return torch.lerp(a, b, t), True
+    dot = float(torch.dot(a.flatten(), b.flatten()) / (na * nb))
+    if abs(dot) > dot_threshold:
+        return torch.lerp(a, b, t), True
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    s0 = math.sin((1 - t) * omega) / math.sin(omega)
+    s1 = math.sin(t * omega) / math.sin(omega)
+    return s0 * a + s1 * b, False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and checking the inputs
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelDir:
+    """One input: its config, where each tensor is stored, and the tensors' shapes (from the file headers)."""
+
+    path: Path
+    config: dict[str, Any]
+    files: dict[str, str]  # tensor name -> safetensors file name inside `path`
+    shapes: dict[str, tuple[int, ...]]
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelDir":
+        from safetensors import safe_open
+
+        from pipeline.config import resolve_resource
+
+        path = Path(resolve_resource(str(path)) or path)
+        if not (path / "config.json").is_file():
+            raise MergeError(f"{path}: not a model directory (no config.json)")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise MergeError(f"{path / 'config.json'}: cannot read ({exc})") from None
+        if (path / WEIGHTS_INDEX).is_file():
+            try:
+                files = dict(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise MergeError(f"{path / WEIGHTS_INDEX}: not a safetensors index ({exc})") from None
+        elif (path / WEIGHTS_FILE).is_file():
+            files = {}
+        else:
+            raise MergeError(f"{path}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX} (merging reads safetensors weights)")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in sorted(set(files.values())) or [WEIGHTS_FILE]:
+            try:
+                with safe_open(str(path / name), framework="pt") as handle:
+                    for key in handle.keys():
+                        files[key] = name
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+                raise MergeError(f"{path / name}: cannot read safetensors ({exc})") from None
+        missing = sorted(k for k in files if k not in shapes)
+        if missing:
+            raise MergeError(f"{path / WEIGHTS_INDEX}: {missing[0]} is mapped to a file that does not hold it")
+        return cls(path, config, files, shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.path / file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
+    """Keys whose values differ (present in one only counts), sorted, without the `skip` ones and dropouts."""
+    keys = (set(a) | set(b)) - set(skip)
+    return sorted(k for k in keys if "dropout" not in k and a.get(k) != b.get(k))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"{path}: cannot read ({exc})") from None
+
+
+def check_architecture(first: ModelDir, other: ModelDir) -> None:
+    """Same model_type, config (but training-only fields), parameter names and shapes; else MergeError."""
+    where = f"{first.path}, {other.path}"
+    a, b = first.config.get("model_type"), other.config.get("model_type")
+    if a != b:
+        raise MergeError(f"{where}: different architecture (model_type {a} vs {b})")
+    keys = _diff(first.config, other.config, CONFIG_IGNORED)
+    if keys:
+        k = keys[0]
+        more = f"; also {', '.join(keys[1:])}" if len(keys) > 1 else ""
+        raise MergeError(f"{where}: different architecture (config.json {k}: {first.config.get(k)!r} vs "
+                         f"{other.config.get(k)!r}{more})")
+    only = sorted(set(first.shapes) ^ set(other.shapes))
+    if only:
+        owner = first.path if only[0] in first.shapes else other.path
+        raise MergeError(f"{where}: different parameters ({only[0]} only in {owner}; {len(only)} name(s) differ)")
+    for name, shape in first.shapes.items():
+        if other.shapes[name] != shape:
+            raise MergeError(f"{where}: different shapes ({name} {list(shape)} vs {list(other.shapes[name])})")
+
+
+def check_tokenizer(first: ModelDir, other: ModelDir, fingerprints: dict[Path, dict[str, Any]]) -> None:
+    """Same vocabulary (:func:`pipeline.data.shard_format.tokenizer_fingerprint`); else MergeError."""
+    from pipeline.data.shard_format import tokenizer_fingerprint
+    from pipeline.data.tokenization import load_tokenizer
+
+    for model in (first, other):
+        if model.path not in fingerprints:
+            try:
+                fingerprints[model.path] = tokenizer_fingerprint(load_tokenizer(str(model.path)), str(model.path))
+            except (OSError, ValueError, TypeError) as exc:
+                raise MergeError(f"{model.path}: cannot load its tokenizer ({' '.join(str(exc).split())})") from None
+    a, b = fingerprints[first.path], fingerprints[other.path]
+    if (a["vocab_size"], a["vocab_sha256"]) != (b["vocab_size"], b["vocab_sha256"]):
+        raise MergeError(f"{first.path}, {other.path}: different tokenizers (vocab {a['vocab_size']}, sha256 "
+                         f"{a['vocab_sha256'][:12]} vs vocab {b['vocab_size']}, sha256 {b['vocab_sha256'][:12]})")
+
+
+def check_sentence_transformers(first: ModelDir, other: ModelDir) -> None:
+    """Same sentence-transformers modules, pooling, max_seq_length and query prompts; else MergeError."""
+    from pipeline.training.export import model_prompts
+
+    where = f"{first.path}, {other.path}"
+    for name in ST_FILES:
+        a, b = _json(first.path / name), _json(other.path / name)
+        if a == b:
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            raise MergeError(f"{where}: different sentence-transformers {name} ({'absent' if a is None else 'present'}"
+                             f" vs {'absent' if b is None else 'present'})")
+        k = _diff(a, b)[0]
+        raise MergeError(f"{where}: different sentence-transformers {name} ({k} {a.get(k)!r} vs {b.get(k)!r})")
+    try:
+        a, b = model_prompts(first.path), model_prompts(other.path)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    if a != b:
+        k = min(set(a) ^ set(b) or {k for k in a if a[k] != b[k]})
+        raise MergeError(f"{where}: different query prompts ({k}: {a.get(k)!r} vs {b.get(k)!r})")
+
+
+def check_inputs(models: Sequence[ModelDir]) -> None:
+    """Every input against the first: architecture, tokenizer, sentence-transformers settings."""
+    fingerprints: dict[Path, dict[str, Any]] = {}
+    for other in models[1:]:
+        check_architecture(models[0], other)
+        check_tokenizer(models[0], other, fingerprints)
+        check_sentence_transformers(models[0], other)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    inputs: list[str]
+    coefficients: list[float] | None  # mean / ema
+    t: float | None  # slerp
+    ema_decay: float | None
+    tensors: int
+    linear_fallback: int  # slerp: tensors interpolated linearly
+
+
+def merge_models(inputs: Sequence[str | Path], out: str | Path, *, method: str = "mean",
+                 weights: Sequence[float] | None = None, ema_decay: float = DEFAULT_EMA_DECAY,
+                 overwrite: bool = False, progress: bool = True) -> MergeResult:
+    """Merge the model directories `inputs` into `out` (see the module docstring). MergeError: bad input."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from pipeline.training.export import move_into_place
+
+    if method not in METHODS:
+        raise MergeError(f"--method: expected one of {', '.join(METHODS)}, got {method}")
+    if len(inputs) < 2:
+        raise MergeError(f"MODEL_DIR: give at least two model directories to merge, got {len(inputs)}")
+    coefficients = linear_coefficients(method, len(inputs), weights, ema_decay) if method != "slerp" else None
+    t = slerp_t(len(inputs), weights) if method == "slerp" else None
+    out = Path(out)
+    models = [ModelDir.open(p) for p in inputs]
+    if any(out.resolve() == m.path.resolve() for m in models):
+        raise MergeError(f"--out {out}: is one of the inputs")
+    if out.exists() and not overwrite:
+        raise MergeError(f"--out {out}: exists (pass --overwrite to replace it)")
+    check_inputs(models)
+
+    first = models[0]
+    tmp = out.with_name(f".{out.name}.tmp")
+    fallback = 0
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(first.path, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        if (first.path / WEIGHTS_INDEX).is_file():
+            shutil.copy2(first.path / WEIGHTS_INDEX, tmp / WEIGHTS_INDEX)
+        by_file: dict[str, list[str]] = {}
+        for name, file in first.files.items():
+            by_file.setdefault(file, []).append(name)
+        bar = tqdm(total=len(first.files), desc=f"merge ({method})", unit="tensor", disable=not progress)
+        for file, names in sorted(by_file.items()):
+            merged: dict[str, torch.Tensor] = {}
+            for name in names:
+                v0 = first.tensor(name)
+                if not v0.dtype.is_floating_point:
+                    merged[name] = _equal_everywhere(v0, models, name)
+                elif t is not None:
+                    value, linear = slerp(t, v0, models[1].tensor(name))
+                    fallback += linear
+                    merged[name] = value.to(v0.dtype)
+                else:
+                    acc = v0.float() * coefficients[0]
+                    for model, c in zip(models[1:], coefficients[1:]):
+                        acc.add_(model.tensor(name).float(), alpha=c)
+                    merged[name] = acc.to(v0.dtype)
+                del v0
+                bar.update(1)
+            save_file(merged, str(tmp / file), metadata={"format": "pt"})
+            del merged
+        bar.close()
+        result = MergeResult(out=out, method=method, inputs=[str(m.path) for m in models], coefficients=coefficients,
+                             t=t, ema_decay=ema_decay if method == "ema" else None, tensors=len(first.files),
+                             linear_fallback=fallback)
+        record = {k: v for k, v in vars(result).items() if k != "out"}
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        move_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        raise OSError(f"--out {out}: write failed ({exc.strerror or exc}{where}); nothing was replaced") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for m in models:
+            m.close()
+    return result
+
+
+def _equal_everywhere(value: torch.Tensor, models: Sequence[ModelDir], name: str) -> torch.Tensor:
+    for other in models[1:]:
+        if not torch.equal(value, other.tensor(name)):
+            raise MergeError(f"{models[0].path}, {other.path}: {name} differs and is not floating point "
+                             f"(cannot be averaged)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.merge",
+        description="Merge model directories of one run (e.g. RUN/export/merge_step_<N>, written by "
+                    "train.merge_every / train.merge_window) into one HF + sentence-transformers model directory.",
+        epilog="mean: sum_i w_i theta_i, w normalised to sum 1. ema: e_1 = theta_1, e_k = d e_(k-1) + (1 - d) "
+               "theta_k in the given order. slerp: spherical interpolation of two models at t per tensor, linear "
+               "for nearly parallel tensors (mergekit's rule). Inputs must share architecture, tokenizer, pooling "
+               "and prompts; else one 'error:' line, exit 2.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model directories, oldest first for ema")
+    p.add_argument("--out", required=True, help="output model directory (written to .DIR.tmp, then renamed)")
+    p.add_argument("--method", choices=METHODS, default="mean", help="merge rule (default mean)")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="mean: one weight per model (default uniform; normalised to sum 1); slerp: t in [0, 1] "
+                        "(default 0.5; 0 = the first model, 1 = the second)")
+    p.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY,
+                   help=f"ema: decay d in [0, 1] (default {DEFAULT_EMA_DECAY}); the last model weighs 1 - d")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = merge_models(args.models, args.out, method=args.method, weights=args.weights,
+                              ema_decay=args.ema_decay, overwrite=args.overwrite, progress=not args.no_progress)
+    except MergeError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    if result.t is not None:
+        how = (f"t = {result.t:g}; {result.linear_fallback} of {result.tensors} tensors nearly parallel "
+               f"(|cos| > {SLERP_DOT_THRESHOLD}): interpolated linearly")
+    else:
+        how = "coefficients " + ", ".join(f"{c:.4g}" for c in result.coefficients or [])
+    print(f"merged {len(result.inputs)} models ({result.method}; {how}) into {result.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
