@@ -111,11 +111,6 @@ class HomogeneousSchedule:
         return f"{n} training queries, fewer than one global batch of {self.global_batch} (data.drop_last): not trained on"
 
     @property
-    def trained_queries(self) -> int:
-        """Training queries the epoch's batches hold, over all datasets (every one unless ``drop_last``)."""
-        return sum(min(len(self.train_ids[d]), self.n_batches[d] * self.global_batch) for d in self.datasets)
-
-    @property
     def steps_per_epoch(self) -> int:
         return sum(self.n_batches[d] for d in self.datasets)
 
