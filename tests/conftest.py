@@ -33,3 +33,29 @@ def example_shards(example_raw, tmp_path_factory) -> Path:
                      registry=str(example_raw / "datasets.yaml"), max_len=64, workers=1)
     ).run()
     return out
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shm_buffers():
+    """DeepSpeed's CPU communication leaves a 66 MB /dev/shm/deepspeed_allreduce_buffer_* file per rank and launch
+    (it never unlinks them); dozens of 2-rank launches would fill /dev/shm, which is RAM. After each test, remove the
+    buffers its launches created once no live process uses their port."""
+    import glob
+    import os
+    import re
+
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    yield
+    live = set()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            live.update(re.findall(rb"master_port[= \x00](\d+)", open(cmdline, "rb").read()))
+        except OSError:
+            continue
+    for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
+        port = re.search(r"_(\d+)_\d+$", path)
+        if port and port.group(1).encode() not in live:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
