@@ -51,7 +51,7 @@ from pipeline.training.checkpoint import CheckpointManager, TrainerState
 from pipeline.training.distributed import init_distributed, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
-from pipeline.training.export import export_model
+from pipeline.training.export import TrainedDataset, export_model
 from pipeline.training.gradcache import StepStats, batch_loss, train_step
 from pipeline.training.lr_schedule import warmup_cosine
 from pipeline.training.metrics import MetricsWriter, step_values
@@ -309,7 +309,8 @@ class Trainer:
         return export_model(
             self.engine, self.tokenizer, self.run_dir / "export" / name,
             eos_id=reader.eos_id, max_seq_length=reader.max_len,
-            instructions={n: ds.instruction for n, ds in reader.datasets.items()},
+            datasets={n: TrainedDataset(ds.type, ds.instruction, ds.num_queries)
+                      for n, ds in reader.datasets.items()},
             query_template=reader.manifest.get("query_template", "{query}"),
             faults=self.faults,
         )
