@@ -13,13 +13,19 @@ clustering texts the instruction of their type, documents none. So::
     results = mteb.evaluate(SentenceTransformer("runs/x/export/final"), mteb.get_tasks(tasks=["SciFact"]))
 
 is the whole recipe; :func:`evaluate_mteb` runs it with one-line errors (unknown task, data that cannot be
-downloaded) and reports, per task, the main score, every split's scores and the prompts MTEB picked.
+downloaded) and reports, per task, the main score, every split's scores and the prompts MTEB picked. (MTEB warns
+that the per-dataset prompt names of the export are not MTEB task names and ignores them; :func:`evaluate_mteb`
+silences that warning.)
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from pipeline.evaluation.retrieval import EvaluationError
 
@@ -65,15 +71,44 @@ def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
     return out
 
 
+_INVALID_KEY = re.compile(r"Task name .* is not valid|Some prompts are not in the expected format")
+
+
+class _DropInvalidKeyWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _INVALID_KEY.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_prompt_key_warnings() -> Iterator[None]:
+    """Silence MTEB's warning that a prompt key is not an MTEB task name (the export's per-dataset prompts)."""
+    loggers = [logging.getLogger(n) for n in ("mteb.models.abs_encoder", "mteb.models.sentence_transformer_wrapper")]
+    drop = _DropInvalidKeyWarnings()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_INVALID_KEY.pattern)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 def picked_prompts(model: Any, task: Any) -> dict[str, str | None]:
-    """The model prompt names MTEB's sentence-transformers wrapper picks for the task's queries and documents
-    (None = no prompt): its own lookup, ``mteb.models.abs_encoder.get_prompt_name``, over the model's prompts."""
+    """The model prompt names MTEB's sentence-transformers wrapper picks for the task's queries and documents,
+    None where it picks none or an empty one (sentence-transformers adds empty ``query`` and ``document``
+    prompts): MTEB's own lookup, ``mteb.models.abs_encoder.get_prompt_name``, over the model's prompts."""
     from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
     from mteb.types import PromptType
 
-    prompts, _ = AbsEncoder.validate_task_to_prompt_name(dict(model.prompts or {}), raise_for_invalid_keys=False)
-    return {kind.value: get_prompt_name(prompts, task.metadata, kind) for kind in (PromptType.query,
-                                                                                   PromptType.document)}
+    with _quiet_prompt_key_warnings():
+        prompts, _ = AbsEncoder.validate_task_to_prompt_name(dict(model.prompts or {}), raise_for_invalid_keys=False)
+    out: dict[str, str | None] = {}
+    for kind in (PromptType.query, PromptType.document):
+        name = get_prompt_name(prompts, task.metadata, kind)
+        out[kind.value] = name if name and prompts and prompts.get(name) else None
+    return out
 
 
 def evaluate_mteb(model: Any, tasks: Sequence[Any], *, batch_size: int = 32, progress: bool = True
@@ -99,8 +134,9 @@ def evaluate_mteb(model: Any, tasks: Sequence[Any], *, batch_size: int = 32, pro
     out: dict[str, dict[str, Any]] = {}
     for task in objs:
         started = time.perf_counter()
-        result = mteb.evaluate(model, task, cache=None, show_progress_bar=progress,
-                               encode_kwargs={"batch_size": batch_size, "show_progress_bar": progress})
+        with _quiet_prompt_key_warnings():
+            result = mteb.evaluate(model, task, cache=None, show_progress_bar=progress,
+                                   encode_kwargs={"batch_size": batch_size, "show_progress_bar": progress})
         (task_result,) = result.task_results
         scores = {split: {entry.get("hf_subset", "default"): {k: v for k, v in entry.items()
                                                               if isinstance(v, (int, float)) and k != "main_score"}
