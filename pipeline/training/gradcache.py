@@ -141,17 +141,30 @@ def _embed_without_grad(
     layout of `model` (a student, or a teacher). When `states` is given, the RNG state each chunk started from is
     appended to it. `raw`: pooled states before normalisation (for distillation)."""
     pieces: list[tuple[np.ndarray, torch.Tensor]] = []
+    width = 0
     with torch.no_grad():
         for inputs, idx in plan.inputs(base_module(model)):
             if states is not None:
                 states.append(RngState.capture(device))
             emb = model(inputs, raw=raw)
+            width = emb.shape[-1]
             if idx is not None:
                 pieces.append((idx, emb))
-    cache = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
+    cache = torch.empty((len(plan.seqs), width), dtype=torch.float32, device=device)
     for idx, emb in pieces:
         cache[torch.as_tensor(idx, device=device)] = emb.float()
     return cache
+
+
+def embed_no_grad(model: nn.Module, seqs: list[np.ndarray], gc_cfg: GradCacheConfig) -> torch.Tensor:
+    """[len(seqs), d] fp32 embeddings of this rank's `seqs` (on the model's device), without a graph, in the chunks
+    training would run them; the chunk count is the maximum over ranks (short ranks run dummy chunks), so under
+    ZeRO-3 every rank takes part in every forward. Every rank must call it, also with no sequences (provided some
+    rank has one). Call in eval mode for no dropout."""
+    base = base_module(model)
+    device = base.device
+    chunks = step_chunks([len(s) for s in seqs], packed=base.packed, gc=gc_cfg) if seqs else []
+    return _embed_without_grad(model, _Plan(seqs, chunks, all_reduce_max(len(chunks), device)), device)
 
 
 def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBatch, device: torch.device
