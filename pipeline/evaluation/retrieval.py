@@ -1,18 +1,29 @@
 """Retrieval evaluation math: embed in bounded memory, exact top-k search, MRR@10 / nDCG@10 / Recall@k.
 
-Search is exact (cosine = dot product of normalised embeddings), by chunked matrix products with a running top-k:
-memory is bounded by ``query_block x doc_block`` scores plus the embeddings (1M docs x 1024 dims = 4 GiB fp32).
+Search is exact (cosine = dot product of normalised embeddings), by chunked matrix products with a running top-k
+(:class:`RunningTopK`): the corpus may arrive block by block (embedded, searched, dropped), so memory is bounded by
+one corpus block, one ``query_block x doc_block`` score block, the query embeddings and the running top-k - never
+the whole corpus.
 
-Metrics (binary relevance, several relevant documents per query allowed; the standard trec_eval definitions):
-MRR@10 = mean 1 / rank of the first relevant document in the top 10 (0 if none); nDCG@10 = DCG@10 / ideal DCG@10
-with gain 1 / log2(rank + 1); Recall@k = relevant documents in the top k / relevant documents of the query.
+Metrics (the trec_eval definitions, which BEIR computes with pytrec_eval; several relevant documents per query):
 
-Used by ``python -m pipeline.evaluate`` and by ``preprocess mine-negatives`` (embedding and search).
+* MRR@10 = mean 1 / rank of the first relevant document in the top 10 (0 if none);
+* nDCG@10 = DCG@10 / ideal DCG@10, DCG@10 = sum over ranks r <= 10 of gain(doc at r) / log2(r + 1), the ideal
+  DCG from the query's judged grades sorted in descending order (Jarvelin and Kekalainen 2002). The gain is the
+  relevance grade: 1 for binary relevance, the qrels grade for graded relevance, as pytrec_eval's ``ndcg_cut``
+  (trec_eval's linear gain, not 2^grade - 1) - what BEIR reports (Thakur et al. 2021, ``EvaluateRetrieval``);
+* Recall@k = relevant documents in the top k / relevant documents of the query.
+
+A document is relevant when its grade is > 0. Matryoshka dims (Kusupati et al. 2022): the embeddings' first `dim`
+coordinates, re-normalised (:func:`pipeline.training.losses.truncate`, as training computes its MRL losses).
+
+Used by ``python -m pipeline.evaluate``, the training-time retrieval evaluation and ``preprocess mine-negatives``
+(embedding and search).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -41,11 +52,13 @@ def embed(
     desc: str = "embed",
     progress: bool = True,
     group: int = 2048,
+    bar: tqdm | None = None,
 ) -> torch.Tensor:
     """[n, d] float32 CPU embeddings of `seqs` (any indexable of 1-D token arrays, e.g. a shard TokenTable).
 
     Sequences are sorted by length (longest first) and handed to :func:`pipeline.model.embedding.encode` `group` at a time,
-    so that padded chunks stay length-bucketed across the whole input while the bar advances.
+    so that padded chunks stay length-bucketed across the whole input while the bar advances. `bar`: advance this
+    (outer) progress bar instead of showing one.
     """
 
     n = len(seqs)
@@ -57,9 +70,11 @@ def embed(
     out: torch.Tensor | None = None
     was_training = model.training
     model.eval()
+    own = bar is None
+    if own:
+        bar = tqdm(total=n, desc=desc, unit="seq", dynamic_ncols=True, disable=not progress)
     try:
-        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="seq", dynamic_ncols=True,
-                                          disable=not progress) as bar:
+        with torch.inference_mode():
             for start in range(0, n, group):
                 idx = order[start : start + group]
                 emb, _ = encode(model, [np.asarray(seqs[int(i)]) for i in idx],
@@ -71,8 +86,66 @@ def embed(
                 bar.update(len(idx))
     finally:
         model.train(was_training)
+        if own:
+            bar.close()
     assert out is not None
     return out
+
+
+class RunningTopK:
+    """Exact top-k of `queries` [n_q, d] against a corpus that arrives in blocks (:meth:`add`), best first.
+
+    `exclude[i]` (optional, -1 = none): a corpus index query i must never retrieve (BEIR leaves a document with the
+    query's own id out of its ranking); its score is -inf and it is reported as -1 when fewer than k others exist.
+    Peak extra memory: one [query_block, block size] score block plus the running [n_q, k] top-k.
+    """
+
+    def __init__(self, queries: torch.Tensor, k: int, *, query_block: int = 1024,
+                 exclude: np.ndarray | None = None) -> None:
+        if k <= 0:
+            raise EvaluationError(f"top-k: k must be positive, got {k}")
+        self.queries = queries
+        self.k = k
+        self.query_block = query_block
+        self.exclude = None if exclude is None else torch.as_tensor(np.asarray(exclude, dtype=np.int64))
+        self.seen = 0
+        self.scores: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+
+    def add(self, docs: torch.Tensor) -> None:
+        """Search the next `docs` [n_b, d] (corpus indices seen .. seen + n_b - 1)."""
+        offset, n_b = self.seen, docs.shape[0]
+        if n_b == 0:
+            return
+        width = min(self.k, offset + n_b)
+        n_q = self.queries.shape[0]
+        scores = torch.empty((n_q, width), dtype=torch.float32)
+        indices = torch.empty((n_q, width), dtype=torch.int64)
+        with torch.inference_mode():
+            for q0 in range(0, n_q, self.query_block):
+                q1 = min(q0 + self.query_block, n_q)
+                s = self.queries[q0:q1] @ docs.T
+                if self.exclude is not None:
+                    local = self.exclude[q0:q1] - offset
+                    rows = torch.nonzero((local >= 0) & (local < n_b)).squeeze(1)
+                    s[rows, local[rows]] = float("-inf")
+                s, i = torch.topk(s, min(self.k, n_b), dim=1)
+                i = i + offset
+                if self.scores is not None:
+                    merged = torch.cat([self.scores[q0:q1], s], dim=1)
+                    s, pick = torch.topk(merged, width, dim=1)
+                    i = torch.gather(torch.cat([self.indices[q0:q1], i], dim=1), 1, pick)
+                scores[q0:q1] = s
+                indices[q0:q1] = i
+        self.scores, self.indices = scores, indices
+        self.seen += n_b
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, indices) [n_q, min(k, docs seen)], best first; excluded documents as index -1."""
+        if self.scores is None or self.indices is None:
+            raise EvaluationError("exact_topk: empty corpus")
+        indices = self.indices.masked_fill(torch.isneginf(self.scores), -1)
+        return self.scores, indices
 
 
 def exact_topk(
@@ -89,104 +162,195 @@ def exact_topk(
 
     Chunked: peak extra memory is one [query_block, doc_block] score block plus the running top-k.
     """
-    n_docs = corpus.shape[0]
-    k = min(k, n_docs)
-    if k <= 0:
+    if corpus.shape[0] == 0:
         raise EvaluationError("exact_topk: empty corpus")
-    scores_out = torch.empty((queries.shape[0], k), dtype=torch.float32)
-    index_out = torch.empty((queries.shape[0], k), dtype=torch.int64)
-    with torch.inference_mode(), tqdm(total=queries.shape[0], desc=desc, unit="query", dynamic_ncols=True,
-                                      disable=not progress) as bar:
-        for q0 in range(0, queries.shape[0], query_block):
-            q = queries[q0 : q0 + query_block]
-            best_s = best_i = None
-            for d0 in range(0, n_docs, doc_block):
-                s = q @ corpus[d0 : d0 + doc_block].T
-                kk = min(k, s.shape[1])
-                s, i = torch.topk(s, kk, dim=1)
-                i = i + d0
-                if best_s is not None:
-                    merged = torch.cat([best_s, s], dim=1)
-                    s, pick = torch.topk(merged, min(k, merged.shape[1]), dim=1)
-                    i = torch.gather(torch.cat([best_i, i], dim=1), 1, pick)
-                best_s, best_i = s, i
-            scores_out[q0 : q0 + len(q)] = best_s
-            index_out[q0 : q0 + len(q)] = best_i
-            bar.update(len(q))
-    return scores_out, index_out
+    top = RunningTopK(queries, k, query_block=query_block)
+    with tqdm(total=corpus.shape[0], desc=desc, unit="doc", dynamic_ncols=True, disable=not progress) as bar:
+        for d0 in range(0, corpus.shape[0], doc_block):
+            block = corpus[d0 : d0 + doc_block]
+            top.add(block)
+            bar.update(block.shape[0])
+    return top.result()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
-def _hit_matrix(topk: np.ndarray, relevant: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """hits[i, r] = topk[i, r] is relevant to query i; and the number of relevant documents per query."""
-    n_rel = np.fromiter((len(r) for r in relevant), dtype=np.int64, count=len(relevant))
-    if (n_rel == 0).any():
-        raise EvaluationError(f"query {int(np.argmin(n_rel))} has no relevant document")
-    width = int(max(topk.max(initial=0), max(max(r) for r in relevant))) + 1
-    rel_q = np.repeat(np.arange(len(relevant), dtype=np.int64), n_rel)
-    rel_d = np.fromiter((d for r in relevant for d in r), dtype=np.int64, count=int(n_rel.sum()))
-    rel_keys = np.unique(rel_q * width + rel_d)
-    keys = np.arange(topk.shape[0], dtype=np.int64)[:, None] * width + topk.astype(np.int64)
-    return np.isin(keys, rel_keys), n_rel
-
-
 def retrieval_metrics(
-    topk: np.ndarray | torch.Tensor, relevant: Sequence[Sequence[int]], ks: Sequence[int] = DEFAULT_KS
+    topk: np.ndarray | torch.Tensor,
+    relevant: Sequence[Sequence[int]],
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    grades: Sequence[Sequence[float]] | None = None,
+    no_relevant: Literal["error", "zero"] = "error",
 ) -> dict[str, float]:
-    """MRR@10, nDCG@10 and Recall@k from ranked doc ids `topk` [n_queries, K] (best first) and relevant ids."""
+    """MRR@10, nDCG@10 and Recall@k from ranked doc ids `topk` [n_queries, K] (best first; -1 = no document) and
+    each query's relevant corpus ids (grade > 0); `grades[i][j]` is the grade of `relevant[i][j]` (default 1).
+
+    A query without a relevant document is an error, or with ``no_relevant="zero"`` scores 0 on every metric and
+    counts in the means (pytrec_eval's and so BEIR's treatment of a query whose judgements are all 0).
+    """
     topk = np.asarray(topk)
     if topk.ndim != 2 or topk.shape[0] != len(relevant):
         raise EvaluationError(f"topk: expected [{len(relevant)}, K], got {list(topk.shape)}")
-    hits, n_rel = _hit_matrix(topk, relevant)
-    ranks = np.arange(1, topk.shape[1] + 1)
+    n_q = len(relevant)
+    n_rel = np.fromiter((len(r) for r in relevant), dtype=np.int64, count=n_q)
+    if no_relevant == "error" and (n_rel == 0).any():
+        raise EvaluationError(f"query {int(np.argmin(n_rel))} has no relevant document")
+    if grades is None:
+        grades = [[1.0] * len(r) for r in relevant]
+    elif any(len(g) != len(r) for g, r in zip(grades, relevant)) or len(grades) != n_q:
+        raise EvaluationError("grades: expected one grade per relevant document")
+    if any(g <= 0 for gs in grades for g in gs):
+        raise EvaluationError("grades: relevant documents must have a grade > 0")
+
+    # (query, doc) -> grade, as sorted keys q * width + d (a query's duplicate ids keep the highest grade)
+    width = int(max(topk.max(initial=0), max((max(r) for r in relevant if len(r)), default=0))) + 1
+    rel_q = np.repeat(np.arange(n_q, dtype=np.int64), n_rel)
+    rel_d = np.fromiter((d for r in relevant for d in r), dtype=np.int64, count=int(n_rel.sum()))
+    rel_g = np.fromiter((g for gs in grades for g in gs), dtype=np.float64, count=int(n_rel.sum()))
+    keys = rel_q * width + rel_d
+    order = np.lexsort((rel_g, keys))
+    keys, rel_g = keys[order], rel_g[order]
+    last = np.r_[keys[1:] != keys[:-1], True][: len(keys)]
+    keys, rel_g = np.r_[keys[last], -1], np.r_[rel_g[last], 0.0]  # sentinel: searchsorted stays in range
+    n_rel = np.bincount(keys[:-1] // width, minlength=n_q)
+
+    ranked = np.arange(n_q, dtype=np.int64)[:, None] * width + topk.astype(np.int64)
+    pos = np.minimum(np.searchsorted(keys[:-1], ranked), len(keys) - 1)
+    hits = (topk >= 0) & (keys[pos] == ranked)
+    gain = np.where(hits, rel_g[pos], 0.0)
+
     top = hits[:, :CUTOFF]
     first = np.where(top.any(1), top.argmax(1) + 1, 0)
     mrr = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
-    discounts = 1.0 / np.log2(ranks[:CUTOFF] + 1)
-    dcg = (top * discounts[: top.shape[1]]).sum(1)
-    ideal = np.cumsum(1.0 / np.log2(np.arange(1, CUTOFF + 1) + 1))[np.minimum(n_rel, CUTOFF) - 1]
-    out = {"mrr@10": float(mrr.mean()), "ndcg@10": float((dcg / ideal).mean())}
+    discounts = 1.0 / np.log2(np.arange(1, CUTOFF + 1) + 1)
+    dcg = (gain[:, :CUTOFF] * discounts[: top.shape[1]]).sum(1)
+    best = np.zeros((n_q, CUTOFF))
+    starts = np.r_[0, np.cumsum(n_rel)[:-1]]
+    for i in np.nonzero(n_rel)[0]:
+        g = np.sort(rel_g[starts[i] : starts[i] + n_rel[i]])[::-1][:CUTOFF]
+        best[i, : len(g)] = g
+    ideal = best @ discounts
+    ndcg = np.divide(dcg, ideal, out=np.zeros(n_q), where=ideal > 0)
+    out = {"mrr@10": float(mrr.mean()), "ndcg@10": float(ndcg.mean())}
     for k in ks:
-        out[f"recall@{k}"] = float((hits[:, :k].sum(1) / n_rel).mean())
+        recall = np.divide(hits[:, :k].sum(1), n_rel, out=np.zeros(n_q), where=n_rel > 0)
+        out[f"recall@{k}"] = float(recall.mean())
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation: embed queries, stream the corpus block by block, search at every Matryoshka dim, score
+# --------------------------------------------------------------------------------------------------------------
+class _Slice:
+    """A read-only view of `seqs[start:stop]` for any indexable of token arrays (a shard TokenTable included)."""
+
+    def __init__(self, seqs: Sequence[np.ndarray], start: int, stop: int) -> None:
+        self.seqs, self.start, self.stop = seqs, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.seqs[self.start + i]
+
+
+def corpus_blocks(
+    corpus_tokens: Sequence[np.ndarray], block: int, lengths: np.ndarray | None = None
+) -> Iterator[tuple[Sequence[np.ndarray], np.ndarray | None]]:
+    """An in-memory corpus as (token arrays, lengths or None) blocks of `block` documents."""
+    for start in range(0, len(corpus_tokens), block):
+        stop = min(start + block, len(corpus_tokens))
+        yield _Slice(corpus_tokens, start, stop), None if lengths is None else np.asarray(lengths[start:stop])
+
+
+def check_dims(dims: Sequence[int] | None, hidden: int) -> list[int]:
+    """The dims to evaluate, ascending, always ending with the full width `hidden`; `--dims` errors name the option."""
+    dims = sorted(set(dims or []))
+    bad = [d for d in dims if d < 1 or d > hidden]
+    if bad:
+        raise EvaluationError(f"--dims: {', '.join(map(str, bad))} outside 1..{hidden} (the model's embedding size)")
+    return sorted(set(dims) | {hidden})
+
+
+def _at_dim(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """Embeddings at Matryoshka dim `dim`: unchanged at the full width, else truncated and re-normalised."""
+    from pipeline.training.losses import truncate
+
+    return emb if dim == emb.shape[1] else truncate(emb, dim)
 
 
 def evaluate_retrieval(
     model: torch.nn.Module,
     queries_tokens: Sequence[np.ndarray],
-    corpus_tokens: Sequence[np.ndarray],
+    corpus: Sequence[np.ndarray] | Iterable[tuple[Sequence[np.ndarray], np.ndarray | None]],
     relevant: Sequence[Sequence[int]],
     *,
     batch_tokens: int = 16384,
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = True,
     corpus_lengths: np.ndarray | None = None,
+    n_docs: int | None = None,
+    doc_block: int = 65536,
+    dims: Sequence[int] | None = None,
+    grades: Sequence[Sequence[float]] | None = None,
+    exclude: np.ndarray | None = None,
+    no_relevant: Literal["error", "zero"] = "error",
     name: str = "",
 ) -> dict[str, Any]:
-    """Embed queries and corpus with `model` (an EmbeddingModel), exact search, metrics.
+    """Embed the queries and the corpus with `model` (an EmbeddingModel), exact search, metrics.
 
-    `relevant[i]` lists the corpus indices relevant to query i. Returns the metrics plus counts and timings.
+    `corpus`: the documents' token arrays (embedded and searched `doc_block` at a time), or - with `n_docs` - an
+    iterable of (token arrays, lengths or None) blocks, e.g. streamed from a file (:func:`corpus_blocks`).
+    `relevant[i]` lists the corpus indices relevant to query i (`grades`, `exclude`, `no_relevant`: see
+    :func:`retrieval_metrics` and :class:`RunningTopK`). `dims`: Matryoshka dims also evaluated (the full width
+    always is); the top-level metrics are those of the full width, ``dims`` holds every dim's.
+    Returns the metrics plus counts and timings.
     """
     if len(queries_tokens) != len(relevant):
         raise EvaluationError(f"{len(queries_tokens)} queries but {len(relevant)} relevance lists")
+    if n_docs is None:
+        n_docs = len(corpus)  # type: ignore[arg-type]
+        blocks: Iterable[tuple[Sequence[np.ndarray], np.ndarray | None]] = corpus_blocks(
+            corpus, doc_block, corpus_lengths)  # type: ignore[arg-type]
+    else:
+        blocks = corpus  # type: ignore[assignment]
+    if n_docs == 0:
+        raise EvaluationError(f"{name or 'corpus'}: no documents")
     prefix = f"{name}: " if name else ""
     t0 = time.perf_counter()
     q_emb = embed(model, queries_tokens, chunk_tokens=batch_tokens, desc=f"{prefix}embed queries", progress=progress)
-    t1 = time.perf_counter()
-    d_emb = embed(model, corpus_tokens, chunk_tokens=batch_tokens, lengths=corpus_lengths,
-                  desc=f"{prefix}embed corpus", progress=progress)
-    t2 = time.perf_counter()
-    _, topk = exact_topk(q_emb, d_emb, max(max(ks), CUTOFF), desc=f"{prefix}search", progress=progress)
+    t_queries = time.perf_counter() - t0
+    hidden = q_emb.shape[1]
+    dims = check_dims(dims, hidden)
+    k = max(max(ks), CUTOFF)
+    tops = {d: RunningTopK(_at_dim(q_emb, d), k, exclude=exclude) for d in dims}
+    t_embed = t_search = 0.0
+    with tqdm(total=n_docs, desc=f"{prefix}embed + search corpus", unit="doc", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for seqs, lengths in blocks:
+            t1 = time.perf_counter()
+            d_emb = embed(model, seqs, chunk_tokens=batch_tokens, lengths=lengths, bar=bar)
+            t2 = time.perf_counter()
+            for d, top in tops.items():
+                top.add(_at_dim(d_emb, d))
+            t_embed += t2 - t1
+            t_search += time.perf_counter() - t2
+    if tops[hidden].seen != n_docs:
+        raise EvaluationError(f"{prefix}corpus: {tops[hidden].seen} documents embedded, {n_docs} expected")
     t3 = time.perf_counter()
-    metrics = retrieval_metrics(topk.numpy(), relevant, ks)
-    return {
-        **metrics,
+    per_dim = {d: retrieval_metrics(top.result()[1].numpy(), relevant, ks, grades=grades, no_relevant=no_relevant)
+               for d, top in tops.items()}
+    out: dict[str, Any] = {
+        **per_dim[hidden],
         "queries": len(queries_tokens),
-        "docs": len(corpus_tokens),
+        "docs": n_docs,
         "relevant_per_query": float(np.mean([len(r) for r in relevant])),
-        "seconds": {"embed_queries": round(t1 - t0, 2), "embed_corpus": round(t2 - t1, 2),
-                    "search": round(t3 - t2, 2)},
+        "dim": hidden,
     }
-
+    if len(dims) > 1:
+        out["dims"] = {str(d): m for d, m in per_dim.items()}
+    out["seconds"] = {"embed_queries": round(t_queries, 2), "embed_corpus": round(t_embed, 2),
+                      "search": round(t_search + time.perf_counter() - t3, 2)}
+    return out

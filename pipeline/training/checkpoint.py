@@ -65,7 +65,8 @@ class CheckpointInfo:
 class TrainerState:
     """Where training stands: the next batch to train on is `step_in_epoch` of `epoch`; `global_step` optimizer
     updates are done. A skipped (non-finite) step consumes its batch but makes no update, so `step_in_epoch` may run
-    ahead of `global_step`; `skipped_steps` counts them all, `consecutive_skips` those since the last update."""
+    ahead of `global_step`; `skipped_steps` counts them all, `consecutive_skips` those since the last update.
+    `best_value` / `best_step`: the metric ``train.keep_best`` keeps the export of, at its best so far."""
 
     global_step: int = 0
     epoch: int = 0
@@ -73,6 +74,8 @@ class TrainerState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None  # train.keep_best: the best value so far, and the step that reached it
+    best_step: int | None = None
 
 
 def _barrier() -> None:

@@ -156,3 +156,27 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def gather_rows_to_rank0(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's rows of `t` ([n_r, ...], n_r may differ by rank) on rank 0, as a list indexed by rank; None on
+    the other ranks. One size all-gather and one gather (no other rank holds more than its own rows)."""
+    if not is_distributed() or world_size() == 1:
+        return [t]
+    sizes = gather_sizes(t.shape[0], t.device)
+    longest = max(sizes)
+    padded = t if t.shape[0] == longest else torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in sizes] if rank() == 0 else None
+    dist.gather(padded.contiguous(), parts, dst=0)
+    if parts is None:
+        return None
+    return [p[:n] for p, n in zip(parts, sizes)]
+
+
+def broadcast_from_rank0(obj: object) -> object:
+    """Rank 0's `obj` (any picklable value) on every rank."""
+    if not is_distributed() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

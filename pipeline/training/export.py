@@ -8,7 +8,10 @@ memory is one parameter, not the model). Rank 0 writes into a temporary director
   that ``tokenizer(text)`` ends with the EOS that last-token pooling reads, as in training;
 * ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``, ``2_Normalize`` (if normalised) and
   ``config_sentence_transformers.json`` with one prompt per dataset instruction (``{name}: "Instruct: ...\\nQuery: "``)
-  and cosine similarity: ``SentenceTransformer(dir).encode(q, prompt_name=...)`` reproduces training embeddings.
+  and cosine similarity: ``SentenceTransformer(dir).encode(q, prompt_name=...)`` reproduces training embeddings;
+  plus the per-task-type prompts MTEB looks up (:func:`mteb_prompts`), so that ``mteb.evaluate(SentenceTransformer(
+  dir), tasks)`` gives the queries of retrieval, reranking, classification and clustering tasks the instruction they
+  were trained with, and documents none.
 
 A failed write (disk full, unwritable or vanished output directory) raises :class:`ExportError` on every rank, one
 line naming the directory; the temporary directory is removed and an existing export of the same name is kept
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,26 @@ def _eos_appending_tokenizer(tokenizer: Any, eos_id: int) -> Any:
     return tokenizer
 
 
+@dataclass(frozen=True)
+class TrainedDataset:
+    """What the export records of a training dataset: its type, query instruction and number of queries."""
+
+    type: str
+    instruction: str | None
+    queries: int
+
+
+# MTEB task types (mteb.abstasks.task_metadata.TaskType) whose queries are written as a training dataset type wrote
+# its queries, and the MTEB prompt type that takes the instruction: "query" for asymmetric tasks (documents get no
+# prompt), None for tasks that embed every text alike (MTEB then looks the prompt up by the task type alone).
+MTEB_TASK_TYPES: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "retrieval": (("Retrieval", "query"), ("Reranking", "query")),
+    "classification": (("Classification", None), ("MultilabelClassification", None)),
+    "clustering": (("Clustering", None),),
+}
+RETRIEVAL_PROMPT = "Retrieval-query"  # the MTEB key of retrieval queries' prompt
+
+
 def query_prompts(instructions: dict[str, str | None], template: str) -> dict[str, str]:
     """sentence-transformers prompts, per dataset: the query as :func:`pipeline.data.registry.format_query` writes
     it, up to the query itself (so that prompt + query is the training query)."""
@@ -92,6 +116,24 @@ def query_prompts(instructions: dict[str, str | None], template: str) -> dict[st
         log(f"query template {template!r} does not end with {{query}}: no sentence-transformers prompts exported")
         return {}
     return {name: format_query(template, ins, "") for name, ins in sorted(instructions.items()) if ins}
+
+
+def mteb_prompts(datasets: dict[str, TrainedDataset], template: str) -> dict[str, str]:
+    """The prompts MTEB's sentence-transformers wrapper looks up (``{TaskType}-query``, ``{TaskType}``; see
+    ``get_prompt_name`` in mteb/models/abs_encoder.py, embeddings-benchmark/mteb): for each training dataset type,
+    the query prompt of its datasets with the most queries (ties: the first name), under every MTEB task type of
+    :data:`MTEB_TASK_TYPES`. No ``document`` key is written, so MTEB embeds documents without a prompt, as training
+    did; a type trained without an instruction gets no key."""
+    prompts = query_prompts({n: d.instruction for n, d in datasets.items()}, template)
+    out: dict[str, str] = {}
+    for dtype, targets in MTEB_TASK_TYPES.items():
+        named = sorted((-d.queries, n) for n, d in datasets.items() if d.type == dtype and n in prompts)
+        if not named:
+            continue
+        prompt = prompts[named[0][1]]
+        for task_type, prompt_type in targets:
+            out[f"{task_type}-{prompt_type}" if prompt_type else task_type] = prompt
+    return out
 
 
 def model_prompts(model_dir: str | Path) -> dict[str, str]:
@@ -151,12 +193,13 @@ def export_model(
     *,
     eos_id: int,
     max_seq_length: int,
-    instructions: dict[str, str | None],
+    datasets: dict[str, TrainedDataset],
     query_template: str,
     faults: FaultInjector = NO_FAULTS,
 ) -> Path:
     """Write the model directory (see module docstring). `model` is an EmbeddingModel or an engine around one;
-    `faults` injects write errors in tests."""
+    `datasets`: the training datasets (their instructions become the prompts); `faults` injects write errors in
+    tests."""
     base = getattr(model, "module", model)
     backbone = base.backbone
     state = consolidated_state_dict(backbone)
@@ -177,7 +220,8 @@ def export_model(
                 pooling=base.pooling,
                 normalize=base.normalize,
                 max_seq_length=max_seq_length,
-                prompts=query_prompts(instructions, query_template),
+                prompts={**query_prompts({n: d.instruction for n, d in datasets.items()}, query_template),
+                         **mteb_prompts(datasets, query_template)},
             )
             move_into_place(tmp, out)
         except Exception as exc:  # noqa: BLE001 - OSError, or a serializer error wrapping one

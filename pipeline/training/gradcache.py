@@ -165,6 +165,17 @@ def _embed_without_grad(
     return cache
 
 
+def embed_no_grad(model: nn.Module, seqs: list[np.ndarray], gc_cfg: GradCacheConfig) -> torch.Tensor:
+    """[len(seqs), d] fp32 embeddings of this rank's `seqs` (on the model's device), without a graph, in the chunks
+    training would run them; the chunk count is the maximum over ranks (short ranks run dummy chunks), so under
+    ZeRO-3 every rank takes part in every forward. Every rank must call it, also with no sequences (provided some
+    rank has one). Call in eval mode for no dropout."""
+    base = base_module(model)
+    device = base.device
+    chunks = step_chunks([len(s) for s in seqs], packed=base.packed, gc=gc_cfg) if seqs else []
+    return _embed_without_grad(model, _Plan(seqs, chunks, all_reduce_max(len(chunks), device)), device)
+
+
 def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBatch, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The teacher's raw pooled states of the step's sequences, (queries, positives, negatives): the same chunks as

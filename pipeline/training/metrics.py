@@ -1,11 +1,15 @@
-"""Run metrics: what a logged step records, and the writer (rank 0: TensorBoard scalars and ``metrics.jsonl``)."""
+"""Run metrics: what a logged step records, and the writer (rank 0: ``metrics.jsonl``, TensorBoard scalars and,
+with ``train.report_to: [wandb]``, Weights & Biases)."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import resource
 import time
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -14,37 +18,75 @@ from pipeline.logs import is_rank0
 if TYPE_CHECKING:
     from pipeline.training.gradcache import StepStats
 
+WANDB_PROJECT = "embedding-pipeline"  # when WANDB_PROJECT is not set
+WANDB_RUN_ID = "wandb_run_id"  # RUN/wandb_run_id: the W&B run a resumed training continues
+
+
+def report_to_problem(report_to: Sequence[str]) -> str | None:
+    """Why ``train.report_to`` cannot work here (one line, without the key), or None."""
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        return "wandb is not installed (pip install -e '.[wandb]')"
+    return None
+
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on ranks other than 0."""
+    """Writes scalars to ``metrics.jsonl`` and the `report_to` backends (``tensorboard``: RUN/tensorboard;
+    ``wandb``: a Weights & Biases run named after the run directory, in project ``$WANDB_PROJECT`` (default
+    embedding-pipeline), resumed by a resumed training; ``WANDB_MODE=offline`` keeps it local). Scalars are tagged
+    ``<split>/<key>`` in both. A no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, report_to: Sequence[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = is_rank0()
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if self.enabled:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+            if "tensorboard" in report_to:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if "wandb" in report_to:
+                self._wandb = _start_wandb(run_dir, config or {})
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
 
     def write(self, step: int, values: dict[str, Any], split: str = "train") -> None:
         if not self.enabled:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3)}
+        scalars = {}
         for key, value in values.items():
             if isinstance(value, (int, float)):
-                self._tb.add_scalar(f"{split}/{key}", value, step)
+                scalars[f"{split}/{key}"] = value
                 record[key] = value
+        if self._tb is not None:
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _start_wandb(run_dir: Path, config: dict[str, Any]) -> Any:
+    """A W&B run for `run_dir`: the id kept in RUN/wandb_run_id, so that ``--resume`` continues the same run."""
+    import wandb
+
+    id_file = run_dir / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, name=run_dir.name, id=run_id,
+                      resume="allow", dir=str(run_dir), config=config)
 
 
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by substring of torch.cuda.get_device_name().

@@ -267,11 +267,20 @@ def value_problems(cfg: Config) -> list[Problem]:
          f"must be >= 1 or null, got {g.chunk_size}"),
         ("model", (cfg.model.name_or_path is None) != (cfg.model.from_config is None),
          "set exactly one of name_or_path and from_config"),
+        ("train.retrieval_eval_every", t.retrieval_eval_every is None or t.retrieval_eval_every >= 1,
+         f"must be >= 1 or null, got {t.retrieval_eval_every}"),
+        ("train.retrieval_eval_max_docs", t.retrieval_eval_max_docs is None or t.retrieval_eval_max_docs >= 1,
+         f"must be >= 1 or null, got {t.retrieval_eval_max_docs}"),
     ]
     problems = [Problem(key, what) for key, ok, what in rules if not ok]
+    from pipeline.training.keep_best import keep_best_problem
     from pipeline.training.losses import loss_type_problems
+    from pipeline.training.metrics import report_to_problem
 
     problems += [Problem.from_message(line) for line in loss_type_problems(lo)]
+    for key, what in (("train.keep_best", keep_best_problem(t)), ("train.report_to", report_to_problem(t.report_to))):
+        if what:
+            problems.append(Problem(key, what))
     for key, count in lo.hard_negatives.items():
         if count < 0:
             problems.append(Problem(f"loss.hard_negatives.{key}", f"must be >= 0, got {count}"))

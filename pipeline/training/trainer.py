@@ -9,7 +9,8 @@ One optimizer step per global batch. Read top to bottom, :meth:`Trainer.fit` is
                 agree with every rank: stop (signal, launcher gone)? non-finite loss or gradient?
                 finite: engine.step()               # ZeRO optimizer step, clipping, lr (DeepSpeed)
                 else:   the step is skipped, its gradients discarded          (pipeline.training.backward)
-            after an update, each periodic action asked whether it is due: log, validate, checkpoint, merge export
+            after an update, each periodic action asked whether it is due: log, validate, retrieval metrics
+                (and the best export, train.keep_best), checkpoint, merge export
             stop agreed: checkpoint, no export, leave
         end of the epoch: export epoch_<e>
     end of the run: checkpoint, export final                                  (pipeline.training.export)
@@ -47,15 +48,17 @@ from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
 from pipeline.training.chunk_budget import resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
-from pipeline.training.distributed import init_distributed, launched_world_size, teardown
+from pipeline.training.distributed import broadcast_from_rank0, init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
-from pipeline.training.export import export_model
+from pipeline.training.export import TrainedDataset, export_model
 from pipeline.training.gradcache import StepStats, train_step
+from pipeline.training.keep_best import KeepBest, keep_best_problem
 from pipeline.training.losses import loss_type_problems
 from pipeline.training.lr_schedule import warmup_cosine
-from pipeline.training.metrics import MetricsWriter, step_values
+from pipeline.training.metrics import MetricsWriter, report_to_problem, step_values
 from pipeline.training.resume import load as load_checkpoint, resume_point, with_resume
+from pipeline.training.retrieval_eval import RetrievalEvaluator
 from pipeline.training.run_identity import run_identity
 from pipeline.training.teacher import check_teacher_tokenizer, load_teacher
 from pipeline.training.validation import validation_values
@@ -163,6 +166,11 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, identity=identity,
                                       faults=faults)
         self.resume_from = resume_point(self.ckpt, resume, identity, launched_world_size(), force=resume_force)
+        retrieval_sets = [n for n, ds in shards.datasets.items() if ds.type == "retrieval"]
+        for key, problem in (("train.keep_best", keep_best_problem(cfg.train, retrieval_sets)),
+                             ("train.report_to", report_to_problem(cfg.train.report_to))):
+            if problem:
+                raise ValueError(f"{key}: {problem}")
         self.dist = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout_s)
         self.device = _device(self.dist.local_rank)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -172,6 +180,15 @@ class Trainer:
         )
         for name in self.data.schedule.skipped:
             log(f"dataset {name}: {self.data.schedule.skip_reason(name)}")
+        self.retrieval_eval = None if not cfg.train.retrieval_eval_every else RetrievalEvaluator(
+            self.data, max_docs=cfg.train.retrieval_eval_max_docs, seed=cfg.train.seed)
+        if self.retrieval_eval is not None:
+            log(f"retrieval metrics every {cfg.train.retrieval_eval_every} steps on "
+                f"{self.retrieval_eval.describe() or 'nothing: no retrieval dataset holds out queries'}")
+            problem = keep_best_problem(cfg.train, self.retrieval_eval.datasets)
+            if problem:
+                raise ValueError(f"train.keep_best: {problem} (data.validation_fraction)")
+        self.best = KeepBest.parse(cfg.train.keep_best) if cfg.train.keep_best else None
         self.total_steps = cfg.train.total_steps(self.data.steps_per_epoch)
         model = EmbeddingModel.from_config(cfg.model, self.device)
         check_vocabulary(model.backbone.get_input_embeddings().num_embeddings, self.tokenizer)
@@ -195,12 +212,13 @@ class Trainer:
         self.state = TrainerState(config=cfg.to_dict())
         if resume:
             self._resume(resume)
-        self.metrics = MetricsWriter(self.run_dir)
+        self.metrics = MetricsWriter(self.run_dir, report_to=cfg.train.report_to, config=cfg.to_dict())
         t = cfg.train
         # The actions that happen every N optimizer steps, in this order; each is asked whether it is due.
         self.periodic: list[tuple[Every | EveryInLast, Callable[[StepResult], Any]]] = [
             (Every(t.log_every, also_first=True), self._log_step),
             (Every(t.eval_every), lambda result: self.validate()),
+            (Every(t.retrieval_eval_every or 0), lambda result: self.evaluate_retrieval()),
             (Every(t.save_every), lambda result: self._checkpoint()),
             (EveryInLast(t.merge_every, t.merge_window, self.total_steps),
              lambda result: self.export(f"merge_step_{self.state.global_step}")),
@@ -254,6 +272,8 @@ class Trainer:
         self.engine.train()
         if self.cfg.train.eval_every and self.state.global_step == 0:
             self.validate()  # the untrained model's validation loss, the baseline of the curve
+        if self.retrieval_eval is not None and self.state.global_step == 0:
+            self.evaluate_retrieval()  # and its retrieval metrics
         self._bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                          disable=not is_rank0(), dynamic_ncols=True)
         while self.state.global_step < self.total_steps:
@@ -339,14 +359,47 @@ class Trainer:
         self.metrics.write(self.state.global_step, values, split="validation")
         log(f"step {self.state.global_step}: validation loss {values['loss']:.4f} over {values['queries']} queries "
             f"({values['batches']} batches)")
+        self._keep_best("validation", values)
         return values["loss"]
+
+    def evaluate_retrieval(self) -> dict[str, float]:
+        """Held-out retrieval metrics of the current weights (every rank; :mod:`pipeline.training.retrieval_eval`)."""
+        assert self.retrieval_eval is not None
+        self.engine.eval()
+        values = self.retrieval_eval(self.engine, self.gradcache)
+        self.engine.train()
+        if values:
+            self.metrics.write(self.state.global_step, values, split="retrieval")
+            log(f"step {self.state.global_step}: retrieval MRR@10 {values['mrr@10']:.4f}, nDCG@10 "
+                f"{values['ndcg@10']:.4f} ({values['queries']:,} held-out queries, {values['docs']:,} docs, "
+                f"{values['seconds']:.1f} s)")
+            self._keep_best("retrieval", values)
+        return values
+
+    def _keep_best(self, split: str, values: dict[str, float]) -> None:
+        """train.keep_best: export to export/best when the metric beats its best so far (all ranks decide on rank
+        0's value, so they export together)."""
+        if self.best is None or self.best.split != split or self.best.key not in values:
+            return
+        value = float(broadcast_from_rank0(values[self.best.key]))  # type: ignore[arg-type]
+        if not self.best.better(value, self.state.best_value):
+            return
+        previous = self.state.best_value
+        self.state.best_value, self.state.best_step = value, self.state.global_step
+        path = self.export("best")
+        if is_rank0():
+            (path / "keep_best.json").write_text(json.dumps(
+                {"metric": self.best.metric, "value": value, "step": self.state.global_step}, indent=2) + "\n")
+        was = "first value" if previous is None else f"previous best {previous:.4f}"
+        log(f"step {self.state.global_step}: {self.best.metric} {value:.4f} ({was}): exported {path}")
 
     def export(self, name: str) -> Path:
         reader = self.data.reader
         return export_model(
             self.engine, self.tokenizer, self.run_dir / "export" / name,
             eos_id=reader.eos_id, max_seq_length=reader.max_len,
-            instructions={n: ds.instruction for n, ds in reader.datasets.items()},
+            datasets={n: TrainedDataset(ds.type, ds.instruction, ds.num_queries)
+                      for n, ds in reader.datasets.items()},
             query_template=reader.manifest.get("query_template", "{query}"),
             faults=self.faults,
         )
