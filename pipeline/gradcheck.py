@@ -14,8 +14,8 @@ off, the cached distributed gradient against a single-process gradient of the gl
 of the initial model. With ``loss.distill`` in the config the teacher takes part in both steps (partitioned under
 ZeRO-3), so the check covers the distillation term too. With ``model.lora`` the gradient is the adapters' (the base
 is frozen) and their dropout is replayed like the model's; the adapters' B matrices, zero at initialisation (so
-that A would get no gradient), are first set to small random values, so that every adapter weight is checked. The last line printed is ``max relative gradient error:
-X``; the exit code is 1 above the tolerance (1e-4).
+that A would get no gradient), are first set to small random values, so that every adapter weight is checked. The
+last line printed is ``max relative gradient error: X``; the exit code is 1 above the tolerance (1e-4).
 
 ``--dtype bf16`` checks exactness in bf16 instead, against an fp32 reference: the same initial weights in fp32
 compute the full-batch gradient of the global batch in one process (one chunk, one backward, dropout off); then the
