@@ -72,15 +72,18 @@ def worker_config(args: argparse.Namespace):
 
 
 def optimizer_state_bytes(engine) -> int:
-    """Bytes of the optimizer's tensors on this rank: fp32 master partitions and every per-parameter state."""
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    """Bytes of this rank's optimizer tensors: its fp32 master partitions (ZeRO-3 ``fp32_partitioned_groups_flat``,
+    ZeRO-1/2 ``single_partition_of_fp32_groups``) and Adam's state for each of them."""
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)
+    masters = (getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups",
+               None) or [p for group in inner.param_groups for p in group["params"]])
     total = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            total += p.numel() * p.element_size()
-            for value in optimizer.state.get(p, {}).values():
-                if hasattr(value, "numel"):
-                    total += value.numel() * value.element_size()
+    for master in masters:
+        total += master.numel() * master.element_size()
+        for value in inner.state.get(master, {}).values():
+            if hasattr(value, "numel"):
+                total += value.numel() * value.element_size()
     return total
 
 

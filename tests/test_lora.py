@@ -231,12 +231,14 @@ def lora_model(seed: int = 0, **overrides):
     return model
 
 
-def test_gradcache_is_exact_with_adapters_and_replays_their_dropout():
+@pytest.mark.parametrize("overrides", [{}, {"packing": "padded", "gradient_checkpointing": True,
+                                             "attention_mask": "bidirectional", "pooling": "mean"}])
+def test_gradcache_is_exact_with_adapters_and_replays_their_dropout(overrides):
     from pipeline.config import GradCacheConfig, LossConfig
     from pipeline.data.batch import random_batch
     from pipeline.training.gradcache import cached_step, plain_step
 
-    model = lora_model()
+    model = lora_model(**overrides)
     model.train()
     batch = random_batch(np.random.default_rng(5), batch_size=8, n_neg=3, vocab_size=30522, eos_id=102)
     loss_cfg, gc_cfg = LossConfig(matryoshka=True), GradCacheConfig(chunk_tokens=192)
