@@ -12,6 +12,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "transformers>=4.51",
+        "peft>=0.14",
         "pyarrow>=14",
         "pyyaml>=6",
         "numpy>=1.24",

@@ -8,6 +8,7 @@ set -euo pipefail
 usage() {
   cat <<'USAGE'
 Usage: bash launch/demo.sh [--out DIR] [--pairs N] [--steps N] [--max-len N] [--quick] [--force] [options]
+                          [-- KEY=VALUE ...]
 
 Stages (each header shows the elapsed wall time; every stage shows progress):
   1/6 data      python -m preprocess code-pairs <stdlib>: docstring -> code pairs, split train / held-out by module
@@ -34,6 +35,8 @@ Options:
   --quick              CI-sized run: 200 pairs, 3 steps, batch 4, max-len 64 (checks the plumbing, not quality)
   --force              DIR exists: delete the demo's outputs in it (raw, mined, shards, run, eval, ...) first
   -h, --help           this help
+  -- KEY=VALUE ...     config overrides of the training stage, after all options, e.g. LoRA instead of full
+                       fine-tuning: -- model.lora='{r: 16, alpha: 32}' train.lr=5e-4 train.min_lr=5e-5
 
 Environment: PYTHON (default python3), MASTER_PORT (default: a free port), THREADS (torch threads of the
 single-process stages; default: all cores). Training ranks run with OMP_NUM_THREADS = cores / ranks.
@@ -56,9 +59,11 @@ CONFIG=configs/demo-minilm.yaml
 NPROC_TRAIN=2
 QUICK=0
 FORCE=0
+EXTRA_OVERRIDES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA_OVERRIDES=("$@"); break ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
     --pairs) need_value "$@"; PAIRS="$2"; shift 2 ;;
     --heldout-fraction) need_value "$@"; HELDOUT="$2"; shift 2 ;;
@@ -162,10 +167,12 @@ TRAIN_OVERRIDES=(data.shards="$OUT/shards" train.output_dir="$OUT/run" train.per
 [ -z "$STEPS" ] || TRAIN_OVERRIDES+=(train.max_steps="$STEPS")
 [ -z "$LR" ] || TRAIN_OVERRIDES+=(train.lr="$LR")
 [ "$QUICK" = 0 ] || TRAIN_OVERRIDES+=(train.warmup_steps=1 train.eval_every=2)
+TRAIN_OVERRIDES+=(${EXTRA_OVERRIDES[@]+"${EXTRA_OVERRIDES[@]}"})
 
 echo "demo: $( [ "$QUICK" = 1 ] && echo "QUICK (CI-sized) " )run into $OUT"
 echo "      $PAIRS stdlib pairs (held-out fraction $HELDOUT), max-len $MAXLEN, batch $BATCH x $NPROC_TRAIN ranks," \
      "steps ${STEPS:-one epoch}, $CORES cores (single-process stages: $THREADS threads; ranks: $RANK_THREADS each)"
+[ "${#EXTRA_OVERRIDES[@]}" = 0 ] || echo "      training overrides: ${EXTRA_OVERRIDES[*]}"
 echo "      base model $MODEL_DIR; no query instruction (this BERT model does better without one)"
 
 # ---- 1. data ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,19 @@ class ConfigError(ValueError):
 # Sections
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021, arXiv:2106.09685) on the backbone's linear layers, built by peft:
+    W x + (alpha / r) B A dropout(x), with A [r, in] and B [out, r] trained, W frozen (B starts at 0)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    # Dropout on the adapters' input (replayed exactly by GradCache, like every dropout of the model).
+    dropout: float = 0.05
+    # Module names (suffixes) to adapt, or "all-linear" (peft: every linear layer; a BERT pooler is left out).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     """Backbone, pooling and compute settings of the embedding model."""
 
@@ -55,6 +68,12 @@ class ModelConfig:
     # Regional torch.compile of every layer (pipeline/model/compiled.py); "auto" = on CUDA for packed (decoder) chunks.
     # Packed chunks are then padded to exactly gradcache.chunk_tokens tokens (one static graph).
     compile: bool | Literal["auto"] = "auto"
+    # "bidirectional": decoder layers attend to every token of the sequence, not only the earlier ones (LLM2Vec,
+    # NV-Embed); carried into the export as transformers' `is_causal: false`. "auto": the model's own (causal for
+    # decoders unless their config.json says is_causal false, bidirectional for encoders).
+    attention_mask: Literal["auto", "causal", "bidirectional"] = "auto"
+    # LoRA adapters instead of full fine-tuning (pipeline/model/lora.py); null = every weight is trained.
+    lora: LoraConfig | None = None
 
 
 @dataclass
@@ -298,6 +317,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = dotted.strip().split(".")
         node = data
         for part in parts[:-1]:
+            if node.get(part, {}) is None:  # `lora: null` in the file, `model.lora.r=8` on the command line
+                node[part] = {}
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"{dotted}: {part} is not a section")

@@ -15,8 +15,10 @@ gathered positive ids takes part), then computes from the same RNG state
 deepspeed.utils.safe_get_full_grad on every rank). When distributed it also checks the gradient SCALE: with dropout
 off, the cached distributed gradient against a single-process gradient of the global batch on an unsharded copy
 of the initial model. With ``loss.distill`` in the config the teacher takes part in both steps (partitioned under
-ZeRO-3), so the check covers the distillation term too. The last line printed is ``max relative gradient error:
-X``; the exit code is 1 above the tolerance (1e-4).
+ZeRO-3), so the check covers the distillation term too. With ``model.lora`` the gradient is the adapters' (the base
+is frozen) and their dropout is replayed like the model's; the adapters' B matrices, zero at initialisation (so
+that A would get no gradient), are first set to small random values, so that every adapter weight is checked. The
+last line printed is ``max relative gradient error: X``; the exit code is 1 above the tolerance (1e-4).
 
 ``--dtype bf16`` checks exactness in bf16 instead, against an fp32 reference: the same initial weights in fp32
 compute the full-batch gradient of the global batch in one process (one chunk, one backward, dropout off); then the
@@ -186,7 +188,7 @@ def build_engine(model: EmbeddingModel, cfg: Config, ds_path: str, micro_batch: 
     # The optimizer only clears gradients here (lr 0: weights never move). A client torch AdamW replaces the JSON's
     # DeepSpeed AdamW so that no optimizer op has to be JIT-compiled (minutes on a fresh CPU machine).
     ds.pop("optimizer", None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     stage = engine.zero_optimization_stage()
     log(f"deepspeed: ZeRO stage {stage}, world size {world_size()}, {ds_path}")
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "bf16":
         cfg.model.dtype, cfg.model.compile = "float32", False  # the fp32 reference; its bf16 copy is made below
     model = EmbeddingModel.from_config(cfg.model, device)
+    if cfg.model.lora is not None:
+        perturb_adapters(model, args.seed)
     b = args.batch_size or cfg.train.per_device_batch_size
     try:
         sizes = rank_batch_sizes(args, b, n_ranks)
@@ -240,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         teardown()
+
+
+def perturb_adapters(model: nn.Module, seed: int) -> None:
+    """Set every LoRA B matrix (zero at initialisation) to N(0, 0.02^2) values, the same on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, nn.ModuleDict):
+            for layer in lora_b.values():
+                with torch.no_grad():
+                    layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
 
 
 def max_sequence(batches: list[ContrastiveBatch]) -> int:

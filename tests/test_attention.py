@@ -100,3 +100,112 @@ def test_model_forward_through_the_torch_kernel_path(monkeypatch):
     assert len(calls) == model.backbone.config.num_hidden_layers
     assert calls[0]["window_size"] == (-1, 0) and calls[0]["enable_gqa"] is True
     assert (packed - padded).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.attention_mask: causal or bidirectional, in every attention path
+# ---------------------------------------------------------------------------------------------------------------
+def _sequences(seed: int, lengths=(5, 9, 3, 12)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Sequences ending in EOS, and the same sequences with every token after the first (but EOS) replaced."""
+    rng = np.random.default_rng(seed)
+    seqs, later = [], []
+    for n in lengths:
+        s = rng.integers(1000, 30000, size=n)
+        s[-1] = 102
+        t = s.copy()
+        t[1:-1] = rng.integers(1000, 30000, size=n - 2)
+        seqs.append(s)
+        later.append(t)
+    return seqs, later
+
+
+@pytest.mark.parametrize("attn,packing", [("varlen", "packed"), ("sdpa", "packed"), ("sdpa", "padded"),
+                                          ("eager", "packed"), ("eager", "padded")])
+def test_bidirectional_first_token_sees_later_tokens_causal_does_not(attn, packing):
+    """cls pooling = the first token's state: causal, it cannot depend on later tokens; bidirectional, it does.
+    Several sequences per chunk equal one at a time: packed sequences never see each other (block mask)."""
+    seqs, later = _sequences(0)
+    for mode in ("causal", "bidirectional"):
+        model = tiny_model(0, attn_implementation=attn, packing=packing, attention_mask=mode, pooling="cls")
+        model.eval()
+        assert model.causal == (mode == "causal") and model.settings.attention_mask == mode
+        with torch.no_grad():
+            together = model(model.make_inputs(seqs))
+            changed = model(model.make_inputs(later))
+            alone = torch.cat([model(model.make_inputs([s])) for s in seqs])
+        assert (together - alone).abs().max() <= 1e-5, (mode, attn, packing)
+        moved = float((together - changed).abs().max())
+        if mode == "causal":
+            assert moved <= 1e-6, (attn, packing, moved)
+        else:
+            assert moved > 1e-3, (attn, packing, moved)
+
+
+def test_bidirectional_through_the_torch_kernel_path(monkeypatch):
+    """The CUDA varlen branch (kernel replaced by the reference, as above) is called without the causal window
+    and equals padded bidirectional sdpa."""
+    calls = []
+
+    def recording_kernel(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel_current(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda query, dropout: "torch")
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: (recording_kernel, frozenset(
+        ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale", "window_size",
+         "enable_gqa"])))
+    model = tiny_model(0, attn_implementation="varlen", attention_mask="bidirectional")
+    reference = tiny_model(0, attn_implementation="sdpa", packing="padded", attention_mask="bidirectional")
+    model.eval()
+    reference.eval()
+    seqs, _ = _sequences(3)
+    with torch.no_grad():
+        packed = model(pack(seqs))
+        padded = reference(pad(seqs, pad_id=0))
+    assert len(calls) == model.backbone.config.num_hidden_layers
+    assert "window_size" not in calls[0] and "is_causal" not in calls[0]
+    assert (packed - padded).abs().max() <= 1e-5
+
+
+def test_bidirectional_reaches_flash_attention(monkeypatch):
+    """flash_attention_2 (CUDA only) replaced by a recording per-sequence kernel: the packed forward hands it the
+    sequence bounds and transformers' ``is_causal`` keyword, False for a bidirectional model, True for a causal one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = []
+
+    def fake_flash(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                   cu_seq_lens_q=None, **kwargs):
+        causal = module.is_causal if is_causal is None else is_causal
+        calls.append(causal)
+        return segment_attention(query, key, value, cu_seq_lens_q.tolist(), dropout=dropout, scale=scaling,
+                                 causal=causal), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", fake_flash)
+    seqs, later = _sequences(4)
+    for mode in ("causal", "bidirectional"):
+        model = tiny_model(0, attn_implementation="sdpa", attention_mask=mode, pooling="cls")
+        model.backbone.config._attn_implementation = "flash_attention_2"
+        model.attn_implementation = "flash_attention_2"
+        model.eval()
+        calls.clear()
+        with torch.no_grad():
+            moved = float((model(model.make_inputs(seqs)) - model(model.make_inputs(later))).abs().max())
+        assert calls and set(calls) == {mode == "causal"}
+        assert (moved > 1e-3) == (mode == "bidirectional"), (mode, moved)
+
+
+def test_attention_mask_resolution():
+    from pipeline.model.attention import resolve_attention_mask
+    from transformers import AutoConfig
+
+    qwen = AutoConfig.for_model("qwen3")
+    assert resolve_attention_mask("auto", qwen, decoder=True) == "causal"
+    assert resolve_attention_mask("bidirectional", qwen, decoder=True) == "bidirectional"
+    exported = AutoConfig.for_model("qwen3", is_causal=False)  # an export of a bidirectional run
+    assert resolve_attention_mask("auto", exported, decoder=True) == "bidirectional"
+    assert resolve_attention_mask("causal", exported, decoder=True) == "causal"
+    bert = AutoConfig.for_model("bert")
+    assert resolve_attention_mask("auto", bert, decoder=False) == "bidirectional"
+    with pytest.raises(ValueError, match=r"^model.attention_mask: causal needs a decoder; bert is an encoder"):
+        resolve_attention_mask("causal", bert, decoder=False)

@@ -19,6 +19,16 @@ needs no mask tensor at all. Kernels, by what the device offers (:func:`varlen_k
 
 Layouts (transformers' attention-function contract): query [1, Hq, T, D], key/value [1, Hkv, T, D] in; output
 [1, T, Hq, D], attention weights None.
+
+Bidirectional attention (``model.attention_mask: bidirectional``; LLM2Vec, BehnamGhader et al. 2024,
+arXiv:2404.05961; NV-Embed, Lee et al. 2024, arXiv:2405.17428): a decoder's tokens attend to every token of their
+own sequence, the causal mask dropped. It is transformers' own switch (>= 5.2, "bidirectional attention" in its
+attention-interface docs): ``config.is_causal = False`` makes the model build bidirectional padding masks instead of
+causal ones and pass ``is_causal=False`` to every attention function (sdpa, flash-attn, and :func:`varlen_attention`,
+which reads that keyword before the module's ``is_causal``). Packed rows under sdpa/eager get the block-diagonal mask
+of :func:`packed_bidirectional_mask` (transformers' bidirectional mask ignores the restarting position ids). Because
+the flag is a config attribute, the exported ``config.json`` carries it: ``AutoModel.from_pretrained`` and
+``SentenceTransformer`` load the same bidirectional model without any code of this repository.
 """
 from __future__ import annotations
 
@@ -150,7 +160,7 @@ def varlen_attention(
         raise ValueError("varlen attention needs packed inputs (one row and cu_seq_lens_q); use sdpa for padded ones")
     if sliding_window is not None:
         raise ValueError("varlen attention does not support sliding-window layers")
-    causal = bool(getattr(module, "is_causal", True))
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))  # config.is_causal arrives as a kwarg
     if varlen_kernel(query, dropout) == "torch":
         if max_length_q is None:
             max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
@@ -181,3 +191,58 @@ def register_varlen_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Causal or bidirectional (model.attention_mask)
+# --------------------------------------------------------------------------------------------------------------
+CAUSAL, BIDIRECTIONAL = "causal", "bidirectional"
+IS_CAUSAL_TRANSFORMERS = (5, 2)  # the first transformers release that honours config.is_causal
+
+
+def transformers_honours_is_causal() -> bool:
+    import transformers
+
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    return release >= IS_CAUSAL_TRANSFORMERS
+
+
+def resolve_attention_mask(requested: str, hf_config: object, *, decoder: bool) -> str:
+    """``model.attention_mask`` -> 'causal' or 'bidirectional'. 'auto' is the model's own: encoders are
+    bidirectional, decoders causal unless their config says ``is_causal: false`` (an export of a bidirectional run).
+    ValueError naming the key for causal encoders and, for bidirectional decoders, a transformers too old to honour
+    ``config.is_causal``."""
+    own = BIDIRECTIONAL if not decoder or getattr(hf_config, "is_causal", True) is False else CAUSAL
+    mode = own if requested == "auto" else requested
+    if mode == CAUSAL and not decoder:
+        raise ValueError(f"model.attention_mask: causal needs a decoder; {getattr(hf_config, 'model_type', '?')} is an "
+                         "encoder (bidirectional by construction)")
+    if mode == BIDIRECTIONAL and decoder and not transformers_honours_is_causal():
+        import transformers
+
+        raise ValueError(f"model.attention_mask: bidirectional decoders need transformers >= 5.2 (config.is_causal); "
+                         f"installed {transformers.__version__}")
+    return mode
+
+
+def set_attention_mask(config: object, mode: str) -> None:
+    """Make a decoder's transformers `config` causal or bidirectional (``config.is_causal``; only written when it
+    changes, so a causal model's config stays as it was)."""
+    causal = mode == CAUSAL
+    if getattr(config, "is_causal", True) != causal:
+        config.is_causal = causal
+
+
+def packed_bidirectional_mask(cu_seqlens: torch.Tensor, *, attn_implementation: str, dtype: torch.dtype,
+                              device: torch.device) -> torch.Tensor:
+    """[1, 1, T, T] mask of a packed row for sdpa (bool, True = attend) or eager (additive: 0 / dtype min): every
+    token attends to every token of its own sequence and to no other, the bounds given by `cu_seqlens` [n + 1]."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    allowed = (segment[:, None] == segment[None, :])[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    if attn_implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    raise ValueError(f"no packed bidirectional mask for attention {attn_implementation!r}")

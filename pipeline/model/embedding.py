@@ -23,9 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.attention import VARLEN, kernel_for, register_varlen_attention
+from pipeline.model.attention import (
+    CAUSAL, VARLEN, kernel_for, packed_bidirectional_mask, register_varlen_attention, resolve_attention_mask,
+    set_attention_mask,
+)
 from pipeline.model.compiled import compile_layers, repeated_layers, resolve_compile
 from pipeline.model.kernels import KernelChoice, apply_kernels, resolve_kernels
+from pipeline.model.lora import apply_lora, check_lora, describe_lora
 from pipeline.config import ModelConfig
 from pipeline.logs import log
 from pipeline.model.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
@@ -120,12 +124,12 @@ def sentence_transformers_pooling(model_dir: str | None) -> str | None:
 
 
 def resolve_pooling(requested: str, *, decoder: bool, model_dir: str | None) -> str:
-    """'auto' -> last_token for decoders; for encoders the model dir's sentence-transformers pooling, else mean."""
+    """'auto' -> the model dir's sentence-transformers pooling when it declares one (an export: a bidirectional
+    decoder trained with mean pooling is evaluated with mean pooling), else last_token for decoders, mean for
+    encoders."""
     if requested != "auto":
         return requested
-    if decoder:
-        return "last_token"
-    return sentence_transformers_pooling(model_dir) or "mean"
+    return sentence_transformers_pooling(model_dir) or ("last_token" if decoder else "mean")
 
 
 def resolve_packing(requested: str, *, decoder: bool) -> bool:
@@ -225,6 +229,7 @@ class ModelSettings:
     dtype: torch.dtype
     kernels: KernelChoice
     compile: bool
+    attention_mask: str = CAUSAL  # "causal" or "bidirectional" (pipeline.model.attention.resolve_attention_mask)
 
 
 def resolve_model_settings(
@@ -235,6 +240,7 @@ def resolve_model_settings(
     on the ranks' device (default: they import here)."""
     decoder = is_decoder_config(hf_config)
     packed = resolve_packing(cfg.packing, decoder=decoder)
+    check_lora(cfg.lora)
     return ModelSettings(
         decoder=decoder,
         pooling=resolve_pooling(cfg.pooling, decoder=decoder, model_dir=cfg.name_or_path),
@@ -243,6 +249,7 @@ def resolve_model_settings(
         dtype=resolve_dtype(cfg.dtype, device),
         kernels=resolve_kernels(cfg.kernels, device, hf_config.model_type, importable=liger),
         compile=resolve_compile(cfg.compile, device.type, packed=packed),
+        attention_mask=resolve_attention_mask(cfg.attention_mask, hf_config, decoder=decoder),
     )
 
 
@@ -306,9 +313,13 @@ class EmbeddingModel(nn.Module):
         decoder, pooling, packed = settings.decoder, settings.pooling, settings.packed
         attn, dtype = settings.attn_implementation, settings.dtype
         backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype, hf_config=hf_config)
+        if decoder:
+            set_attention_mask(backbone.config, settings.attention_mask)
         apply_kernels(backbone, settings.kernels)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
+        if cfg.lora is not None:
+            backbone = apply_lora(backbone, cfg.lora)
         pad_id = getattr(hf_config, "pad_token_id", None)
         if pad_id is None:
             pad_id = getattr(hf_config, "eos_token_id", None)
@@ -326,11 +337,14 @@ class EmbeddingModel(nn.Module):
         n_params = sum(p.numel() for p in model.parameters())
         log(
             f"model: {hf_config.model_type} ({'decoder' if decoder else 'encoder'}), {n_params / 1e6:.2f}M params, "
-            f"attention {describe_attention(attn, device, dtype)}, dtype {str(dtype).removeprefix('torch.')}, pooling {pooling}, "
+            f"attention {describe_attention(attn, device, dtype)}, {settings.attention_mask} mask, dtype "
+            f"{str(dtype).removeprefix('torch.')}, pooling {pooling}, "
             f"{'packed' if packed else 'padded'} chunks, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}, device {device}"
         )
         log(f"kernels: {settings.kernels.kernels} ({settings.kernels.reason})")
+        if cfg.lora is not None:
+            log(f"lora: {describe_lora(model.backbone)}")
         return model
 
     def compile_layers(self, static_tokens: int | None) -> int:
@@ -348,6 +362,11 @@ class EmbeddingModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the backbone attends causally (``config.is_causal``, :func:`set_attention_mask`)."""
+        return bool(getattr(self.backbone.config, "is_causal", True))
 
     @property
     def device(self) -> torch.device:
@@ -379,6 +398,10 @@ class EmbeddingModel(nn.Module):
                 on_gpu = inputs.input_ids.is_cuda  # PyTorch's varlen kernel wants the bounds on the device
                 kwargs["cu_seq_lens_q"] = inputs.cu_seqlens if on_gpu else cu_host
                 kwargs["max_length_q"] = inputs.max_length
+            elif not self.causal:  # sdpa/eager: transformers' bidirectional mask would join the packed sequences
+                kwargs["attention_mask"] = packed_bidirectional_mask(
+                    inputs.cu_seqlens, attn_implementation=self.attn_implementation,
+                    dtype=self.backbone.get_input_embeddings().weight.dtype, device=inputs.input_ids.device)
         else:
             kwargs["attention_mask"] = inputs.attention_mask
         if self.static_tokens is not None and "cu_seq_lens_q" in kwargs:

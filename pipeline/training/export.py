@@ -3,7 +3,9 @@
 Every rank must call :func:`export_model` (under ZeRO-3 each parameter is all-gathered, one at a time, so peak
 memory is one parameter, not the model). Rank 0 writes into a temporary directory and renames it into place:
 
-* ``config.json``, ``model.safetensors``: the backbone, loadable with ``transformers.AutoModel``;
+* ``config.json``, ``model.safetensors``: the backbone, loadable with ``transformers.AutoModel``; with LoRA
+  (``model.lora``) the weights with the adapters merged in, and the adapter alone in ``adapter/`` (peft's format;
+  :func:`pipeline.model.lora.save_merged_with_adapter`); a bidirectional decoder's config says ``is_causal: false``;
 * the tokenizer; when it does not append EOS by itself (Qwen3, Llama), a post-processor that does is added, so
   that ``tokenizer(text)`` ends with the EOS that last-token pooling reads, as in training;
 * ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``, ``2_Normalize`` (if normalised) and
@@ -33,6 +35,7 @@ from pipeline.resilience.faults import NO_FAULTS, FaultInjector
 from pipeline.training.errors import TrainingAborted
 from pipeline.data.registry import format_query
 from pipeline.logs import global_rank, log
+from pipeline.model.lora import is_lora, save_merged_with_adapter
 
 ST_CONFIG = "config_sentence_transformers.json"
 ST_POOLING_KEYS = {
@@ -212,7 +215,10 @@ def export_model(
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             faults.check_write("export", out.name, tmp / "model.safetensors")
-            backbone.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if is_lora(backbone):
+                save_merged_with_adapter(backbone, state, tmp)
+            else:
+                backbone.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             _eos_appending_tokenizer(tokenizer, eos_id).save_pretrained(str(tmp))
             write_sentence_transformers_files(
                 tmp,

@@ -127,6 +127,8 @@ class ModelPlan:
     gradient_checkpointing: bool
     kernels: str  # "liger" / "none", with the reason
     compile: bool
+    attention_mask: str = "causal"  # or "bidirectional"
+    training: str = "full fine-tuning"  # or the LoRA adapters and their trainable parameters
 
 
 @dataclass
@@ -383,6 +385,7 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         elif requested == "auto":
             attention += " (resolved for CUDA without flash-attn here; flash_attention_2 where it imports)"
     params = non_embedding = None
+    training = "full fine-tuning"
     try:
         with torch.device("meta"):
             backbone = AutoModel.from_config(hf)
@@ -390,8 +393,16 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         non_embedding = params - backbone.get_input_embeddings().weight.numel()
         vocab = backbone.get_input_embeddings().num_embeddings
     except Exception as exc:  # noqa: BLE001 - the count is information; the build itself is the trainer's
-        vocab = getattr(hf, "vocab_size", None)
+        backbone, vocab = None, getattr(hf, "vocab_size", None)
         warnings.append(Problem("model", f"parameters not counted ({type(exc).__name__})"))
+    if cfg.model.lora is not None and backbone is not None:  # the trainer's adapters, on the meta model
+        from pipeline.model.lora import apply_lora, describe_lora
+
+        try:
+            with torch.device("meta"):
+                training = f"LoRA {describe_lora(apply_lora(backbone, cfg.model.lora))}"
+        except ValueError as exc:
+            raise _Stop(Problem.from_message(str(exc))) from None
     if tokenizer is not None and vocab is not None:
         try:
             check_vocabulary(vocab, tokenizer)
@@ -403,6 +414,7 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         attention=attention, dtype=str(settings.dtype).removeprefix("torch."), pooling=settings.pooling,
         packed=settings.packed, gradient_checkpointing=cfg.model.gradient_checkpointing,
         kernels=f"{settings.kernels.kernels} ({settings.kernels.reason})", compile=settings.compile,
+        attention_mask=settings.attention_mask, training=training,
     )
 
 
@@ -667,7 +679,8 @@ def format_plan(plan: RunPlan) -> str:
         f"  model              {m.model_type} ({'decoder' if m.decoder else 'encoder'}), {_millions(m.parameters)} "
         f"parameters ({_millions(m.non_embedding_parameters)} non-embedding; counted from the config), hidden "
         f"{m.hidden_size}, {m.layers} layers",
-        f"  attention          {m.attention}; pooling {m.pooling}; gradient checkpointing "
+        f"  training           {m.training}",
+        f"  attention          {m.attention}, {m.attention_mask} mask; pooling {m.pooling}; gradient checkpointing "
         f"{'on' if m.gradient_checkpointing else 'off'}",
         f"  kernels            {m.kernels}; layers {'compiled (torch.compile per layer)' if m.compile else 'eager'}",
         f"  precision          {precision}",
