@@ -86,10 +86,13 @@ def test_negative_sampling_is_pure_and_fills_short_pools():
     pool = np.array([5, 6, 7, -1, -1])
     kw = dict(positive=0, n_docs=50, seed=1, epoch=2, dataset="d", query=9)
     a = sample_negatives(pool, 3, **kw)
-    assert sorted(a.tolist()) == [5, 6, 7] and np.array_equal(a, sample_negatives(pool, 3, **kw))
-    assert set(sample_negatives(pool, 5, **kw).tolist()) <= {5, 6, 7}
+    assert sorted(a.ids.tolist()) == [5, 6, 7] and np.array_equal(a.ids, sample_negatives(pool, 3, **kw).ids)
+    assert np.array_equal(pool[a.slots], a.ids)
+    short = sample_negatives(pool, 5, **kw)
+    assert set(short.ids.tolist()) <= {5, 6, 7} and np.array_equal(pool[short.slots], short.ids)
     empty = sample_negatives(np.array([-1, -1]), 4, **kw)
-    assert len(empty) == 4 and 0 not in empty.tolist() and empty.max() < 50
+    assert len(empty.ids) == 4 and 0 not in empty.ids.tolist() and empty.ids.max() < 50
+    assert empty.slots.tolist() == [-1] * 4
 
 
 def test_validation_split_and_lr_schedule():

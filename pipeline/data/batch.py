@@ -3,7 +3,8 @@
 A batch holds B queries, B positives (positive i belongs to query i) and B * n_neg hard negatives, query i's
 negatives at ``negatives[i * n_neg:(i + 1) * n_neg]``. Every sequence is a 1-D array of token ids that already
 ends in the tokenizer's EOS (the pooled token for last-token pooling). ``dataset_type`` decides which losses apply
-(see :mod:`pipeline.training.losses`).
+(see :mod:`pipeline.training.losses`). With score distillation, ``teacher_scores[i]`` holds the teacher's scores of
+query i's positive (column 0) and of its negatives in batch order (column 1 + j), NaN where the teacher has none.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class ContrastiveBatch:
     negatives: list[np.ndarray]
     n_neg: int
     dataset_type: str
+    teacher_scores: np.ndarray | None = None  # [B, 1 + n_neg] float32, for loss.score_distill
 
     def __post_init__(self) -> None:
         if self.dataset_type not in DATASET_TYPES:
@@ -39,6 +41,9 @@ class ContrastiveBatch:
             raise ValueError(
                 f"ContrastiveBatch: expected {len(self.queries)} * {self.n_neg} negatives, got {len(self.negatives)}"
             )
+        if self.teacher_scores is not None and self.teacher_scores.shape != (len(self.queries), 1 + self.n_neg):
+            raise ValueError(f"ContrastiveBatch: teacher_scores of shape {self.teacher_scores.shape}, expected "
+                             f"({len(self.queries)}, {1 + self.n_neg})")
         for i, seq in enumerate(self.sequences()):
             if not isinstance(seq, np.ndarray) or seq.ndim != 1 or seq.size == 0:
                 raise ValueError(f"ContrastiveBatch: sequence {i} is not a non-empty 1-D numpy array")

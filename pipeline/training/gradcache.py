@@ -15,7 +15,8 @@ rank is the mean over its queries, gathered positives receive gradient from all 
 gradients over ranks (DeepSpeed does it, and :class:`pipeline.training.backward.PlainBackward` without it) gives
 the gradient of the global mean loss (see :mod:`pipeline.training.losses`). With embedding distillation the teacher
 embeds the same chunks in step 1 (no graph; its states are constants of the loss, so the gradient stays exact) and
-the student's cached states are its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the
+the student's cached states are its raw pooled states (the loss normalises them for the contrastive terms). Teacher
+scores (score distillation) travel in the batch and are constants of the loss too. How each backward reaches the
 gradients (plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is
 :mod:`pipeline.training.backward`; the caller runs the optimizer step.
 """
@@ -167,6 +168,13 @@ def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBa
     return _split(states, batch)
 
 
+def _teacher_scores(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
+    """The batch's teacher scores (``loss.score_distill``) as a constant tensor of the loss, or None."""
+    if batch.teacher_scores is None:
+        return None
+    return torch.as_tensor(batch.teacher_scores, dtype=torch.float32, device=device)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ def batch_loss(
     embeddings = _embed_without_grad(model, plan, device, raw=loss_cfg.distill is not None)
     with torch.no_grad():
         out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
-                               _teacher_states(teacher, plan, batch, device))
+                               _teacher_states(teacher, plan, batch, device), _teacher_scores(batch, device))
     return float(out.total)
 
 
@@ -216,7 +224,8 @@ def cached_step(
 
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
-    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
+    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
+                           _teacher_scores(batch, device))
     total = out.total if loss_hook is None else loss_hook(out.total)
     total.backward()
     grad = cache.grad
@@ -272,7 +281,8 @@ def plain_step(
     order = torch.as_tensor(np.concatenate([idx for idx, _ in pieces]), device=device)
     e = torch.empty((len(plan.seqs), pieces[0][1].shape[-1]), dtype=torch.float32, device=device)
     e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
-    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states)
+    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
+                           _teacher_scores(batch, device))
     loss = out.total if loss_hook is None else loss_hook(out.total)
     backward.backward(loss if dummy is None else loss + dummy, last=True)
     backward.finish()

@@ -21,12 +21,24 @@ B over ranks (the global batch).
       L = sum_{n, dim} L(dim) / (n * sqrt(d / dim))
   Off: only dim = d, weight 1.
 - Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0])
-  (+ distill.weight * L_kd).
+  (+ distill.weight * L_kd + score_distill.weight * L_sd).
 - Distillation (F2LLM v2; ``loss.distill``): L_kd = sum over x in {query, positive, negatives} of
   mean over elements (s_x - t_x[..., :d])^2, s the student's and t the teacher's RAW pooled hidden states (before
   L2 normalisation; the teacher truncated to the student's width d and not re-normalised), as F2LLM computes it
   (F2LLM/utils.py, lines 206-208). Total += weight * L_kd. Nothing is gathered; the teacher's states are constants
   (computed without a graph, chunk by chunk, in GradCache's first pass), so the gradient stays exact.
+- Score distillation (``loss.score_distill``): the listwise distillation of RocketQAv2 (Ren et al. 2021, "RocketQAv2:
+  A Joint Training Method for Dense Passage Retrieval and Passage Re-ranking", dynamic listwise distillation) with a
+  fixed teacher, as FlagEmbedding's ``kd_loss`` and sentence-transformers' ``DistillKLDivLoss`` (arXiv 2010.11386)
+  compute it: over query i's candidates C_i = [p_i, n_i0 .. n_i(k-1)] (the negatives sampled at this step), with
+  t_ic the teacher's score from the shards (`preprocess score`) and s_ic = s(q_i, c) the cosine of the hard-negative
+  loss,
+      P_i = softmax_c(t_ic / T_t),  Q_i = softmax_c(s_ic / tau),  L_sd = mean_i KL(P_i || Q_i)
+                                                                      = mean_i sum_c P_ic (log P_ic - log Q_ic)
+  T_t = ``score_distill.teacher_temperature``, tau = ``loss.temperature``; full dimension only (no Matryoshka), no
+  false-negative mask (the teacher decides what a negative is worth). A candidate without a teacher score (NaN: a
+  random corpus document drawn for a query with an empty pool) is left out of both softmaxes; the mean is over all B
+  local queries. Total += weight * L_sd. The teacher scores are constants of the loss, so GradCache stays exact.
 
 Gradient semantics across ranks: each rank's loss is the mean over ITS queries. Backward through the differentiable
 gather sends rank r's in-batch gradient into every rank's positives (summed), so the parameter gradient of one rank
@@ -103,6 +115,14 @@ def in_batch_infonce(
     return F.cross_entropy(scores / temperature, labels)
 
 
+def candidate_scores(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, n_neg: int) -> torch.Tensor:
+    """[B, 1 + k] scores of query i against [p_i, n_i0 .. n_i(k-1)] (cosines for unit-length inputs).
+
+    q, p: [B, d]; n: [B * k, d] with query i's negatives at rows i*k .. i*k + k - 1."""
+    cands = torch.cat([p.unsqueeze(1), n.view(q.shape[0], n_neg, q.shape[-1])], dim=1)  # [B, 1 + k, d]
+    return torch.einsum("bd,bcd->bc", q, cands)
+
+
 def hard_negative_infonce(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -116,8 +136,7 @@ def hard_negative_infonce(
     q, p: [B, d]; n: [B * k, d] with query i's negatives at rows i*k .. i*k + k - 1. Mean over the B queries.
     """
     b = q.shape[0]
-    cands = torch.cat([p.unsqueeze(1), n.view(b, n_neg, -1)], dim=1)  # [B, 1 + k, d]
-    scores = torch.einsum("bd,bcd->bc", q, cands)
+    scores = candidate_scores(q, p, n, n_neg)
     is_pos = torch.zeros_like(scores, dtype=torch.bool)
     is_pos[:, 0] = True
     scores = _mask_false_negatives(scores, scores[:, 0], is_pos, false_negative_margin)
@@ -148,6 +167,23 @@ def distillation_loss(
     return total
 
 
+def score_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float
+) -> torch.Tensor:
+    """L_sd = mean_i KL(softmax(t_i / T_t) || softmax(s_i / tau)) (module docstring), candidates whose teacher score
+    is NaN left out of both distributions. student: [B, C] cosines; teacher: [B, C] scores (constants), column 0 the
+    positive, which must have a score."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"score distillation: student scores {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
+    teacher = teacher.detach().to(student.dtype)
+    known = torch.isfinite(teacher)
+    if not bool(known[:, 0].all()):
+        raise ValueError("score distillation: a positive has no finite teacher score (rescore the shards)")
+    log_p = torch.where(known, F.log_softmax((teacher / teacher_temperature).masked_fill(~known, -math.inf), -1), 0.0)
+    log_q = torch.where(known, F.log_softmax((student / temperature).masked_fill(~known, -math.inf), -1), 0.0)
+    return (log_p.exp() * known * (log_p - log_q)).sum(-1).mean()
+
+
 @dataclass
 class LossOutput:
     """The scalar to backpropagate and its parts (floats, this rank, full dim, unweighted)."""
@@ -164,12 +200,14 @@ def contrastive_loss(
     dataset_type: str,
     cfg: LossConfig,
     teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    teacher_scores: torch.Tensor | None = None,
 ) -> LossOutput:
     """The F2LLM objective of this rank's local embeddings (gathers the positives across ranks inside).
 
     q, p: [B, d]; n: [B * n_neg, d] (may be empty when n_neg == 0). Inputs are re-normalised for the contrastive
     terms (cosine similarity); with ``cfg.distill``, `teacher` holds the teacher's (q, p, n) states and q, p, n must
-    be the student's raw pooled states (not normalised), as the distillation term reads them.
+    be the student's raw pooled states (not normalised), as the distillation term reads them. With
+    ``cfg.score_distill``, `teacher_scores` [B, 1 + n_neg] holds the teacher's scores of each query's candidates.
     """
     if q.shape != p.shape:
         raise ValueError(f"contrastive_loss: queries {tuple(q.shape)} vs positives {tuple(p.shape)}")
@@ -215,5 +253,13 @@ def contrastive_loss(
         l_kd = distillation_loss((q, p, n), teacher)
         total = total + cfg.distill.weight * l_kd
         parts["distill"] = float(l_kd.detach())
+    if cfg.score_distill is not None:
+        if teacher_scores is None:
+            raise ValueError("contrastive_loss: loss.score_distill is set but the batch carries no teacher scores")
+        student_scores = candidate_scores(truncate(q, hidden), truncate(p, hidden), truncate(n, hidden), n_neg)
+        l_sd = score_distillation_loss(student_scores, teacher_scores, cfg.temperature,
+                                       cfg.score_distill.teacher_temperature)
+        total = total + cfg.score_distill.weight * l_sd
+        parts["score_distill"] = float(l_sd.detach())
     parts["total"] = float(total.detach())
     return LossOutput(total, parts)

@@ -92,7 +92,7 @@ def step_values(
     params_non_embedding: int,
     world_size: int,
 ) -> dict[str, Any]:
-    """The record of one logged training step: loss (overall, per dataset, per part; the distillation part also per
+    """The record of one logged training step: loss (overall, per dataset, per part; the distillation parts also per
     dataset), lr, gradient norm,
     throughput, padding efficiency, chunks; on CUDA the peak memory and the MFU, on CPU the peak RSS."""
     values: dict[str, Any] = {
@@ -106,8 +106,9 @@ def step_values(
         "padding_efficiency": stats.padding_efficiency,
         "chunks": stats.chunks_run,
     }
-    if "distill" in stats.parts:
-        values[f"distill/{dataset}"] = stats.parts["distill"]
+    for part in ("distill", "score_distill"):
+        if part in stats.parts:
+            values[f"{part}/{dataset}"] = stats.parts[part]
     if device.type == "cuda":
         values["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         mean_len = stats.real_tokens / max(stats.sequences, 1)
