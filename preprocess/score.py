@@ -29,8 +29,9 @@ Queries are scored as the shards hold them, instruction included. The manifest r
 
 Work, distribution and resume. Query rows are cut into blocks of ``--block-size``; under ``torchrun`` rank r takes
 blocks r, r + W, ... and embeds or scores each with the documents that block references (a document referenced by
-several blocks is embedded once per block); after every round rank 0 gathers the score rows (a small object
-gather) and, once a dataset is complete, writes it. Datasets are scored one after the other and each is written
+several blocks is embedded once per block; a bi-encoder block holds at most block x (2 + K) embeddings, e.g. 8192 x
+26 x 1024 x 4 bytes = 0.9 GB, on the CPU); after every round rank 0 gathers the score rows (a small object gather)
+and, once a dataset is complete, writes it. Datasets are scored one after the other and each is written
 atomically (temporary file, rename, then ``dataset.json`` and the manifest), so a re-run reuses every dataset whose
 scores were made by the same teacher (sha256 over its files), kind, input and max_len for the queries and corpus
 the dataset holds now and whose file still matches its checksum; a dataset scored by another teacher is rescored.

@@ -188,6 +188,9 @@ def test_rerun_reuses_and_another_teacher_rescores(scored_shards, example_raw, t
     assert path.read_bytes() != before[1]
     ShardReader(shards, verify=True)  # the manifest's checksum follows the new file
 
+    with pytest.raises(SystemExit) as exit_info:  # every command has --help
+        score(["--help"])
+    assert exit_info.value.code == 0 and "--teacher" in capsys.readouterr().out
     # the teacher reads the shards' ids as they are (same tokenizer): --max-len cannot apply
     assert score([str(shards), "--teacher", str(other), "--datasets", "paper_topics", "--max-len", "16"]) == 2
     assert "error: --max-len: the teacher reads the shards' token ids as they are" in capsys.readouterr().err
