@@ -92,6 +92,18 @@ class DistillConfig:
 
 
 @dataclass
+class ScoreDistillConfig:
+    """Distillation from teacher scores (RocketQAv2 / FlagEmbedding style): KL between the teacher's and the student's
+    distributions over each query's positive and sampled negatives; the scores come from `preprocess score`."""
+
+    # Temperature of the teacher's scores: its softmax is over score / teacher_temperature. Set it to the scale of
+    # the teacher (cosines of a bi-encoder: like loss.temperature, e.g. 0.05; cross-encoder logits: about 1).
+    teacher_temperature: float
+    # Weight of the term in the loss.
+    weight: float = 1.0
+
+
+@dataclass
 class LossConfig:
     """Contrastive objective: in-batch + hard-negative InfoNCE, Matryoshka, false-negative mask, distillation."""
 
@@ -111,6 +123,8 @@ class LossConfig:
     false_negative_margin: float | None = None
     # Embedding distillation from a teacher model (F2LLM v2); null = off.
     distill: DistillConfig | None = None
+    # Distillation from the teacher scores stored in the shards (`python -m preprocess score`); null = off.
+    score_distill: ScoreDistillConfig | None = None
 
 
 @dataclass
@@ -241,6 +255,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1 and any(dataclasses.is_dataclass(a) for a in args):  # an optional section: its own error
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:

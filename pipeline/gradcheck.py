@@ -15,10 +15,12 @@ gathered positive ids takes part), then computes from the same RNG state
 deepspeed.utils.safe_get_full_grad on every rank). When distributed it also checks the gradient SCALE: with dropout
 off, the cached distributed gradient against a single-process gradient of the global batch on an unsharded copy
 of the initial model. With ``loss.distill`` in the config the teacher takes part in both steps (partitioned under
-ZeRO-3), so the check covers the distillation term too. With ``model.lora`` the gradient is the adapters' (the base
-is frozen) and their dropout is replayed like the model's; the adapters' B matrices, zero at initialisation (so
-that A would get no gradient), are first set to small random values, so that every adapter weight is checked. The
-last line printed is ``max relative gradient error: X``; the exit code is 1 above the tolerance (1e-4).
+ZeRO-3), so the check covers the distillation term too; with ``loss.score_distill`` every batch carries random
+teacher scores (some missing, NaN) and the check covers the score-distillation term. With ``model.lora`` the
+gradient is the adapters' (the base is frozen) and their dropout is replayed like the model's; the adapters' B
+matrices, zero at initialisation (so that A would get no gradient), are first set to small random values, so that
+every adapter weight is checked. The last line printed is ``max relative gradient error: X``; the exit code is 1
+above the tolerance (1e-4).
 
 ``--dtype bf16`` checks exactness in bf16 instead, against an fp32 reference: the same initial weights in fp32
 compute the full-batch gradient of the global batch in one process (one chunk, one backward, dropout off); then the
@@ -91,13 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_batch(cfg: Config, vocab: int, eos: int, b: int, dataset_type: str, seed: int, r: int) -> ContrastiveBatch:
-    """Rank r's batch: its own seed and longer passages on higher ranks (different chunk counts per rank)."""
+    """Rank r's batch: its own seed and longer passages on higher ranks (different chunk counts per rank). With
+    ``loss.score_distill``, random teacher scores (:func:`random_teacher_scores`)."""
     n_neg = cfg.loss.hard_negatives.get(dataset_type, 0)
     rng = np.random.default_rng(seed + 1000 * (r + 1))
-    return random_batch(
+    batch = random_batch(
         rng, batch_size=b, n_neg=n_neg, vocab_size=vocab, eos_id=eos,
         query_len=(6, 24), passage_len=(12, 48 + 32 * r), dataset_type=dataset_type,
     )
+    if cfg.loss.score_distill is not None:
+        batch.teacher_scores = random_teacher_scores(np.random.default_rng([seed, r, 5]), b, n_neg)
+    return batch
+
+
+def random_teacher_scores(rng: np.random.Generator, b: int, n_neg: int) -> np.ndarray:
+    """[b, 1 + n_neg] cosine-like teacher scores: positives ~ 0.6, negatives ~ 0.3 (spread 0.15), and a fifth of
+    the negatives without a score (NaN, as for random documents), so that the masked path is checked too."""
+    scores = rng.normal(0.3, 0.15, size=(b, 1 + n_neg))
+    scores[:, 0] += 0.3
+    scores[:, 1:][rng.random((b, n_neg)) < 0.2] = np.nan
+    return scores.astype(np.float32)
 
 
 def make_batches(cfg: Config, vocab: int, eos: int, sizes: list[int], dataset_type: str, seed: int
@@ -270,6 +285,8 @@ def global_batch(batches: list[ContrastiveBatch]) -> ContrastiveBatch:
         n_neg=batches[0].n_neg,
         dataset_type=batches[0].dataset_type,
         positive_ids=None if batches[0].positive_ids is None else np.concatenate([bt.positive_ids for bt in batches]),
+        teacher_scores=None if batches[0].teacher_scores is None else np.concatenate(
+            [bt.teacher_scores for bt in batches]),
     )
 
 
@@ -354,7 +371,9 @@ def check(
         f"chunks on rank 0 {s_cached.chunks}, run {s_cached.chunks_run}; loss {s_cached.loss:.6f}; "
         f"coalesced grad reduction {'on' if s_cached.coalesced else 'off'}"
     )
-    log(f"cached vs plain (dropout on{', with a distillation teacher' if teacher is not None else ''}): relative "
+    extras = (", with a distillation teacher" if teacher is not None else "") + (
+        ", with teacher scores" if batch.teacher_scores is not None else "")
+    log(f"cached vs plain (dropout on{extras}): relative "
         f"gradient error {err:.3e} (||g|| = {float(g_plain.norm()):.4e}; loss parts {s_cached.parts})")
     errors = [err]
     if g_ref is not None:

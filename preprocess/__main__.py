@@ -1,5 +1,5 @@
 """Command line of the offline data jobs:
-``python -m preprocess {build,validate,stats,show,example,code-pairs,mine-negatives} --help``."""
+``python -m preprocess {build,validate,stats,show,example,code-pairs,mine-negatives,score} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_example)
 
-    from preprocess import code_pairs, mine_negatives
+    from preprocess import code_pairs, mine_negatives, score
 
     p = sub.add_parser("code-pairs", help="docstring -> code retrieval pairs (raw JSONL, split by module) from a "
                        "Python source tree")
@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mine-negatives", help="mine hard negatives for raw datasets with an embedding model")
     mine_negatives.add_arguments(p)
     p.set_defaults(func=mine_negatives.run_cli)
+
+    p = sub.add_parser("score", help="teacher scores of every query's positive and negative pool, into the shards "
+                       "(score distillation; torchrun for all GPUs of a node)")
+    score.add_arguments(p)
+    p.set_defaults(func=score.run_cli)
     return parser
 
 

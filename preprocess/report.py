@@ -63,7 +63,8 @@ def stats_table(stats: dict[str, Any], max_len: int) -> str:
 
 
 def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | None = None) -> dict[str, Any]:
-    """One training example decoded back to text: what the model will see (special tokens kept)."""
+    """One training example decoded back to text: what the model will see (special tokens kept), with the teacher's
+    scores when the shards have them."""
     reader = ShardReader(root, datasets=[dataset])
     ds = reader[dataset]
     if not 0 <= index < ds.num_queries:
@@ -82,7 +83,7 @@ def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | No
     def decode(ids: np.ndarray) -> str:
         return tokenizer.decode(ids.tolist(), skip_special_tokens=False)
 
-    return {
+    out = {
         "dataset": dataset,
         "index": index,
         "type": ds.type,
@@ -90,3 +91,8 @@ def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | No
         "positive": decode(example["positive"]),
         "negatives": [decode(n) for n in example["negatives"]],
     }
+    if ds.has_scores:  # `preprocess score`: the teacher's scores of the positive and of each listed negative
+        row = ds.scores[index]
+        out["teacher_scores"] = {"positive": float(row[0]),
+                                 "negatives": [float(x) for x in row[1:][ds.negatives[index] >= 0]]}
+    return out

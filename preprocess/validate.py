@@ -3,7 +3,9 @@
 Checks, per dataset: files present, sizes and sha256 as in the manifest, Arrow structure (`validate(full=True)`),
 one record batch, the expected schema, counts equal to the manifest's, every sequence non-empty, at most `max_len`
 tokens and ending with EOS, token ids below the vocabulary size, positive ids inside the corpus and negative ids
-inside the corpus or -1. The first problem found is raised as a ShardError naming the file.
+inside the corpus or -1; teacher scores (when `preprocess score` wrote them): [n_queries, 1 + K] float32, finite
+for the positive and every filled slot, NaN exactly for the empty ones. The first problem found is raised as a
+ShardError naming the file.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.shard_format import CORPUS_FILE, QUERIES_FILE, ShardError
-from pipeline.data.shards import ShardReader, TokenTable, _open_arrow
+from pipeline.data.shard_format import CORPUS_FILE, QUERIES_FILE, SCORES_FILE, ShardError
+from pipeline.data.shards import ShardDataset, ShardReader, TokenTable, _open_arrow
 
 
 def _check_tokens(table: TokenTable, path: Path, max_len: int, eos_id: int, vocab_size: int) -> None:
@@ -58,5 +60,26 @@ def validate_shards(root: str | Path) -> dict[str, int]:
             raise ShardError(f"{queries_path}: positive id outside the corpus [0, {ds.num_docs})")
         if ds.negatives.size and (ds.negatives.min() < -1 or ds.negatives.max() >= ds.num_docs):
             raise ShardError(f"{queries_path}: negative id outside the corpus [0, {ds.num_docs}) and not -1")
+        if SCORES_FILE in ds.meta["files"]:
+            _check_scores(ds)
         out[name] = ds.num_queries
     return out
+
+
+def _check_scores(ds: ShardDataset) -> None:
+    path = ds.root / SCORES_FILE
+    try:
+        _open_arrow(path).validate(full=True)
+    except ShardError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid for structural problems
+        raise ShardError(f"{path}: Arrow validation failed ({exc})") from None
+    if not ds.has_scores:
+        raise ShardError(f"{path}: listed in the manifest's files but the dataset entry has no 'scores' record")
+    scores = ds.scores
+    empty = np.concatenate([np.zeros((ds.num_queries, 1), dtype=bool), ds.negatives < 0], axis=1)
+    bad = np.argwhere(np.isfinite(scores) == empty)
+    if bad.size:
+        i, c = (int(x) for x in bad[0])
+        what = "a score for an empty slot" if empty[i, c] else "no finite score"
+        raise ShardError(f"{path}: query row {i}, column {c}: {what} (NaN must mark exactly the empty slots)")

@@ -109,17 +109,21 @@ def test_negative_sampling_is_pure_and_fills_short_pools():
     pool = np.array([5, 6, 7, -1, -1])
     kw = dict(positive=0, n_docs=50, seed=1, epoch=2, dataset="d", query=9)
     a = sample_negatives(pool, 3, **kw)
-    assert sorted(a.tolist()) == [5, 6, 7] and np.array_equal(a, sample_negatives(pool, 3, **kw))
-    assert set(sample_negatives(pool, 5, **kw).tolist()) <= {5, 6, 7}
+    assert sorted(a.ids.tolist()) == [5, 6, 7] and np.array_equal(a.ids, sample_negatives(pool, 3, **kw).ids)
+    assert np.array_equal(pool[a.slots], a.ids)
+    short = sample_negatives(pool, 5, **kw)
+    assert set(short.ids.tolist()) <= {5, 6, 7} and np.array_equal(pool[short.slots], short.ids)
     empty = sample_negatives(np.array([-1, -1]), 4, **kw)
-    assert len(empty) == 4 and 0 not in empty.tolist() and empty.max() < 50
+    assert len(empty.ids) == 4 and 0 not in empty.ids.tolist() and empty.ids.max() < 50
+    assert empty.slots.tolist() == [-1] * 4
     # the positive listed among its own negatives is never drawn, in any epoch, with or without replacement
     with_positive = np.array([0, 5, 0, 6, -1])
     for epoch in range(20):
         draws = [sample_negatives(with_positive, n, **{**kw, "epoch": epoch}) for n in (2, 5)]
-        assert all(0 not in d.tolist() and set(d.tolist()) <= {5, 6} for d in draws)
+        assert all(0 not in d.ids.tolist() and set(d.ids.tolist()) <= {5, 6} for d in draws)
+        assert all(np.array_equal(with_positive[d.slots], d.ids) for d in draws)
     only_positive = sample_negatives(np.array([0, 0]), 3, **kw)  # nothing left: random documents, not the positive
-    assert len(only_positive) == 3 and 0 not in only_positive.tolist()
+    assert len(only_positive.ids) == 3 and 0 not in only_positive.ids.tolist() and (only_positive.slots == -1).all()
 
 
 def test_validation_split_by_query_and_lr_schedule():

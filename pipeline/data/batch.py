@@ -6,6 +6,8 @@ ends in the tokenizer's EOS (the pooled token for last-token pooling). ``dataset
 (see :mod:`pipeline.training.losses`). ``positive_ids`` are the positives' corpus ids (the in-batch loss masks a
 candidate that is the query's own positive document under another row); None when unknown (all distinct). B may
 be 0: a rank's share of a global batch smaller than the world size, which still takes part in every collective.
+With score distillation, ``teacher_scores[i]`` holds the teacher's scores of query i's positive (column 0) and of
+its negatives in batch order (column 1 + j), NaN where the teacher has none.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class ContrastiveBatch:
     n_neg: int
     dataset_type: str
     positive_ids: np.ndarray | None = None  # [B] int64 corpus ids of the positives
+    teacher_scores: np.ndarray | None = None  # [B, 1 + n_neg] float32, for loss.score_distill
 
     def __post_init__(self) -> None:
         if self.dataset_type not in DATASET_TYPES:
@@ -45,6 +48,9 @@ class ContrastiveBatch:
             raise ValueError(
                 f"ContrastiveBatch: expected {len(self.queries)} * {self.n_neg} negatives, got {len(self.negatives)}"
             )
+        if self.teacher_scores is not None and self.teacher_scores.shape != (len(self.queries), 1 + self.n_neg):
+            raise ValueError(f"ContrastiveBatch: teacher_scores of shape {self.teacher_scores.shape}, expected "
+                             f"({len(self.queries)}, {1 + self.n_neg})")
         for i, seq in enumerate(self.sequences()):
             if not isinstance(seq, np.ndarray) or seq.ndim != 1 or seq.size == 0:
                 raise ValueError(f"ContrastiveBatch: sequence {i} is not a non-empty 1-D numpy array")

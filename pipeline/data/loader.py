@@ -22,7 +22,7 @@ from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
 from pipeline.resilience.preemption import ignore_stop_signals
 from pipeline.data.sampler import HomogeneousSchedule, batch_count, rank_share, sample_negatives, split_validation
-from pipeline.data.shard_format import MANIFEST, ShardError
+from pipeline.data.shard_format import CORPUS_FILE, MANIFEST, QUERIES_FILE, SCORES_FILE, ShardError
 from pipeline.data.shards import ShardDataset, ShardReader, identical_rows, read_manifest
 
 
@@ -36,6 +36,7 @@ class DataPlan:
     seed: int
     per_device_batch: int
     world_size: int
+    teacher_scores: bool = False  # batches carry the teacher scores of their candidates (loss.score_distill)
 
 
 def select_datasets(cfg: DataConfig, manifest: dict[str, Any]) -> list[str]:
@@ -64,14 +65,17 @@ def node_share() -> tuple[int, int]:
     return local_rank, local_size
 
 
-def check_data(cfg: DataConfig, tokenizer: Any | None = None, *, verify: bool | None = None) -> ShardReader:
+def check_data(
+    cfg: DataConfig, tokenizer: Any | None = None, *, verify: bool | None = None, scores: bool = False
+) -> ShardReader:
     """Check the shard directory before training, cheapest first; raises ShardError with a one-line message.
 
     1. ``data.shards`` is set, the directory and its manifest exist and parse (format, version, entries);
     2. every dataset of ``data.datasets`` is in the shards;
     3. every file of those datasets exists with the manifest's size (``stat``: a truncated file is caught here);
     4. `tokenizer` (when given) is the one the shards were built with;
-    5. when ``verify`` (default ``data.verify_checksums``) every file's sha256 matches the manifest. The ranks of a
+    5. when `scores` (``loss.score_distill``), every dataset has fitting teacher scores (:func:`check_teacher_scores`);
+    6. when ``verify`` (default ``data.verify_checksums``) every file's sha256 matches the manifest. The ranks of a
        node split the files between them (:func:`node_share`), so hashing costs about total size / (local ranks x
        ~1 GiB/s); a rank that finds a bad file exits and the launcher stops the others.
     Returns the opened reader.
@@ -82,10 +86,32 @@ def check_data(cfg: DataConfig, tokenizer: Any | None = None, *, verify: bool | 
     reader = ShardReader(cfg.shards, datasets=names)
     if tokenizer is not None:
         reader.check_tokenizer(tokenizer)
+    if scores:
+        check_teacher_scores(reader, names)
     if cfg.verify_checksums if verify is None else verify:
         part, parts = node_share()
         reader.verify_checksums(names, part=part, parts=parts)
     return reader
+
+
+def check_teacher_scores(reader: ShardReader, names: list[str]) -> None:
+    """``loss.score_distill``: every dataset of `names` has teacher scores written by `preprocess score` for the
+    queries and corpus it holds now, [n_queries, 1 + K] float32. ShardError naming the key and the dataset (at start
+    and at ``--check``: both call :func:`check_data`)."""
+    for name in names:
+        ds = reader[name]
+        if not ds.has_scores:
+            raise ShardError(f"loss.score_distill: {ds.root} has no teacher scores; run `python -m preprocess score "
+                             f"{reader.root} --teacher MODEL_DIR` first")
+        key, files = ds.meta["scores"].get("key") or {}, ds.meta["files"]
+        if (key.get("queries_sha256"), key.get("corpus_sha256")) != (files[QUERIES_FILE]["sha256"],
+                                                                      files[CORPUS_FILE]["sha256"]):
+            raise ShardError(f"loss.score_distill: {ds.root / SCORES_FILE}: scored for other queries or another corpus "
+                             f"than the dataset holds; rerun `python -m preprocess score {reader.root}`")
+        try:
+            _ = ds.scores  # opens the table: its shape must fit the queries and pools
+        except ShardError as exc:
+            raise ShardError(f"loss.score_distill: {exc}") from None
 
 
 def negatives_per_dataset(reader: ShardReader, names: list[str], loss: LossConfig) -> dict[str, int]:
@@ -107,22 +133,35 @@ def negatives_per_dataset(reader: ShardReader, names: list[str], loss: LossConfi
 
 
 def build_batch(
-    ds: ShardDataset, query_ids: np.ndarray, n_neg: int, *, seed: int, epoch: int
+    ds: ShardDataset, query_ids: np.ndarray, n_neg: int, *, seed: int, epoch: int, teacher_scores: bool = False
 ) -> ContrastiveBatch:
     """Token arrays (copied out of the map) of the given queries (none: an empty batch), their positives with
-    their corpus ids, and sampled negatives."""
+    their corpus ids, and sampled negatives; with `teacher_scores`, the teacher's scores of exactly those candidates
+    (:func:`candidate_scores`)."""
     query_ids = np.asarray(query_ids, dtype=np.int64)
     queries = [np.array(ds.queries[int(q)]) for q in query_ids]
     pos_ids = np.array(ds.positives[query_ids], dtype=np.int64)
     positives = [np.array(ds.corpus[int(p)]) for p in pos_ids]
-    negatives = []
+    negatives, slots = [], []
     for q, p in zip(query_ids, pos_ids):
         picks = sample_negatives(
             ds.negatives[int(q)], n_neg, positive=int(p), n_docs=ds.num_docs, seed=seed, epoch=epoch,
             dataset=ds.name, query=int(q),
         )
-        negatives.extend(np.array(ds.corpus[int(j)]) for j in picks)
-    return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type, positive_ids=pos_ids)
+        negatives.extend(np.array(ds.corpus[int(j)]) for j in picks.ids)
+        slots.append(picks.slots)
+    scores = None
+    if teacher_scores:
+        picked = np.stack(slots) if slots else np.zeros((0, n_neg), dtype=np.int64)
+        scores = candidate_scores(ds.scores[query_ids], picked)
+    return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type, positive_ids=pos_ids, teacher_scores=scores)
+
+
+def candidate_scores(rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """[B, 1 + n_neg] float32: each query's teacher score of its positive (column 0 of its score row), then of each
+    sampled negative (column 1 + slot), NaN for a negative that is not from the pool (slot -1)."""
+    picked = np.where(slots >= 0, np.take_along_axis(rows[:, 1:], np.maximum(slots, 0), axis=1), np.nan)
+    return np.concatenate([rows[:, :1], picked], axis=1).astype(np.float32)
 
 
 def rank_batch(
@@ -133,6 +172,7 @@ def rank_batch(
     ids = schedule.rank_slice(global_batch, rank, plan.world_size)
     return global_batch.dataset, build_batch(
         reader[global_batch.dataset], ids, plan.n_neg[global_batch.dataset], seed=plan.seed, epoch=epoch,
+        teacher_scores=plan.teacher_scores,
     )
 
 
@@ -185,6 +225,7 @@ class TrainData:
             seed=seed,
             per_device_batch=per_device_batch,
             world_size=world_size,
+            teacher_scores=loss.score_distill is not None,
         )
         self.schedule = HomogeneousSchedule(
             self.train_ids, per_device_batch * world_size, seed, cfg.sampling_temperature, drop_last=cfg.drop_last
@@ -226,7 +267,8 @@ class TrainData:
             ids = self.val_ids[name]
             for s in range(self.validation_steps(name)):
                 mine = rank_share(ids[s * global_batch : (s + 1) * global_batch], self.rank, world)
-                yield name, build_batch(self.reader[name], mine, self.plan.n_neg[name], seed=self.plan.seed, epoch=0)
+                yield name, build_batch(self.reader[name], mine, self.plan.n_neg[name], seed=self.plan.seed, epoch=0,
+                                        teacher_scores=self.plan.teacher_scores)
 
 
 def _identity(item: tuple[str, ContrastiveBatch]) -> tuple[str, ContrastiveBatch]:

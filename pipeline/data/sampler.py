@@ -156,26 +156,36 @@ class HomogeneousSchedule:
         return rank_share(batch.query_ids, rank, world_size)
 
 
+@dataclass(frozen=True)
+class NegativePicks:
+    """The negatives a query gets at one step: corpus ids, and for each the pool slot it was taken from (-1 for a
+    random corpus document, when the pool is empty). ``pool[slots] == ids`` wherever ``slots >= 0``; the slots
+    select the matching teacher scores (column 1 + slot of the dataset's scores, :mod:`pipeline.data.shard_format`)."""
+
+    ids: np.ndarray  # [n_neg] int64 corpus ids
+    slots: np.ndarray  # [n_neg] int64 indices into the pool row, -1 = not from the pool
+
+
 def sample_negatives(
     pool: np.ndarray, n_neg: int, *, positive: int, n_docs: int, seed: int, epoch: int, dataset: str, query: int
-) -> np.ndarray:
-    """`n_neg` hard-negative corpus ids for one query, a pure function of (seed, epoch, dataset, query).
+) -> NegativePicks:
+    """`n_neg` hard negatives for one query, a pure function of (seed, epoch, dataset, query).
 
     `pool` is the query's row of negative ids (-1 = empty slot). The positive's own id is never a negative (a pool
-    that lists it - e.g. the same document mined for a query with several positives - has it removed before the
-    draw). Without replacement when the pool is large enough, with replacement when it has fewer valid ids than
-    `n_neg`, and random corpus documents other than the positive when it has none (so every query of a batch gets
-    the same number of negatives).
+    that lists it - e.g. the same document mined for a query with several positives - has that slot left out of the
+    draw). Slots are drawn without replacement when the pool has at least `n_neg` valid ones, with replacement when
+    it has fewer, and random corpus documents other than the positive are taken when it has none (so every query of
+    a batch gets the same number of negatives).
     """
     if n_neg == 0:
-        return np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        return NegativePicks(empty, empty)
     rng = np.random.default_rng([seed, epoch, _key(dataset), query, 7])
-    valid = pool[(pool >= 0) & (pool != positive)]
-    if len(valid) >= n_neg:
-        return rng.choice(valid, size=n_neg, replace=False)
+    valid = np.flatnonzero((pool >= 0) & (pool != positive))
     if len(valid) > 0:
-        return rng.choice(valid, size=n_neg, replace=True)
+        slots = rng.choice(valid, size=n_neg, replace=len(valid) < n_neg).astype(np.int64)
+        return NegativePicks(pool[slots].astype(np.int64), slots)
     if n_docs <= 1:
         raise ValueError(f"dataset {dataset}: query {query} has no hard negatives and the corpus has one document")
     picks = rng.integers(0, n_docs - 1, size=n_neg)
-    return picks + (picks >= positive)  # skip the positive
+    return NegativePicks((picks + (picks >= positive)).astype(np.int64), np.full(n_neg, -1, dtype=np.int64))

@@ -18,6 +18,17 @@ buffer that the reader memory-maps without copying:
 uintX is uint16 when every token id fits (vocabulary <= 65536), else uint32. K, the widest negative list of the
 dataset, is in the schema metadata (`num_negatives`), since Arrow has no fixed-size list of size 0.
 Every sequence is truncated to `max_len` tokens and ends with the EOS id, also when truncated.
+
+Teacher scores (optional, written by `preprocess score` into a built directory; score distillation reads them):
+
+    OUT/<dataset>/scores.arrow        scores  fixed_size_list<float32>[1 + K]   one row per query row
+
+Row i holds the teacher's score of (query i, its positive) in column 0 and of (query i, negative slot j) in column
+1 + j, NaN where slot j is empty (-1). The file is listed in the dataset's ``files`` like the two tables (size and
+sha256, so the reader's checks cover it), and the dataset entry (``dataset.json`` and the manifest) gains
+``scores``: the teacher's identity (``name_or_path``, ``kind`` biencoder/crossencoder, ``sha256`` over its files),
+how it read the texts (``input``), ``max_len``, and ``key``, what the scores depend on (teacher hash, kind, max_len,
+sha256 of queries.arrow and corpus.arrow). A rebuilt dataset has a new directory and so no stale scores.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ MANIFEST = "manifest.json"
 DATASET_META = "dataset.json"
 CORPUS_FILE = "corpus.arrow"
 QUERIES_FILE = "queries.arrow"
+SCORES_FILE = "scores.arrow"
 DATASET_TYPES = ("retrieval", "classification", "clustering")
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 
@@ -59,6 +71,14 @@ def queries_schema(token_dtype: np.dtype, num_negatives: int, metadata: dict[str
             ("positive", pa.int64()),
             ("negatives", pa.list_(pa.int64(), max(num_negatives, 1))),
         ],
+        metadata={**metadata, "num_negatives": str(num_negatives)},
+    )
+
+
+def scores_schema(num_negatives: int, metadata: dict[str, str]) -> pa.Schema:
+    """Teacher scores of a dataset with K = `num_negatives` pool slots: one float32 row of 1 + K per query row."""
+    return pa.schema(
+        [("scores", pa.list_(pa.float32(), 1 + num_negatives))],
         metadata={**metadata, "num_negatives": str(num_negatives)},
     )
 

@@ -21,6 +21,7 @@ from pipeline.data.shard_format import (
     FORMAT_VERSION,
     MANIFEST,
     QUERIES_FILE,
+    SCORES_FILE,
     ShardError,
     sha256_file,
     tokenizer_fingerprint,
@@ -198,6 +199,35 @@ class ShardDataset:
         k = int((queries_table.schema.metadata or {}).get(b"num_negatives", width))
         flat = _numpy_view(neg_chunk.values, queries_path)
         self.negatives = flat.reshape(len(neg_chunk), width)[:, :k]
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether `preprocess score` recorded teacher scores for this dataset (manifest entry and file)."""
+        return isinstance(self.meta.get("scores"), dict) and SCORES_FILE in self.meta["files"]
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        """[n_queries, 1 + K] float32 teacher scores, memory-mapped: column 0 the positive, 1 + j negative slot j,
+        NaN for an empty slot (:mod:`pipeline.data.shard_format`). ShardError when there are none or the table does
+        not fit the queries."""
+        path = self.root / SCORES_FILE
+        if not self.has_scores:
+            raise ShardError(f"{self.root}: no teacher scores (run `python -m preprocess score {self.root.parent} "
+                             f"--teacher MODEL`)")
+        table = _open_arrow(path)
+        try:
+            column = table.column("scores")
+        except KeyError:
+            raise ShardError(f"{path}: no 'scores' column") from None
+        if column.num_chunks != 1:
+            raise ShardError(f"{path}: expected one record batch, found {column.num_chunks}")
+        chunk = column.chunk(0)
+        width = 1 + self.num_negatives
+        if not pa.types.is_fixed_size_list(chunk.type) or chunk.type.list_size != width or \
+                chunk.type.value_type != pa.float32() or len(chunk) != self.num_queries:
+            raise ShardError(f"{path}: expected {self.num_queries} rows of {width} float32 scores (1 + K negative "
+                             f"slots), found {len(chunk)} of {chunk.type}")
+        return _numpy_view(chunk.values, path).reshape(len(chunk), width)
 
     @property
     def type(self) -> str:

@@ -17,7 +17,8 @@ gathered positives receive gradient from all ranks; averaging the parameter grad
 it, and :class:`pipeline.training.backward.PlainBackward` without it) gives the gradient of the global mean loss
 (see :mod:`pipeline.training.losses`). With embedding distillation the teacher embeds the same chunks in step 1
 (no graph; its states are constants of the loss, so the gradient stays exact) and the student's cached states are
-its raw pooled states (the loss normalises them for the contrastive terms). How each backward reaches the gradients
+its raw pooled states (the loss normalises them for the contrastive terms). Teacher scores (score distillation)
+travel in the batch and are constants of the loss too. How each backward reaches the gradients
 (plain autograd, or DeepSpeed's accumulation boundary and coalesced reduction) is :mod:`pipeline.training.backward`;
 the caller runs the optimizer step.
 """
@@ -189,14 +190,21 @@ def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBa
     return _split(states, batch)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Steps
-# --------------------------------------------------------------------------------------------------------------
+def _teacher_scores(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
+    """The batch's teacher scores (``loss.score_distill``) as a constant tensor of the loss, or None."""
+    if batch.teacher_scores is None:
+        return None
+    return torch.as_tensor(batch.teacher_scores, dtype=torch.float32, device=device)
+
+
 def _positive_ids(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
     return None if batch.positive_ids is None else torch.as_tensor(batch.positive_ids, dtype=torch.int64,
                                                                     device=device)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
 def batch_loss(
     model: nn.Module, batch: ContrastiveBatch, loss_cfg: LossConfig, gc_cfg: GradCacheConfig, *,
     teacher: nn.Module | None = None,
@@ -211,7 +219,8 @@ def batch_loss(
     embeddings = _embed_without_grad(model, plan, device, raw=loss_cfg.distill is not None)
     with torch.no_grad():
         out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
-                               _teacher_states(teacher, plan, batch, device), _positive_ids(batch, device))
+                               _teacher_states(teacher, plan, batch, device), _positive_ids(batch, device),
+                               _teacher_scores(batch, device))
     return out
 
 
@@ -246,7 +255,7 @@ def cached_step(
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
     out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
-                           _positive_ids(batch, device))
+                           _positive_ids(batch, device), _teacher_scores(batch, device))
     total = out.total if loss_hook is None else loss_hook(out.total)
     total.backward()
     grad = cache.grad
@@ -306,7 +315,7 @@ def plain_step(
     else:  # no queries on this rank: the loss's gathers (and their backward) must still run
         e = empty
     out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
-                           _positive_ids(batch, device))
+                           _positive_ids(batch, device), _teacher_scores(batch, device))
     loss = out.total if loss_hook is None else loss_hook(out.total)
     backward.backward(loss if dummy is None else loss + dummy, last=True)
     backward.finish()

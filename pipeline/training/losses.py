@@ -23,12 +23,24 @@ differ between ranks, or be 0, in a dataset's last batch), G = sum of B_r over t
       L = sum_{n, dim} L(dim) / (n * sqrt(d / dim))
   Off: only dim = d, weight 1.
 - Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0])
-  (+ distill.weight * L_kd).
+  (+ distill.weight * L_kd + score_distill.weight * L_sd).
 - Distillation (F2LLM v2; ``loss.distill``): L_kd = sum over x in {query, positive, negatives} of
   mean over elements (s_x - t_x[..., :d])^2, s the student's and t the teacher's RAW pooled hidden states (before
   L2 normalisation; the teacher truncated to the student's width d and not re-normalised), as F2LLM computes it
   (F2LLM/utils.py, lines 206-208). Total += weight * L_kd. Nothing is gathered; the teacher's states are constants
   (computed without a graph, chunk by chunk, in GradCache's first pass), so the gradient stays exact.
+- Score distillation (``loss.score_distill``): the listwise distillation of RocketQAv2 (Ren et al. 2021, "RocketQAv2:
+  A Joint Training Method for Dense Passage Retrieval and Passage Re-ranking", dynamic listwise distillation) with a
+  fixed teacher, as FlagEmbedding's ``kd_loss`` and sentence-transformers' ``DistillKLDivLoss`` (arXiv 2010.11386)
+  compute it: over query i's candidates C_i = [p_i, n_i0 .. n_i(k-1)] (the negatives sampled at this step), with
+  t_ic the teacher's score from the shards (`preprocess score`) and s_ic = s(q_i, c) the cosine of the hard-negative
+  loss,
+      P_i = softmax_c(t_ic / T_t),  Q_i = softmax_c(s_ic / tau),  L_sd = mean_i KL(P_i || Q_i)
+                                                                      = mean_i sum_c P_ic (log P_ic - log Q_ic)
+  T_t = ``score_distill.teacher_temperature``, tau = ``loss.temperature``; full dimension only (no Matryoshka), no
+  false-negative mask (the teacher decides what a negative is worth). A candidate without a teacher score (NaN: a
+  random corpus document drawn for a query with an empty pool) is left out of both softmaxes; like every term, the
+  mean is over the step's G queries (below). Total += weight * L_sd. The teacher scores are constants of the loss, so GradCache stays exact.
 
 Gradient semantics across ranks. Write l_i for query i's objective (the sum above, one query's terms), S_r the sum
 of l_i over rank r's B_r queries, and L = (1 / G) sum_r S_r the global mean the step must minimise. DeepSpeed (like
@@ -57,7 +69,7 @@ from pipeline.config import LossConfig
 from pipeline.data.shard_format import DATASET_TYPES
 from pipeline.training.distributed import all_gather_rows, all_gather_with_grad, gather_sizes, rank
 
-PARTS = ("total", "in_batch", "hard_negative", "distill")  # the possible keys of LossOutput.sums
+PARTS = ("total", "in_batch", "hard_negative", "distill", "score_distill")  # the possible keys of LossOutput.sums
 
 
 def loss_type_problems(cfg: LossConfig) -> list[str]:
@@ -136,6 +148,14 @@ def in_batch_infonce(
     return F.cross_entropy(scores / temperature, labels, reduction=reduction)
 
 
+def candidate_scores(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, n_neg: int) -> torch.Tensor:
+    """[B, 1 + k] scores of query i against [p_i, n_i0 .. n_i(k-1)] (cosines for unit-length inputs).
+
+    q, p: [B, d]; n: [B * k, d] with query i's negatives at rows i*k .. i*k + k - 1."""
+    cands = torch.cat([p.unsqueeze(1), n.view(q.shape[0], n_neg, q.shape[-1])], dim=1)  # [B, 1 + k, d]
+    return torch.einsum("bd,bcd->bc", q, cands)
+
+
 def hard_negative_infonce(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -152,8 +172,7 @@ def hard_negative_infonce(
     over the B queries.
     """
     b = q.shape[0]
-    cands = torch.cat([p.unsqueeze(1), n.view(b, n_neg, q.shape[-1])], dim=1)  # [B, 1 + k, d]
-    scores = torch.einsum("bd,bcd->bc", q, cands)
+    scores = candidate_scores(q, p, n, n_neg)
     is_pos = torch.zeros_like(scores, dtype=torch.bool)
     is_pos[:, 0] = True
     scores = _mask_false_negatives(scores, scores[:, 0], is_pos, false_negative_margin)
@@ -192,6 +211,25 @@ def distillation_loss(
     return total
 
 
+def score_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """L_sd = mean_i KL(softmax(t_i / T_t) || softmax(s_i / tau)) (module docstring), candidates whose teacher score
+    is NaN left out of both distributions. student: [B, C] cosines; teacher: [B, C] scores (constants), column 0 the
+    positive, which must have a score. ``reduction="sum"``: the sum over the B queries instead of the mean."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"score distillation: student scores {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
+    teacher = teacher.detach().to(student.dtype)
+    known = torch.isfinite(teacher)
+    if not bool(known[:, 0].all()):
+        raise ValueError("score distillation: a positive has no finite teacher score (rescore the shards)")
+    log_p = torch.where(known, F.log_softmax((teacher / teacher_temperature).masked_fill(~known, -math.inf), -1), 0.0)
+    log_q = torch.where(known, F.log_softmax((student / temperature).masked_fill(~known, -math.inf), -1), 0.0)
+    per_query = (log_p.exp() * known * (log_p - log_q)).sum(-1)
+    return per_query.sum() if reduction == "sum" else per_query.mean()
+
+
 @dataclass
 class LossOutput:
     """The scalar to backpropagate and its parts, summed over this rank's queries.
@@ -219,6 +257,7 @@ def contrastive_loss(
     cfg: LossConfig,
     teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     positive_ids: torch.Tensor | None = None,
+    teacher_scores: torch.Tensor | None = None,
 ) -> LossOutput:
     """The F2LLM objective of this rank's local embeddings (gathers sizes, positives and their ids across ranks
     inside: every rank calls it once per step, with the same dataset_type, also with no queries).
@@ -226,7 +265,8 @@ def contrastive_loss(
     q, p: [B, d]; n: [B * n_neg, d] (may be empty when n_neg == 0). Inputs are re-normalised for the contrastive
     terms (cosine similarity); with ``cfg.distill``, `teacher` holds the teacher's (q, p, n) states and q, p, n must
     be the student's raw pooled states (not normalised), as the distillation term reads them. `positive_ids` [B]:
-    the positives' corpus ids (same-document in-batch candidates masked); None = all distinct, on every rank.
+    the positives' corpus ids (same-document in-batch candidates masked); None = all distinct, on every rank. With
+    ``cfg.score_distill``, `teacher_scores` [B, 1 + n_neg] holds the teacher's scores of each query's candidates.
     """
     if q.shape != p.shape:
         raise ValueError(f"contrastive_loss: queries {tuple(q.shape)} vs positives {tuple(p.shape)}")
@@ -277,5 +317,13 @@ def contrastive_loss(
         l_kd = distillation_loss((q, p, n), teacher, reduction="sum")
         objective = objective + cfg.distill.weight * l_kd
         sums["distill"] = l_kd.detach()
+    if cfg.score_distill is not None:
+        if teacher_scores is None:
+            raise ValueError("contrastive_loss: loss.score_distill is set but the batch carries no teacher scores")
+        student_scores = candidate_scores(truncate(q, hidden), truncate(p, hidden), truncate(n, hidden), n_neg)
+        l_sd = score_distillation_loss(student_scores, teacher_scores, cfg.temperature,
+                                       cfg.score_distill.teacher_temperature, reduction="sum")
+        objective = objective + cfg.score_distill.weight * l_sd
+        sums["score_distill"] = l_sd.detach()
     sums["total"] = objective.detach()
     return LossOutput(objective * scale, {k: float(v) for k, v in sums.items()}, q.shape[0])

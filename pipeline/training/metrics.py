@@ -135,7 +135,7 @@ def step_values(
     world_size: int,
 ) -> dict[str, Any]:
     """The record of one logged training step: loss (overall, per dataset, per part - means over all ranks' queries;
-    the distillation part also per dataset), the step's queries, lr, gradient norm,
+    the distillation parts also per dataset), the step's queries, lr, gradient norm,
     throughput, padding efficiency, chunks; on CUDA the peak memory and the MFU, on CPU the peak RSS."""
     values: dict[str, Any] = {
         "loss": stats.loss,
@@ -149,8 +149,9 @@ def step_values(
         "padding_efficiency": stats.padding_efficiency,
         "chunks": stats.chunks_run,
     }
-    if "distill" in stats.parts:
-        values[f"distill/{dataset}"] = stats.parts["distill"]
+    for part in ("distill", "score_distill"):
+        if part in stats.parts:
+            values[f"{part}/{dataset}"] = stats.parts[part]
     if device.type == "cuda":
         values["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         mean_len = stats.real_tokens / max(stats.sequences, 1)

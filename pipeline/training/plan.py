@@ -165,6 +165,7 @@ class RunPlan:
     output_dir: str
     resume: str  # what the run starts from
     merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N>
+    score_distill: str = "off"  # loss.score_distill: the teachers whose scores the trained datasets hold
 
 
 @dataclass
@@ -263,6 +264,10 @@ def value_problems(cfg: Config) -> list[Problem]:
         ("loss.temperature", lo.temperature > 0, f"must be > 0, got {lo.temperature}"),
         ("loss.distill.weight", lo.distill is None or lo.distill.weight > 0,
          f"must be > 0, got {lo.distill.weight if lo.distill else None}"),
+        ("loss.score_distill.weight", lo.score_distill is None or lo.score_distill.weight > 0,
+         f"must be > 0, got {lo.score_distill.weight if lo.score_distill else None}"),
+        ("loss.score_distill.teacher_temperature", lo.score_distill is None or lo.score_distill.teacher_temperature > 0,
+         f"must be > 0, got {lo.score_distill.teacher_temperature if lo.score_distill else None}"),
         ("gradcache.chunk_tokens", g.chunk_tokens in (None, "auto") or g.chunk_tokens >= 1,
          f"must be >= 1, auto or null, got {g.chunk_tokens}"),
         ("gradcache.chunk_size", g.chunk_size is None or g.chunk_size >= 1,
@@ -434,7 +439,7 @@ def check_data_plan(
     from pipeline.training.gradcache import step_chunks
 
     try:
-        check_data(cfg.data, tokenizer)
+        check_data(cfg.data, tokenizer, scores=cfg.loss.score_distill is not None)
         data = TrainData(cfg.data, cfg.loss, seed=cfg.train.seed, per_device_batch=cfg.train.per_device_batch_size,
                          world_size=world, rank=0, verify=False)
     except ShardError as exc:
@@ -504,6 +509,21 @@ def check_teacher(cfg: Config) -> None:
         check_teacher_tokenizer(cfg.loss.distill, read_manifest(cfg.data.shards)["tokenizer"])
     except ValueError as exc:
         raise _Stop(Problem.from_message(str(exc))) from None
+
+
+def describe_score_distill(cfg: Config, datasets: list[DatasetPlan]) -> str:
+    """``loss.score_distill`` in the plan: its settings and the teacher(s) whose scores the trained datasets hold (as
+    recorded by `preprocess score`; :func:`pipeline.data.loader.check_teacher_scores` has checked they exist)."""
+    from pipeline.data.shards import read_manifest
+
+    sd = cfg.loss.score_distill
+    if sd is None:
+        return "off"
+    entries = read_manifest(cfg.data.shards)["datasets"]
+    owners = [entries[d.name]["scores"]["teacher"] for d in datasets]
+    teachers = sorted({f"{t['name_or_path']} ({t['kind']})" for t in owners})
+    return (f"weight {sd.weight:g}, teacher temperature {sd.teacher_temperature:g}, student temperature "
+            f"{cfg.loss.temperature:g}; scores of {', '.join(teachers)}")
 
 
 def resume_checkpoint(cfg: Config, resume: str | None = None, *, world_size: int = 1, force: bool = False,
@@ -622,6 +642,7 @@ def check_run(
         gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
         shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
         resume=start, merge_steps=EveryInLast(t.merge_every, t.merge_window, total).planned(),
+        score_distill=describe_score_distill(cfg, datasets),
     )
     return report
 
@@ -684,6 +705,7 @@ def format_plan(plan: RunPlan) -> str:
         f"{'on' if m.gradient_checkpointing else 'off'}",
         f"  kernels            {m.kernels}; layers {'compiled (torch.compile per layer)' if m.compile else 'eager'}",
         f"  precision          {precision}",
+        f"  score distillation {plan.score_distill}",
         f"  deepspeed          {ds.path}: ZeRO stage {ds.zero_stage}, {ds.offload}",
         f"  shards             {plan.shards} (sizes checked, "
         f"{'sha256 verified' if plan.verify_checksums else 'sha256 not verified: data.verify_checksums false'})",

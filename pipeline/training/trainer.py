@@ -156,7 +156,7 @@ class Trainer:
         # Input checks before any process group or model exists (one-line errors): shard directory, manifest,
         # datasets, file sizes, tokenizer, then checksums (pipeline.data.loader.check_data).
         self.tokenizer = load_tokenizer_for(cfg.model)
-        shards = check_data(cfg.data, self.tokenizer)
+        shards = check_data(cfg.data, self.tokenizer, scores=cfg.loss.score_distill is not None)
         if cfg.loss.distill is not None:
             check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"])
         # The run identity (what fixes the data stream and the math) goes into every checkpoint; --resume from a
