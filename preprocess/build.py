@@ -1,15 +1,34 @@
 """`preprocess build`: raw datasets -> memory-mapped token shards (layout in :mod:`pipeline.data.shard_format`).
 
-Per dataset: read and validate rows (bad rows skipped and counted by reason), optionally subsample to
-``max_rows`` (seeded), deduplicate positives and negatives into one corpus with dense integer ids, tokenize queries
-(instruction template applied) and corpus in worker processes, write the two Arrow tables into a temporary
-directory, checksum them, write ``dataset.json`` last and rename the directory into place. ``manifest.json`` is
-written atomically once every dataset is done. A re-run skips every dataset whose ``dataset.json`` matches the
-requested build and whose files still match their checksums, so an interrupted build resumes where it stopped.
+Per dataset, streaming the input (parquet row batches, JSONL lines) so that memory does not grow with its size:
+
+0. only with ``max_rows``: one pass counts the usable rows, then ``max_rows`` of them are chosen uniformly with a
+   RNG seeded by (seed, dataset name) (original order kept);
+1. a pass reads and validates every row (bad rows skipped and counted by reason) and feeds the 128-bit
+   ``blake2b(text, digest_size=16)`` of each row's positive and negatives, in order, to
+   :class:`preprocess.dedup.ExternalDedup`, which numbers distinct documents by first appearance on disk;
+2. a second pass tokenizes (worker processes) each query (instruction template applied) and each document at its
+   first appearance, and streams both tables into Arrow files of bounded size
+   (:class:`preprocess.shard_writer.TableWriter`: ``corpus-00000.arrow``, ..., ``queries-00000.arrow``, ...).
+
+The result is identical to numbering documents with a dict of their texts (two different texts sharing a 128-bit
+hash, probability ~n^2 / 2^129, would share a corpus id). The files are checksummed, ``dataset.json`` is written
+last and the directory renamed into place. ``manifest.json`` is written atomically once every dataset is done. A
+re-run skips every dataset whose ``dataset.json`` matches the requested build and whose files still match their
+checksums, so an interrupted build resumes where it stopped.
+
+Parts (``num_parts`` N > 1, ``part`` I): the build keeps only the rows whose query text hashes to I
+(:func:`part_of`) after subsampling, and also writes, per dataset, ``part-rows.i64`` (each kept row's index in the
+whole input, int64) and ``part-doc-keys.u64`` (each corpus document's 128-bit text hash, 2 x uint64), from which
+:mod:`preprocess.merge` rebuilds exactly the single build's order and ids.
+
+Memory: one batch of rows and texts (``batch_rows``), one table buffer per table (64 MiB), the dedup bitmap (2 bits
+per document occurrence) and one dedup bucket; nothing per row or per document is held.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -17,31 +36,34 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.logs import log
 from pipeline.data.shard_format import (
-    CORPUS_FILE,
+    CORPUS,
     DATASET_META,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
-    QUERIES_FILE,
+    QUERIES,
     ShardError,
-    corpus_schema,
-    queries_schema,
     sha256_file,
     tokenizer_fingerprint,
     write_json_atomic,
 )
-from pipeline.data.raw import RawRow, RawStats, discover, group_rows, read_rows
+from pipeline.data.raw import RawRow, RawStats, discover, read_rows
 from pipeline.data.registry import DatasetSpec, Registry, load_registry
 from pipeline.data.tokenization import MIN_MAX_LEN, encode_spec, load_tokenizer
-from preprocess.tokenization import TokenSink, Tokenizer, token_list_array, write_backend
+from preprocess.dedup import ExternalDedup
+from preprocess.shard_writer import TableWriter
+from preprocess.tokenization import Tokenizer, write_backend
+
+PART_ROWS = "part-rows.i64"
+PART_DOC_KEYS = "part-doc-keys.u64"
+GIB = 1 << 30
 
 
 class BuildError(ValueError):
@@ -60,6 +82,10 @@ class BuildOptions:
     seed: int = 0
     overwrite: bool = False
     default_type: str | None = None
+    max_file_gb: float = 4.0
+    num_parts: int = 1
+    part: int = 0
+    batch_rows: int = 8192
 
 
 @dataclass
@@ -82,31 +108,64 @@ def _files_match(root: Path, files: dict[str, Any]) -> bool:
     return True
 
 
-def _write_table(path: Path, schema: pa.Schema, columns: list[pa.Array]) -> None:
-    batch = pa.RecordBatch.from_arrays(columns, schema=schema)
-    with pa.OSFile(str(path), "wb") as sink:
-        with pa.ipc.new_file(sink, schema) as writer:
-            writer.write_batch(batch)
+def text_keys(texts: list[str]) -> np.ndarray:
+    """[n, 2] uint64: the 128-bit blake2b hash of each text's UTF-8 bytes (the dedup key of documents)."""
+    if not texts:
+        return np.zeros((0, 2), dtype=np.uint64)
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
+    return np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
 
 
-def _subsample(rows: list[RawRow], limit: int | None, seed: int, name: str) -> list[RawRow]:
-    """Keep `limit` rows chosen uniformly with a RNG seeded by (seed, dataset name); original order kept."""
-    if limit is None or len(rows) <= limit:
-        return rows
+def part_of(query: str, num_parts: int) -> int:
+    """The part a row belongs to: its query text's 64-bit blake2b hash modulo `num_parts` (stable everywhere)."""
+    digest = hashlib.blake2b(query.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_parts
+
+
+def _subsample_keep(valid: int, limit: int | None, seed: int, name: str) -> np.ndarray | None:
+    """Sorted indices (among the usable rows) of the `limit` rows kept, chosen uniformly with a RNG seeded by
+    (seed, dataset name); None when all are kept."""
+    if limit is None or valid <= limit:
+        return None
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-    keep = np.sort(rng.choice(len(rows), size=limit, replace=False))
-    return [rows[i] for i in keep]
+    return np.sort(rng.choice(valid, size=limit, replace=False))
 
 
-def _tokenize_into(
-    texts: list[str], tokenizer: Tokenizer, sink: TokenSink, bar: tqdm, started: float, tokens_before: int
-) -> tuple[np.ndarray, np.ndarray]:
-    for values, lengths in tokenizer.encode(texts):
-        sink.add(values, lengths)
-        bar.update(len(lengths))
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(tok_s=f"{(tokens_before + sink.tokens) / elapsed:,.0f}", refresh=False)
-    return sink.finish()
+def _batches(rows: Iterator[tuple[int, RawRow]], size: int) -> Iterator[list[tuple[int, RawRow]]]:
+    batch: list[tuple[int, RawRow]] = []
+    for item in rows:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress(batches: Iterator[list[Any]], desc: str) -> Iterator[list[Any]]:
+    """`batches` with a rows bar, opened at the first batch (an unreadable file fails before any bar is drawn)."""
+    bar: tqdm | None = None
+    try:
+        for batch in batches:
+            if bar is None:
+                bar = tqdm(desc=desc, unit="row", dynamic_ncols=True)
+            yield batch
+            bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` concatenated, and their lengths."""
+    values: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    for v, n in tokenizer.encode(texts):
+        values.append(v.astype(dtype, copy=False))
+        lengths.append(n.astype(np.int64))
+    if not values:
+        return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+    return np.concatenate(values), np.concatenate(lengths)
 
 
 class ShardBuilder:
@@ -118,6 +177,10 @@ class ShardBuilder:
             raise BuildError(f"--max-len: must be at least {MIN_MAX_LEN}, got {options.max_len}")
         if options.max_rows_per_dataset is not None and options.max_rows_per_dataset < 1:
             raise BuildError(f"--max-rows-per-dataset: must be positive, got {options.max_rows_per_dataset}")
+        if not options.max_file_gb > 0:
+            raise BuildError(f"--max-file-gb: must be positive, got {options.max_file_gb}")
+        if options.num_parts < 1 or not 0 <= options.part < options.num_parts:
+            raise BuildError(f"--part {options.part} --num-parts {options.num_parts}: need 0 <= part < num-parts")
         self.out = Path(options.out)
         self.sources = discover(options.raw)
         self.registry: Registry = load_registry(options.registry)
@@ -177,6 +240,7 @@ class ShardBuilder:
             "source": {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "max_rows": self.opts.max_rows_per_dataset,
             "seed": self.opts.seed,
+            **({"part": [self.opts.part, self.opts.num_parts]} if self.opts.num_parts > 1 else {}),
         }
 
     def _reusable(self, spec: DatasetSpec, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,51 +256,93 @@ class ShardBuilder:
         return meta
 
     # ---------------------------------------------------------------------------------------------------------
+    def _rows(self, source: Path, stats: RawStats, keep: np.ndarray | None) -> Iterator[tuple[int, RawRow]]:
+        """(index among the kept rows, row) of the rows this build keeps: subsampled, then this part's only."""
+        parts, part = self.opts.num_parts, self.opts.part
+        j = 0
+        for i, row in enumerate(read_rows(source, stats)):
+            if keep is not None:
+                if j >= len(keep) or keep[j] != i:
+                    continue
+            index = j
+            j += 1
+            if parts > 1 and part_of(row.query, parts) != part:
+                continue
+            yield index, row
+
     def _build_one(self, spec: DatasetSpec, source: Path, key: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
-        stats = RawStats()
-        rows = list(read_rows(source, stats))
-        valid = len(rows)
-        rows = _subsample(rows, self.opts.max_rows_per_dataset, self.opts.seed, spec.name)
-        if not rows:
-            raise BuildError(
-                f"{source}: no usable rows ({stats.raw_rows} read, skipped: "
-                f"{dict(stats.skipped) or 'none'})"
-            )
-        grouped = group_rows(rows)
-        del rows
-        docs, positives, negatives = grouped.docs, grouped.row_positive, grouped.row_negatives
-        formatted = [self.registry.format_query(spec, q) for q in grouped.queries]
-        queries = [formatted[q] for q in grouped.row_query]
+        keep = None
+        if self.opts.max_rows_per_dataset is not None:
+            counted = RawStats()
+            for _ in _progress(_batches(enumerate(read_rows(source, counted)), self.opts.batch_rows),
+                               f"{spec.name} (count)"):
+                pass
+            keep = _subsample_keep(counted.rows, self.opts.max_rows_per_dataset, self.opts.seed, spec.name)
 
         tmp = self.out / f".tmp-{spec.name}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        dedup = ExternalDedup(tmp / "dedup")
+        stats = RawStats()
+        width = 0
+        n_rows = 0
+        for batch in _progress(_batches(self._rows(source, stats, keep), self.opts.batch_rows), f"{spec.name} (hash)"):
+            texts = [t for _, row in batch for t in (row.positive, *row.negatives)]
+            dedup.add(text_keys(texts))
+            width = max(width, max(len(row.negatives) for _, row in batch))
+            n_rows += len(batch)
+        valid = stats.rows
+        kept = valid if keep is None else len(keep)
+        if valid == 0 or (n_rows == 0 and self.opts.num_parts == 1):
+            shutil.rmtree(tmp)
+            raise BuildError(
+                f"{source}: no usable rows ({stats.raw_rows} read, skipped: {dict(stats.skipped) or 'none'})"
+            )
+        n_docs = dedup.finish()
+
         metadata = {"dataset": spec.name, "format_version": str(FORMAT_VERSION)}
+        limit = max(int(self.opts.max_file_gb * GIB), 1)
+        corpus = TableWriter(tmp, CORPUS, self.token_dtype, metadata, max_file_bytes=limit)
+        queries = TableWriter(tmp, QUERIES, self.token_dtype, metadata, max_file_bytes=limit, num_negatives=width)
+        parted = self.opts.num_parts > 1
+        part_rows = open(tmp / PART_ROWS, "wb") if parted else None
+        part_keys = open(tmp / PART_DOC_KEYS, "wb") if parted else None
+        at_max = {"queries": 0, "docs": 0}
         started = time.perf_counter()
-        with tqdm(total=len(queries) + len(docs), unit="seq", desc=f"{spec.name}", dynamic_ncols=True) as bar:
-            q_values, q_offsets = _tokenize_into(
-                queries, tokenizer, TokenSink(tmp / "queries.tokens.tmp", self.token_dtype.name), bar, started, 0
-            )
-            q_tokens = int(q_offsets[-1])
-            d_values, d_offsets = _tokenize_into(
-                docs, tokenizer, TokenSink(tmp / "corpus.tokens.tmp", self.token_dtype.name), bar, started, q_tokens
-            )
-        _write_table(
-            tmp / CORPUS_FILE, corpus_schema(self.token_dtype, metadata), [token_list_array(d_values, d_offsets)]
-        )
-        width = negatives.shape[1]
-        padded = negatives if width else np.full((len(queries), 1), -1, dtype=np.int64)
-        neg_array = pa.FixedSizeListArray.from_arrays(pa.array(padded.reshape(-1)), max(width, 1))
-        _write_table(
-            tmp / QUERIES_FILE,
-            queries_schema(self.token_dtype, width, metadata),
-            [token_list_array(q_values, q_offsets), pa.array(positives), neg_array],
-        )
-        del d_values, q_values
-        for scratch in tmp.glob("*.tokens.tmp"):
-            scratch.unlink()
-        q_len, d_len = np.diff(q_offsets), np.diff(d_offsets)
+        with tqdm(total=n_rows + n_docs, unit="seq", desc=f"{spec.name}", dynamic_ncols=True) as bar:
+            for batch in _batches(self._rows(source, RawStats(), keep), self.opts.batch_rows):
+                rows = [row for _, row in batch]
+                counts = np.fromiter((1 + len(r.negatives) for r in rows), dtype=np.int64, count=len(rows))
+                ids, new = dedup.take(int(counts.sum()))
+                texts = [t for r in rows for t in (r.positive, *r.negatives)]
+                fresh = [t for t, is_new in zip(texts, new.tolist()) if is_new]
+                d_values, d_lengths = _encode(tokenizer, fresh, self.token_dtype)
+                corpus.add(d_values, d_lengths)
+                if part_keys is not None:
+                    part_keys.write(text_keys(fresh).tobytes())
+                starts = np.zeros(len(rows), dtype=np.int64)
+                np.cumsum(counts[:-1], out=starts[1:])
+                negatives = np.full((len(rows), width), -1, dtype=np.int64)
+                for i, (s0, k) in enumerate(zip(starts.tolist(), counts.tolist())):
+                    negatives[i, : k - 1] = ids[s0 + 1 : s0 + k]
+                q_values, q_lengths = _encode(
+                    tokenizer, [self.registry.format_query(spec, r.query) for r in rows], self.token_dtype
+                )
+                queries.add(q_values, q_lengths, ids[starts], negatives)
+                if part_rows is not None:
+                    part_rows.write(np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch)).tobytes())
+                at_max["queries"] += int((q_lengths >= self.opts.max_len).sum())
+                at_max["docs"] += int((d_lengths >= self.opts.max_len).sum())
+                bar.update(len(rows) + len(fresh))
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(tok_s=f"{(corpus.tokens + queries.tokens) / elapsed:,.0f}", refresh=False)
+        names = corpus.close() + queries.close()
+        for handle in (part_rows, part_keys):
+            if handle is not None:
+                handle.close()
+                names.append(Path(handle.name).name)
+        shutil.rmtree(tmp / "dedup")
         meta = {
             "name": spec.name,
             "type": spec.type,
@@ -246,16 +352,16 @@ class ShardBuilder:
             "counts": {
                 "raw_rows": stats.raw_rows,
                 "valid_rows": valid,
-                "queries": len(queries),
-                "subsampled_out": valid - len(queries),
-                "corpus_docs": len(docs),
-                "query_tokens": q_tokens,
-                "corpus_tokens": int(d_offsets[-1]),
-                "queries_at_max_len": int((q_len >= self.opts.max_len).sum()),
-                "docs_at_max_len": int((d_len >= self.opts.max_len).sum()),
+                "queries": queries.rows,
+                "subsampled_out": valid - kept,
+                "corpus_docs": corpus.rows,
+                "query_tokens": queries.tokens,
+                "corpus_tokens": corpus.tokens,
+                "queries_at_max_len": at_max["queries"],
+                "docs_at_max_len": at_max["docs"],
                 "skipped": dict(sorted(stats.skipped.items())),
             },
-            "files": {name: _file_entry(tmp / name) for name in (CORPUS_FILE, QUERIES_FILE)},
+            "files": {name: _file_entry(tmp / name) for name in names},
             "tokenizer": self.fingerprint,
             "max_len": self.opts.max_len,
             "build_key": key,
@@ -302,6 +408,7 @@ class ShardBuilder:
             "pad_id": self.pad_id,
             "token_dtype": self.token_dtype.name,
             "query_template": self.registry.query_template,
+            **({"part": {"index": self.opts.part, "count": self.opts.num_parts}} if self.opts.num_parts > 1 else {}),
             "datasets": {
                 r.name: {k: v for k, v in r.meta.items() if k not in ("tokenizer", "max_len")} for r in results
             },

@@ -52,13 +52,14 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.data.shard_format import (
-    CORPUS_FILE,
+    CORPUS,
     DATASET_META,
     MANIFEST,
-    QUERIES_FILE,
+    QUERIES,
     SCORES_FILE,
     scores_schema,
     sha256_file,
+    tables_sha256,
     tokenizer_fingerprint,
     write_json_atomic,
 )
@@ -251,8 +252,8 @@ def scores_key(entry: dict[str, Any], teacher: dict[str, Any], scorer: Scorer) -
         "kind": teacher["kind"],
         "input": scorer.input,
         "max_len": scorer.max_len,
-        "queries_sha256": entry["files"][QUERIES_FILE]["sha256"],
-        "corpus_sha256": entry["files"][CORPUS_FILE]["sha256"],
+        "queries_sha256": tables_sha256(entry["files"], QUERIES),
+        "corpus_sha256": tables_sha256(entry["files"], CORPUS),
     }
 
 

@@ -37,7 +37,7 @@ def train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def flip_byte(shards: Path, tmp_path: Path) -> tuple[list[str], str]:
-    path = shards / "web_search" / "corpus.arrow"
+    path = shards / "web_search" / "corpus-00000.arrow"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size: only the checksum can tell
     path.write_bytes(bytes(data))
@@ -45,7 +45,7 @@ def flip_byte(shards: Path, tmp_path: Path) -> tuple[list[str], str]:
 
 
 def truncate(shards: Path, tmp_path: Path) -> tuple[list[str], str]:
-    path = shards / "paper_topics" / "queries.arrow"
+    path = shards / "paper_topics" / "queries-00000.arrow"
     path.write_bytes(path.read_bytes()[:-100])
     return ["data.verify_checksums=false"], f"{path}: size "  # caught by the size check, without hashing
 
@@ -85,7 +85,7 @@ def broken_manifest(shards: Path, tmp_path: Path) -> tuple[list[str], str]:
 
 
 def missing_file(shards: Path, tmp_path: Path) -> tuple[list[str], str]:
-    path = shards / "product_reviews" / "corpus.arrow"
+    path = shards / "product_reviews" / "corpus-00000.arrow"
     path.unlink()
     return [], f"{path}: file is missing"
 

@@ -136,7 +136,7 @@ def test_biencoder_scores_match_sentence_transformers_and_are_checksummed(scored
         np.testing.assert_allclose(ds.scores, biencoder_reference(ds, tokenizer), atol=2e-6)
         entry = manifest["datasets"][name]
         assert entry["scores"]["teacher"] == teacher and entry["scores"]["input"] == INPUT_IDS
-        assert entry["scores"]["key"]["queries_sha256"] == entry["files"]["queries.arrow"]["sha256"]
+        assert entry["scores"]["key"]["queries_sha256"] == entry["files"]["queries-00000.arrow"]["sha256"]
         assert json.loads((scored_shards / name / "dataset.json").read_text())["scores"] == entry["scores"]
     assert not reader["web_search"].has_scores
     assert validate_shards(scored_shards)["paper_topics"] == 30

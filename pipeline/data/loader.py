@@ -22,7 +22,7 @@ from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
 from pipeline.resilience.preemption import ignore_stop_signals
 from pipeline.data.sampler import HomogeneousSchedule, batch_count, rank_share, sample_negatives, split_validation
-from pipeline.data.shard_format import CORPUS_FILE, MANIFEST, QUERIES_FILE, SCORES_FILE, ShardError
+from pipeline.data.shard_format import CORPUS, MANIFEST, QUERIES, SCORES_FILE, ShardError, tables_sha256
 from pipeline.data.shards import ShardDataset, ShardReader, identical_rows, read_manifest
 
 
@@ -104,8 +104,8 @@ def check_teacher_scores(reader: ShardReader, names: list[str]) -> None:
             raise ShardError(f"loss.score_distill: {ds.root} has no teacher scores; run `python -m preprocess score "
                              f"{reader.root} --teacher MODEL_DIR` first")
         key, files = ds.meta["scores"].get("key") or {}, ds.meta["files"]
-        if (key.get("queries_sha256"), key.get("corpus_sha256")) != (files[QUERIES_FILE]["sha256"],
-                                                                      files[CORPUS_FILE]["sha256"]):
+        if (key.get("queries_sha256"), key.get("corpus_sha256")) != (tables_sha256(files, QUERIES),
+                                                                      tables_sha256(files, CORPUS)):
             raise ShardError(f"loss.score_distill: {ds.root / SCORES_FILE}: scored for other queries or another corpus "
                              f"than the dataset holds; rerun `python -m preprocess score {reader.root}`")
         try:

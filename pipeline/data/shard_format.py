@@ -1,23 +1,30 @@
 """The on-disk shard format, shared by the writer (`preprocess build`) and the reader (`pipeline.data.shards`).
 
-Layout of a shard directory::
+Layout of a shard directory (format version 2)::
 
     OUT/manifest.json                 format version, tokenizer identity, max_len, per-dataset entries
     OUT/<dataset>/dataset.json        that dataset's entry (written last: its presence marks a finished dataset)
-    OUT/<dataset>/corpus.arrow        deduplicated documents (positives and negatives), one row per corpus id
-    OUT/<dataset>/queries.arrow       one row per (query, positive) pair
+    OUT/<dataset>/corpus-00000.arrow  deduplicated documents (positives and negatives), one row per corpus id,
+    OUT/<dataset>/corpus-00001.arrow  ... continued in further files, each at most `--max-file-gb`
+    OUT/<dataset>/queries-00000.arrow one row per (query, positive) pair, likewise split
 
-Both tables are Arrow IPC files, uncompressed, written as ONE record batch, so that every column is one contiguous
-buffer that the reader memory-maps without copying:
+All tables are Arrow IPC files, uncompressed. A file holds one or more record batches; every column of a batch is
+one contiguous buffer that the reader memory-maps without copying. The files of one table, in name order, and
+their batches, in file order, are concatenated: global row r of the corpus is row ``r - start[b]`` of batch b where
+``start`` is the cumulative row count of the batches (found by bisection, O(log batches)). Corpus ids and query
+rows are global over all files. Schemas (the same in every file of a table)::
 
-    corpus.arrow   tokens     large_list<uintX>    token ids (values buffer) + int64 offsets
-    queries.arrow  tokens     large_list<uintX>    query token ids, instruction template applied
-                   positive   int64                corpus id of the positive document
-                   negatives  fixed_size_list<int64>[max(K, 1)]   corpus ids of hard negatives, padded with -1
+    corpus-*.arrow   tokens     large_list<uintX>    token ids (values buffer) + int64 offsets
+    queries-*.arrow  tokens     large_list<uintX>    query token ids, instruction template applied
+                     positive   int64                corpus id of the positive document
+                     negatives  fixed_size_list<int64>[max(K, 1)]   corpus ids of hard negatives, padded with -1
 
 uintX is uint16 when every token id fits (vocabulary <= 65536), else uint32. K, the widest negative list of the
 dataset, is in the schema metadata (`num_negatives`), since Arrow has no fixed-size list of size 0.
 Every sequence is truncated to `max_len` tokens and ends with the EOS id, also when truncated.
+
+Format version 1 (still read) had exactly one ``corpus.arrow`` and one ``queries.arrow`` per dataset, each one
+record batch. Which files make up a table is read from the dataset's ``files`` entry (:func:`table_files`).
 
 Teacher scores (optional, written by `preprocess score` into a built directory; score distillation reads them):
 
@@ -28,13 +35,14 @@ Row i holds the teacher's score of (query i, its positive) in column 0 and of (q
 sha256, so the reader's checks cover it), and the dataset entry (``dataset.json`` and the manifest) gains
 ``scores``: the teacher's identity (``name_or_path``, ``kind`` biencoder/crossencoder, ``sha256`` over its files),
 how it read the texts (``input``), ``max_len``, and ``key``, what the scores depend on (teacher hash, kind, max_len,
-sha256 of queries.arrow and corpus.arrow). A rebuilt dataset has a new directory and so no stale scores.
+:func:`tables_sha256` of the queries and corpus files). A rebuilt dataset has a new directory and so no stale scores.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +50,13 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "embedding-pipeline-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # the reader opens these; the writer writes FORMAT_VERSION
 MANIFEST = "manifest.json"
 DATASET_META = "dataset.json"
-CORPUS_FILE = "corpus.arrow"
+CORPUS = "corpus"  # table kinds: file names are f"{kind}-{index:05d}.arrow" (version 2) or f"{kind}.arrow" (1)
+QUERIES = "queries"
+CORPUS_FILE = "corpus.arrow"  # version-1 names (one file per table)
 QUERIES_FILE = "queries.arrow"
 SCORES_FILE = "scores.arrow"
 DATASET_TYPES = ("retrieval", "classification", "clustering")
@@ -54,6 +65,32 @@ DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 
 class ShardError(ValueError):
     """A shard directory is missing, corrupt or does not fit the model; the message names the file and problem."""
+
+
+def table_file(kind: str, index: int) -> str:
+    """Name of the `index`-th file of table `kind` (``corpus`` or ``queries``): ``corpus-00000.arrow``, ..."""
+    return f"{kind}-{index:05d}.arrow"
+
+
+_TABLE_FILE = re.compile(r"^(corpus|queries)(?:-(\d{5}))?\.arrow$")
+
+
+def table_files(files: dict[str, Any] | list[str], kind: str) -> list[str]:
+    """The files of table `kind` among a dataset's file names, in table order (``corpus.arrow`` of version 1, or
+    ``corpus-00000.arrow``, ``corpus-00001.arrow``, ...)."""
+    names = [n for n in files if (m := _TABLE_FILE.match(n)) and m.group(1) == kind]
+    return sorted(names)
+
+
+def tables_sha256(files: dict[str, Any], kind: str) -> str:
+    """One digest of all files of table `kind` from a dataset's ``files`` entry: the file's own sha256 when the
+    table is one file (so keys recorded over version-1 shards stay valid), else the sha256 of the lines
+    ``name sha256`` of its files in order."""
+    names = table_files(files, kind)
+    if len(names) == 1:
+        return str(files[names[0]]["sha256"])
+    text = "".join(f"{n} {files[n]['sha256']}\n" for n in names)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def token_dtype_for_vocab(vocab_size: int) -> np.dtype:

@@ -1,12 +1,16 @@
 """Memory-mapped reader of token shards (see :mod:`pipeline.data.shard_format` for the layout).
 
 Opening a shard directory reads `manifest.json` and the Arrow IPC footers only: token buffers stay on disk and are
-paged in on access, so start-up time does not depend on the corpus size. Any query or document is an O(1) numpy
-view ``values[offsets[i]:offsets[i+1]]`` into the mapped file; no per-document Python object is ever built.
+paged in on access, so start-up time does not depend on the corpus size. Any query or document is a numpy view
+``values[offsets[i]:offsets[i+1]]`` into the mapped file: O(1) when the table is one record batch, else one
+bisection over the batches' cumulative row counts first (O(log batches)); no per-document Python object is built.
+The positive and negative id columns are zero-copy views when the queries table is one record batch, else one
+concatenated in-memory copy (8 x (1 + K) bytes per query row).
 """
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,14 +20,16 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.shard_format import (
-    CORPUS_FILE,
+    CORPUS,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
-    QUERIES_FILE,
+    QUERIES,
+    READABLE_VERSIONS,
     SCORES_FILE,
     ShardError,
     sha256_file,
+    table_files,
     tokenizer_fingerprint,
 )
 
@@ -34,6 +40,7 @@ class TokenTable:
 
     values: np.ndarray
     offsets: np.ndarray
+    source: Path | None = None  # the file it was read from (error messages)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -45,21 +52,63 @@ class TokenTable:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def parts(self) -> list["TokenTable"]:
+        return [self]
+
+
+class ChunkedTokenTable:
+    """Several :class:`TokenTable` parts (record batches of one or more files) presented as one table.
+
+    ``starts[b]`` is the global index of part b's first row (cumulative row counts, ``starts[-1]`` = total); global
+    row r is row ``r - starts[b]`` of the part b with ``starts[b] <= r < starts[b + 1]``, found by bisection."""
+
+    def __init__(self, parts: list[TokenTable]) -> None:
+        self.parts = parts
+        starts = [0]
+        for part in parts:
+            starts.append(starts[-1] + len(part))
+        self._starts = starts
+        self.starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < self._starts[-1]:
+            raise IndexError(f"row {index} outside [0, {self._starts[-1]})")
+        b = bisect_right(self._starts, index) - 1
+        return self.parts[b][index - self._starts[b]]
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths for p in self.parts]) if self.parts else np.zeros(0, dtype=np.int64)
+
 
 _HASH_BASE = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: an odd multiplier, so powers never vanish mod 2^64
 _HASH_BLOCK_TOKENS = 1 << 23  # tokens hashed per numpy pass (bounded temporary memory on large tables)
 
 
-def identical_rows(table: TokenTable) -> np.ndarray:
+def identical_rows(table: TokenTable | ChunkedTokenTable) -> np.ndarray:
     """Group id of every row: rows with identical token sequences share one; ids are dense, numbered by first
     appearance (rows all distinct -> 0, 1, 2, ...).
 
     Vectorised, in blocks of rows: each row is keyed by its length and the polynomial hash
     sum_j (t_j + 1) * base^j mod 2^64. Identical rows always share a key; two different rows could in principle
     collide and would then be grouped together (harmless where groups only say what must stay together)."""
-    n = len(table)
-    if n == 0:
+    if len(table) == 0:
         return np.zeros(0, dtype=np.int64)
+    keys = np.concatenate([_row_keys(part) for part in table.parts])
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _row_keys(table: TokenTable) -> np.ndarray:
+    """uint64 key of every row of one part: length and polynomial hash (see :func:`identical_rows`)."""
+    n = len(table)
     offsets = table.offsets.astype(np.int64)
     lengths = np.diff(offsets)
     powers = np.full(max(int(lengths.max()), 1), _HASH_BASE, dtype=np.uint64)
@@ -79,11 +128,7 @@ def identical_rows(table: TokenTable) -> np.ndarray:
             filled = rows > 0  # reduceat needs strictly increasing starts: empty rows keep key 0
             keys[start:stop][filled] = np.add.reduceat(terms, first[filled])
         start = stop
-    keys = keys * _HASH_BASE + lengths.astype(np.uint64)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    return rank[inverse.reshape(-1)]
+    return keys * _HASH_BASE + lengths.astype(np.uint64)
 
 
 def _numpy_view(array: pa.Array, path: Path) -> np.ndarray:
@@ -95,16 +140,15 @@ def _numpy_view(array: pa.Array, path: Path) -> np.ndarray:
     return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
-def _token_table(column: pa.ChunkedArray, path: Path) -> TokenTable:
-    if column.num_chunks != 1:
-        raise ShardError(f"{path}: expected one record batch, found {column.num_chunks}")
-    chunk = column.chunk(0)
+def _token_part(chunk: pa.Array, path: Path) -> TokenTable:
     if chunk.offset != 0:
         raise ShardError(f"{path}: sliced token column is not supported")
-    return TokenTable(
-        values=_numpy_view(chunk.values, path),
-        offsets=_numpy_view(chunk.offsets, path),
-    )
+    return TokenTable(values=_numpy_view(chunk.values, path), offsets=_numpy_view(chunk.offsets, path), source=path)
+
+
+def token_table(parts: list[TokenTable]) -> TokenTable | ChunkedTokenTable:
+    """One part as itself (plain zero-copy views), several as a :class:`ChunkedTokenTable`."""
+    return parts[0] if len(parts) == 1 else ChunkedTokenTable(parts)
 
 
 def _open_arrow(path: Path) -> pa.Table:
@@ -142,10 +186,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ShardError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ShardError(
-            f"{manifest_path}: format version {version} is not supported by this reader (expects "
-            f"{FORMAT_VERSION}); rebuild the shards with this version's `preprocess build`"
+            f"{manifest_path}: format version {version} is not supported by this reader (reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; writes {FORMAT_VERSION}); rebuild the shards with this "
+            "version's `preprocess build --overwrite`"
         )
     entries = manifest.get("datasets")
     if not isinstance(entries, dict):
@@ -170,8 +215,8 @@ class ShardDataset:
     name: str
     root: Path
     meta: dict[str, Any]
-    corpus: TokenTable = field(init=False)
-    queries: TokenTable = field(init=False)
+    corpus: TokenTable | ChunkedTokenTable = field(init=False)
+    queries: TokenTable | ChunkedTokenTable = field(init=False)
     positives: np.ndarray = field(init=False)
     negatives: np.ndarray = field(init=False)  # [n_queries, K] int64, -1 = no negative in that slot
 
@@ -183,22 +228,38 @@ class ShardDataset:
                 raise
             raise ShardError(f"{self.root}: unexpected table layout ({type(exc).__name__}: {_one_line(exc)})") from None
 
+    def table_paths(self, kind: str) -> list[Path]:
+        """The files of table `kind` (``corpus`` / ``queries``) in order, as listed in the dataset's ``files``."""
+        return [self.root / name for name in table_files(self.meta.get("files", {}), kind)]
+
     def _open(self) -> None:
-        corpus_path, queries_path = self.root / CORPUS_FILE, self.root / QUERIES_FILE
-        corpus_table = _open_arrow(corpus_path)
-        queries_table = _open_arrow(queries_path)
-        self.corpus = _token_table(corpus_table.column("tokens"), corpus_path)
-        self.queries = _token_table(queries_table.column("tokens"), queries_path)
-        positive = queries_table.column("positive")
-        negatives = queries_table.column("negatives")
-        if positive.num_chunks != 1 or negatives.num_chunks != 1:
-            raise ShardError(f"{queries_path}: expected one record batch")
-        self.positives = _numpy_view(positive.chunk(0), queries_path)
-        neg_chunk = negatives.chunk(0)
-        width = neg_chunk.type.list_size
-        k = int((queries_table.schema.metadata or {}).get(b"num_negatives", width))
-        flat = _numpy_view(neg_chunk.values, queries_path)
-        self.negatives = flat.reshape(len(neg_chunk), width)[:, :k]
+        corpus_paths, queries_paths = self.table_paths(CORPUS), self.table_paths(QUERIES)
+        if not corpus_paths or not queries_paths:
+            raise ShardError(f"{self.root}: the dataset entry lists no corpus or no queries files")
+        corpus_parts = [
+            _token_part(chunk, path) for path in corpus_paths for chunk in _open_arrow(path).column("tokens").chunks
+        ]
+        query_parts: list[TokenTable] = []
+        positives: list[np.ndarray] = []
+        negatives: list[np.ndarray] = []
+        k: int | None = None
+        for path in queries_paths:
+            table = _open_arrow(path)
+            width = table.schema.field("negatives").type.list_size
+            k_file = int((table.schema.metadata or {}).get(b"num_negatives", width))
+            if k is not None and k_file != k:
+                raise ShardError(f"{path}: num_negatives {k_file} differs from {k} in {queries_paths[0]}")
+            k = k_file
+            for tokens, positive, negs in zip(*(table.column(c).chunks for c in ("tokens", "positive", "negatives"))):
+                query_parts.append(_token_part(tokens, path))
+                positives.append(_numpy_view(positive, path))
+                negatives.append(_numpy_view(negs.values, path).reshape(len(negs), width)[:, :k])
+        if not corpus_parts or not query_parts:
+            raise ShardError(f"{self.root}: no record batch in the corpus or the queries files")
+        self.corpus = token_table(corpus_parts)
+        self.queries = token_table(query_parts)
+        self.positives = positives[0] if len(positives) == 1 else np.concatenate(positives)
+        self.negatives = negatives[0] if len(negatives) == 1 else np.concatenate(negatives)
 
     @property
     def has_scores(self) -> bool:
