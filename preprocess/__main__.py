@@ -1,5 +1,5 @@
 """Command line of the offline data jobs:
-``python -m preprocess {build,validate,stats,show,example,code-pairs,mine-negatives,score} --help``."""
+``python -m preprocess {build,merge,validate,stats,show,example,code-pairs,mine-negatives,score} --help``."""
 from __future__ import annotations
 
 import argparse
@@ -29,11 +29,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
             default_type=args.default_type,
+            max_file_gb=args.max_file_gb,
+            num_parts=args.num_parts,
+            part=args.part,
         )
     )
     results = builder.run()
     print(summary_table(results))
-    print(f"shards written to {args.out}")
+    what = f"part {args.part} of {args.num_parts}" if args.num_parts > 1 else "shards"
+    print(f"{what} written to {args.out}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from preprocess.build import summary_table
+    from preprocess.merge import MergeOptions, PartMerger
+
+    results = PartMerger(MergeOptions(parts=args.parts, out=args.out, max_file_gb=args.max_file_gb,
+                                      overwrite=args.overwrite)).run()
+    print(summary_table(results))
+    print(f"{len(args.parts)} parts merged into {args.out}")
     return 0
 
 
@@ -100,7 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows-per-dataset", type=int, help="subsample each dataset to at most N rows (seeded)")
     p.add_argument("--seed", type=int, default=0, help="subsampling seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an output built with other settings")
+    p.add_argument("--max-file-gb", type=float, default=4.0,
+                   help="split each table into files of at most this many GiB (default 4)")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="build only part --part of N, split by a hash of the query text (one task per machine; "
+                   "join with `merge`)")
+    p.add_argument("--part", type=int, default=0, help="which part, 0 .. num-parts - 1 (default 0)")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("merge", help="join the parts of `build --num-parts N` into one shard directory")
+    p.add_argument("parts", nargs="+", metavar="PART_DIR", help="the N part directories (any order)")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--max-file-gb", type=float, default=4.0,
+                   help="split each table into files of at most this many GiB (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("validate", help="check a shard directory completely (checksums, structure, EOS, ids)")
     p.add_argument("out", help="shard directory")

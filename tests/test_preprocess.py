@@ -225,19 +225,19 @@ def test_validate_catches_flipped_byte_and_truncation(small_raw, word_tok, tmp_p
     out = tmp_path / "out"
     build(raw, word_tok, out, registry=str(registry))
     assert validate_shards(out) == {"labels": 3, "web": 3}
-    corpus = out / "web" / "corpus.arrow"
+    corpus = out / "web" / "corpus-00000.arrow"
     pristine = corpus.read_bytes()
     flipped = bytearray(pristine)
     flipped[len(flipped) // 2] ^= 0x01
     corpus.write_bytes(bytes(flipped))
-    with pytest.raises(ShardError, match=r"web/corpus.arrow: sha256 checksum mismatch"):
+    with pytest.raises(ShardError, match=r"web/corpus-00000.arrow: sha256 checksum mismatch"):
         validate_shards(out)
     corpus.write_bytes(pristine[:-10])
-    with pytest.raises(ShardError, match=r"web/corpus.arrow: size \d+ differs"):
+    with pytest.raises(ShardError, match=r"web/corpus-00000.arrow: size \d+ differs"):
         validate_shards(out)
     proc = subprocess.run([sys.executable, "-m", "preprocess", "validate", str(out)], capture_output=True,
                           text=True, cwd=REPO)
-    assert proc.returncode != 0 and "web/corpus.arrow" in proc.stderr
+    assert proc.returncode != 0 and "web/corpus-00000.arrow" in proc.stderr
     corpus.write_bytes(pristine)
     proc = subprocess.run([sys.executable, "-m", "preprocess", "validate", str(out)], capture_output=True,
                           text=True, cwd=REPO)
@@ -265,7 +265,7 @@ def test_interrupted_build_resumes(small_raw, word_tok, tmp_path, monkeypatch):
     assert {r.name: r.reused for r in results} == {"labels": True, "web": False}
     validate_shards(out)
     # a corrupted finished dataset is rebuilt, the intact one reused
-    (out / "labels" / "queries.arrow").write_bytes(b"garbage")
+    (out / "labels" / "queries-00000.arrow").write_bytes(b"garbage")
     results = build(raw, word_tok, out, registry=str(registry))
     assert {r.name: r.reused for r in results} == {"labels": False, "web": True}
     validate_shards(out)
@@ -332,7 +332,7 @@ def test_cli_workers_stats_show_and_help(tmp_path):
         capture_output=True, text=True, cwd=REPO, check=True).stdout)
     assert shown["query"].startswith("[CLS] instruct : given a web search query")
     assert len(shown["negatives"]) == 7 and shown["positive"].endswith("[SEP]")
-    for cmd in ([], ["build"], ["validate"], ["stats"], ["show"], ["example"]):
+    for cmd in ([], ["build"], ["merge"], ["validate"], ["stats"], ["show"], ["example"]):
         helped = subprocess.run([sys.executable, "-m", "preprocess", *cmd, "--help"], capture_output=True, text=True,
                                 cwd=REPO)
         assert helped.returncode == 0 and "usage" in helped.stdout
