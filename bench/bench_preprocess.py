@@ -16,6 +16,13 @@ Two parts, each run by both methods on the same data with the same worker count:
    checked with ``mincore`` and printed).
 
 ``--quick`` runs everything at small sizes in well under a minute. The report is a markdown table of medians.
+
+``--rss-rows 1000000,4000000`` instead measures the peak RSS of ``preprocess build`` (in-process, one fresh
+subprocess per size, peak = VmHWM reset at the child's start, i.e. its own ru_maxrss) at each row count, on rows of
+the shape of ``preprocess example`` (query, passage, negative_1..7; a corpus of 4 passages per query, negatives
+drawn from it, so ~3.5 distinct documents per row) but with short texts (queries 4, passages 8 pseudo-words) to keep
+tokenization affordable; the texts are a deterministic hash of the passage id, written to parquet in row groups of
+100k rows (the generator's memory does not grow with the row count either).
 """
 from __future__ import annotations
 
@@ -455,6 +462,87 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+# ----------------------------------------------------------------------------------------------- build RSS
+RSS_GROUP_ROWS = 100_000
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a well-spread uint64 hash of uint64 inputs (vectorised)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def write_rss_raw(path: Path, rows: int, negatives: int = 7) -> None:
+    """`rows` retrieval rows (query, passage, negative_1..K) as parquet, streamed in row groups (see the module
+    docstring); passage j's text is a function of j only, so repeated passages are identical strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preprocess.synth import SYLLABLES
+
+    vocab = np.array(sorted({a + b + c for a in SYLLABLES[:24] for b in SYLLABLES[:24] for c in ("", "x", "n")}),
+                     dtype=object)
+    n_passages = 4 * rows
+
+    def texts(ids: np.ndarray, salt: int, words: int) -> list[str]:
+        keys = ids.astype(np.uint64)[:, None] * np.uint64(64) + np.arange(words, dtype=np.uint64) + np.uint64(salt)
+        picked = vocab[(_mix64(keys) % np.uint64(len(vocab))).astype(np.int64)]
+        return [" ".join(w) for w in picked]
+
+    rng = np.random.default_rng(0)
+    names = ["query", "passage", *(f"negative_{k + 1}" for k in range(negatives))]
+    schema = pa.schema([(n, pa.string()) for n in names])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(str(path), schema) as writer:
+        for start in range(0, rows, RSS_GROUP_ROWS):
+            n = min(RSS_GROUP_ROWS, rows - start)
+            row_ids = np.arange(start, start + n)
+            positive = row_ids * 4  # every 4th passage is a positive of one query
+            negs = rng.integers(0, n_passages, size=(n, negatives))
+            columns = [texts(row_ids, 1 << 40, 4), texts(positive, 0, 8)]
+            columns += [texts(negs[:, k], 0, 8) for k in range(negatives)]
+            writer.write_table(pa.table(dict(zip(names, columns)), schema=schema))
+
+
+def rss_child(args: argparse.Namespace) -> dict[str, float]:
+    """One build in this (fresh) process; its peak RSS from its own start."""
+    from bench.process_memory import peak_rss_bytes, reset_peak_rss
+
+    reset = reset_peak_rss()
+    from preprocess.build import BuildOptions, ShardBuilder
+
+    t = time.perf_counter()
+    results = ShardBuilder(BuildOptions(raw=args.raw, tokenizer=args.tokenizer, out=args.out, max_len=64,
+                                        workers=args.workers, default_type="retrieval", overwrite=True)).run()
+    counts = results[0].meta["counts"]
+    return {"rows": counts["queries"], "docs": counts["corpus_docs"],
+            "tokens": counts["query_tokens"] + counts["corpus_tokens"], "build_s": time.perf_counter() - t,
+            "peak_rss_mib": peak_rss_bytes(reset) / 2**20, "reset": reset}
+
+
+def run_rss(args: argparse.Namespace, work: Path, tok: str) -> list[dict[str, float]]:
+    results = []
+    for rows in args.rss_rows:
+        raw = work / f"rss_raw_{rows}" / "rows.parquet"
+        if not raw.is_file():
+            t = time.perf_counter()
+            write_rss_raw(raw, rows)
+            print(f"generated {rows:,} rows in {time.perf_counter() - t:.0f} s -> {raw}", flush=True)
+        out = work / f"rss_out_{rows}"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_rss", "--raw", str(raw.parent), "--out", str(out),
+               "--tokenizer", tok, "--workers", str(args.rss_workers)]
+        t = time.perf_counter()
+        _, stdout = _run(cmd, work / "logs" / f"rss_{rows}.log")
+        res = json.loads(stdout.strip().splitlines()[-1])
+        res["wall_s"] = time.perf_counter() - t
+        results.append(res)
+        print(f"  {rows:,} rows: {res['docs']:,} docs, {res['tokens']:,} tokens, build {res['build_s']:.0f} s, "
+              f"peak RSS {res['peak_rss_mib']:,.0f} MiB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -478,6 +566,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-build", action="store_true", help="only the read part")
     parser.add_argument("--skip-read", action="store_true", help="only the build part")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--rss-rows", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="only measure the build's peak RSS at these row counts, e.g. 1000000,4000000")
+    parser.add_argument("--rss-workers", type=int, default=1, help="tokenizer processes of the RSS builds (default 1)")
     args = parser.parse_args(argv)
     if args.quick:
         args.passages, args.docs, args.queries = 2000, 20_000, 2000
@@ -499,10 +590,23 @@ def parse_read_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_rss_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _rss",
+                                     description="One build (fresh process) for --rss-rows; prints a JSON line.")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_read":
         print(json.dumps(read_child(parse_read_args(argv[1:]))))
+        return 0
+    if argv and argv[0] == "_rss":
+        print(json.dumps(rss_child(parse_rss_args(argv[1:]))))
         return 0
     args = parse_args(argv)
     from tqdm import tqdm
@@ -514,6 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     tok = args.tokenizer or _minilm_dir()
     started = time.perf_counter()
+    if args.rss_rows:
+        res = run_rss(args, work, tok)
+        base = res[0]["peak_rss_mib"]
+        print(f"\n## preprocess build peak RSS\n\ncommand: `{command}` (from the repo root)\n")
+        print("| rows | distinct docs | tokens | build s | peak RSS MiB | vs first |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in res:
+            print(f"| {r['rows']:,} | {r['docs']:,} | {r['tokens']:,} | {r['build_s']:.0f} | {r['peak_rss_mib']:,.0f} | "
+                  f"{r['peak_rss_mib'] / base:.2f}x |")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     load0 = os.getloadavg()
     notes: list[str] = []
     rows: list[tuple[str, list[float], list[float], str, str, str]] = []

@@ -156,3 +156,22 @@ def test_merge_refuses_mismatched_parts(example_raw, tmp_path):
         PartMerger(MergeOptions(parts=[str(a), str(a)], out=str(tmp_path / "m")))
     with pytest.raises(BuildError, match=r"not a part"):
         PartMerger(MergeOptions(parts=[str(a), str(_build(example_raw, tmp_path / "whole"))], out=str(tmp_path / "m")))
+
+
+def test_preprocess_sbatch_runs_one_part_per_array_task(tmp_path):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "preprocess.sbatch"
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
+           "SLURM_CPUS_PER_TASK": "4", "PYTHON": "echo", "REPO_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(script), "--raw", "RAW", "--tokenizer", "TOK", "--parts-dir", str(tmp_path / "p"),
+                           "--max-len", "512"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["-m", "preprocess", "build", "--raw", "RAW", "--tokenizer", "TOK", "--out",
+                                   f"{tmp_path / 'p'}/part-1", "--num-parts", "3", "--part", "1", "--workers", "4",
+                                   "--max-len", "512"]
+    bad = subprocess.run(["bash", str(script), "--raw", "RAW", "--tokenizer", "TOK", "--parts-dir", "p"],
+                         capture_output=True, text=True, env={k: v for k, v in env.items() if "ARRAY" not in k})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not an array task" in bad.stderr
+    assert subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True).returncode == 0
