@@ -312,7 +312,7 @@ def test_bidirectional_full_fine_tuning_export(tmp_path):
             p.add_(torch.randn_like(p) * 0.01)  # a "trained" model
     model.eval()
     tokenizer = load_tokenizer_for(ModelConfig(tokenizer=minilm_dir(), from_config={}))
-    out = export_model(model, tokenizer, tmp_path / "export", eos_id=102, max_seq_length=64, instructions={},
+    out = export_model(model, tokenizer, tmp_path / "export", eos_id=102, max_seq_length=64, datasets={},
                        query_template="{query}")
     assert json.loads((out / "config.json").read_text())["is_causal"] is False
     assert not (out / "adapter").exists()

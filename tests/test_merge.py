@@ -20,6 +20,7 @@ from pipeline.merge import MergeError, linear_coefficients, main, merge_models, 
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = {"web_search": "Given a web search query, retrieve relevant passages", "topics": None}
+TYPES = {"web_search": "retrieval", "topics": "clustering"}
 TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -28,11 +29,12 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 def export_tiny(out: Path, seed: int, **overrides) -> Path:
     """A tiny random Qwen3 exported as training exports it (HF + sentence-transformers, MiniLM's tokenizer)."""
     from pipeline.data.tokenization import load_tokenizer
-    from pipeline.training.export import export_model
+    from pipeline.training.export import TrainedDataset, export_model
 
     model = tiny_model(seed, **overrides)
     return export_model(model, load_tokenizer(minilm_dir()), out, eos_id=102, max_seq_length=64,
-                        instructions=INSTRUCTIONS, query_template=TEMPLATE)
+                        datasets={n: TrainedDataset(TYPES[n], i, 10) for n, i in INSTRUCTIONS.items()},
+                        query_template=TEMPLATE)
 
 
 @pytest.fixture(scope="module")
