@@ -10,7 +10,8 @@ Per raw dataset (:mod:`pipeline.data.raw`, parquet or JSONL):
    and corpus documents are tokenized as the shards are (``--max-len``, EOS appended when the tokenizer does not close sequences itself) and embedded with
    :class:`pipeline.model.embedding.EmbeddingModel` (the model's own pooling and normalisation), ``--batch-size`` sequences
    per forward.
-3. Exact search (chunked matrix products): the ``--top-k`` best documents of each query, best first.
+3. Exact search (blocked matrix products on the device, each block's best candidates rescored in float64): the
+   ``--top-k`` best documents of each query, best first, equal scores by ascending document id.
 4. Selection, in rank order, each candidate dropped for the first reason that applies:
    ``positive`` (one of the query's own positives), ``skip_top`` (among the first ``--skip-top`` ranks, counted
    with the positive included: F2LLM's "top-100, skip the top 5"), ``max_score`` (score >= ``--max-score``),
@@ -20,6 +21,12 @@ Per raw dataset (:mod:`pipeline.data.raw`, parquet or JSONL):
 Existing negatives: by default (``--existing keep``) they stay first, unfiltered (they were curated by whoever built
 the data), and mined ones fill the list up to ``--keep`` negatives in all; ``--existing drop`` replaces them (they
 are still part of the searched corpus either way).
+
+Several ranks (``torchrun --nproc_per_node N -m preprocess mine-negatives ...`` or the deepspeed launcher; NCCL on
+CUDA, gloo on CPU): the embedding chunks one process would form are dealt round-robin to the ranks (so every
+sequence is embedded in the same batch, hence to the same vector), query embeddings are all-gathered, each rank
+searches its share of the corpus for all queries, and rank 0 merges the per-rank top-k lists, selects and writes:
+the same files as one process. Without a launcher (WORLD_SIZE unset or 1) no process group is created.
 
 Output: ``OUT/<dataset>.<same suffix>`` in the input's raw format, plus ``OUT/datasets.yaml`` (a copy of
 ``--registry``) and ``OUT/mining_report.json``:
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.logs import log
 from pipeline.data.raw import RawStats, discover, group_rows, read_rows
@@ -52,6 +60,10 @@ if TYPE_CHECKING:
     import torch
 
 REASONS = ("positive", "skip_top", "max_score", "margin", "existing")
+TIE_SLACK = 8  # extra float32 candidates per block, rescored in float64 before the top-k is cut
+SEARCH_DOC_BLOCK = 65536
+SEARCH_QUERY_BLOCK = 1024
+EMBED_GROUP = 2048  # pipeline.evaluation.retrieval.embed's default `group`
 
 
 class MiningError(ValueError):
@@ -158,6 +170,135 @@ def select_negatives(
     return kept
 
 
+def _canonical(scores: torch.Tensor, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's entries ordered by score (descending), ties by document id (ascending); the first `width`."""
+    import torch
+
+    ids, order = torch.sort(ids, dim=1, stable=True)
+    scores = torch.gather(scores, 1, order)
+    scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return scores[:, :width], torch.gather(ids, 1, order)[:, :width]
+
+
+def _exact_scores(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """float64 dot products of `queries` [..., d] with `docs` [..., n, d] -> [..., n]: float32 products are exact in
+    float64, so a score does not depend on the shape of the matrix product it came from (or on the rank)."""
+    return (docs.double() * queries.double().unsqueeze(-2)).sum(-1)
+
+
+def search_slice(
+    q_emb: torch.Tensor,
+    d_emb: torch.Tensor,
+    doc_ids: torch.Tensor,
+    k: int,
+    *,
+    device: torch.device | str = "cpu",
+    doc_block: int = SEARCH_DOC_BLOCK,
+    query_block: int = SEARCH_QUERY_BLOCK,
+    progress: bool = False,
+    desc: str = "search",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of every query in `q_emb` [n_q, d] over the documents `d_emb` [n_d, d] whose ids are `doc_ids`
+    [n_d]: (float64 scores, doc ids) [n_q, min(k, n_d)] on the CPU, best first, equal scores by ascending id.
+
+    Blocks of `doc_block` documents and `query_block` queries are scored on `device` in float32; the best
+    ``k + TIE_SLACK`` of each block are rescored in float64 (:func:`_exact_scores`) and merged into the running top-k,
+    so the result is the same however the corpus is split into blocks or ranks.
+    """
+    import torch
+
+    n_q, n_d = q_emb.shape[0], d_emb.shape[0]
+    width = min(k, n_d)
+    best_s = torch.full((n_q, 0), float("-inf"), dtype=torch.float64, device=device)
+    best_i = torch.zeros((n_q, 0), dtype=torch.int64, device=device)
+    queries = q_emb.to(device)
+    ids_all = doc_ids.to(device)
+    with torch.inference_mode(), tqdm(total=n_d, desc=desc, unit="doc", dynamic_ncols=True,
+                                      disable=not progress) as bar:
+        for d0 in range(0, n_d, doc_block):
+            block = d_emb[d0 : d0 + doc_block].to(device)
+            ids = ids_all[d0 : d0 + doc_block]
+            cand = min(k + TIE_SLACK, block.shape[0])
+            rescore_rows = max(1, (1 << 24) // (cand * block.shape[1]))  # float64 temporaries of ~128 MiB
+            parts_s, parts_i = [], []
+            for q0 in range(0, n_q, query_block):
+                q = queries[q0 : q0 + query_block]
+                local = torch.topk(q @ block.T, cand, dim=1).indices
+                exact = torch.cat([_exact_scores(q[r : r + rescore_rows], block[local[r : r + rescore_rows]])
+                                   for r in range(0, q.shape[0], rescore_rows)])
+                merged = _canonical(torch.cat([best_s[q0 : q0 + query_block], exact], dim=1),
+                                    torch.cat([best_i[q0 : q0 + query_block], ids[local]], dim=1), width)
+                parts_s.append(merged[0])
+                parts_i.append(merged[1])
+            best_s, best_i = torch.cat(parts_s), torch.cat(parts_i)
+            bar.update(block.shape[0])
+    return best_s.cpu(), best_i.cpu()
+
+
+def positive_scores(q_emb: torch.Tensor, d_emb: torch.Tensor, doc_ids: torch.Tensor,
+                    positives: list[list[int]], *, block: int = 65536) -> torch.Tensor:
+    """float64 [n_q]: each query's lowest score over those of its positives that are among `doc_ids` (the rows of
+    `d_emb`); +inf for a query with none of them."""
+    import torch
+
+    row_of = {int(d): r for r, d in enumerate(doc_ids.tolist())}
+    pairs = [(qi, row_of[p]) for qi, pos in enumerate(positives) for p in pos if p in row_of]
+    out = torch.full((len(positives),), float("inf"), dtype=torch.float64)
+    if not pairs:
+        return out
+    pq_, pd_ = torch.tensor(pairs, dtype=torch.int64).T
+    with torch.inference_mode():
+        for s0 in range(0, len(pairs), block):
+            qi = pq_[s0 : s0 + block]
+            scores = _exact_scores(q_emb[qi], d_emb[pd_[s0 : s0 + block]].unsqueeze(1)).squeeze(1)
+            out.scatter_reduce_(0, qi, scores, reduce="amin")
+    return out
+
+
+def select_all(
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    pos_scores: torch.Tensor,
+    positives: list[list[int]],
+    existing: list[list[int]],
+    params: MiningParams,
+    *,
+    n_docs: int,
+    keep_existing: bool = True,
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """Negatives per query (existing first when `keep_existing`, then mined from the ranked candidates `ids` with
+    their `scores`, best first) and selection statistics."""
+    scores_np, ids_np, pos_np = scores.numpy(), ids.numpy(), pos_scores.numpy()
+    reasons: Counter = Counter()
+    out: list[list[int]] = []
+    pos_rank1 = 0
+    mined_total = 0
+    for qi, pos in enumerate(positives):
+        pos_rank1 += int(ids_np[qi, 0]) in pos
+        pos_set = set(pos)
+        base = [n for n in existing[qi] if n not in pos_set][: params.keep] if keep_existing else []
+        mined = select_negatives(
+            ids_np[qi], scores_np[qi], positives=pos_set, positive_score=float(pos_np[qi]), params=params,
+            exclude=set(base), limit=params.keep - len(base), reasons=reasons,
+        )
+        mined_total += len(mined)
+        out.append(base + mined)
+    counts = np.array([len(n) for n in out])
+    stats = {
+        "queries": len(positives),
+        "docs": n_docs,
+        "negatives_mean": round(float(counts.mean()), 3),
+        "mined_total": mined_total,
+        "queries_full": int((counts >= params.keep).sum()),
+        "queries_short": int(((counts > 0) & (counts < params.keep)).sum()),
+        "queries_without_negatives": int((counts == 0).sum()),
+        "dropped": {r: int(reasons[r]) for r in REASONS},
+        "positive_score_mean": round(float(pos_np.mean()), 4),
+        "positive_at_rank_1": round(pos_rank1 / max(len(positives), 1), 4),
+    }
+    return out, stats
+
+
 def mine_from_embeddings(
     q_emb: torch.Tensor,
     d_emb: torch.Tensor,
@@ -166,45 +307,135 @@ def mine_from_embeddings(
     params: MiningParams,
     *,
     keep_existing: bool = True,
+    device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "search",
 ) -> tuple[list[list[int]], dict[str, Any]]:
-    """Negatives per query (existing first when `keep_existing`, then mined) and selection statistics."""
-    from pipeline.evaluation.retrieval import exact_topk
+    """Negatives per query (existing first when `keep_existing`, then mined) and selection statistics, in one
+    process holding every embedding."""
+    import torch
 
-    scores, ids = exact_topk(q_emb, d_emb, params.top_k, desc=desc, progress=progress)
-    scores_np, ids_np = scores.numpy(), ids.numpy()
-    reasons: Counter = Counter()
-    out: list[list[int]] = []
-    pos_scores = np.empty(len(positives), dtype=np.float64)
-    pos_rank1 = 0
-    mined_total = 0
-    for qi, pos in enumerate(positives):
-        pos_score = float((d_emb[pos] @ q_emb[qi]).min())
-        pos_scores[qi] = pos_score
-        pos_rank1 += int(ids_np[qi, 0]) in pos
-        pos_set = set(pos)
-        base = [n for n in existing[qi] if n not in pos_set][: params.keep] if keep_existing else []
-        mined = select_negatives(
-            ids_np[qi], scores_np[qi], positives=pos_set, positive_score=pos_score, params=params,
-            exclude=set(base), limit=params.keep - len(base), reasons=reasons,
-        )
-        mined_total += len(mined)
-        out.append(base + mined)
-    counts = np.array([len(n) for n in out])
-    stats = {
-        "queries": len(positives),
-        "docs": int(d_emb.shape[0]),
-        "negatives_mean": round(float(counts.mean()), 3),
-        "mined_total": mined_total,
-        "queries_full": int((counts >= params.keep).sum()),
-        "queries_short": int(((counts > 0) & (counts < params.keep)).sum()),
-        "queries_without_negatives": int((counts == 0).sum()),
-        "dropped": {r: int(reasons[r]) for r in REASONS},
-        "positive_score_mean": round(float(pos_scores.mean()), 4),
-        "positive_at_rank_1": round(pos_rank1 / max(len(positives), 1), 4),
-    }
-    return out, stats
+    doc_ids = torch.arange(d_emb.shape[0], dtype=torch.int64)
+    scores, ids = search_slice(q_emb, d_emb, doc_ids, params.top_k, device=device, progress=progress, desc=desc)
+    pos_scores = positive_scores(q_emb, d_emb, doc_ids, positives)
+    return select_all(scores, ids, pos_scores, positives, existing, params, n_docs=int(d_emb.shape[0]),
+                      keep_existing=keep_existing)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several ranks (torchrun / deepspeed launchers)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the process group; collective tensors live on `comm` (CUDA for NCCL)."""
+
+    rank: int
+    world: int
+    comm: torch.device
+
+
+def embedding_chunks(lengths: np.ndarray, chunk_size: int, packed: bool, group: int = EMBED_GROUP
+                     ) -> list[np.ndarray]:
+    """The sequence index chunks, in order, that :func:`pipeline.evaluation.retrieval.embed` forms for sequences of
+    these `lengths` (groups of `group` in longest-first order, `chunk_size` sequences per forward)."""
+    from pipeline.model.packing import plan_chunks
+
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    chunks: list[np.ndarray] = []
+    for g0 in range(0, len(order), group):
+        idx = order[g0 : g0 + group]
+        within = plan_chunks(np.asarray(lengths)[idx], packed=packed, chunk_size=chunk_size)
+        chunks.extend(idx[c] for c in within)
+    return chunks
+
+
+def rank_share(chunks: list[np.ndarray], rank: int, world: int) -> np.ndarray:
+    """Sorted sequence indices of the chunks that `rank` embeds (chunks dealt round-robin, so every rank gets a mix
+    of long and short sequences)."""
+    mine = chunks[rank::world]
+    return np.sort(np.concatenate(mine)) if mine else np.zeros(0, dtype=np.int64)
+
+
+def embed_share(model: Any, seqs: Sequence[np.ndarray], chunks: list[np.ndarray], ranks: Ranks, *,
+                chunk_size: int, desc: str, progress: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(sorted indices, their [n, d] float32 CPU embeddings; None when this rank has no chunk) of this rank's share
+    of `chunks`. Every chunk is embedded alone, so each sequence is batched exactly as in one process and gets the
+    same embedding."""
+    import torch
+
+    from pipeline.evaluation.retrieval import embed
+
+    mine = chunks[ranks.rank :: ranks.world]
+    idx = rank_share(chunks, ranks.rank, ranks.world)
+    if not mine:
+        return idx, None
+    parts: list[torch.Tensor] = []
+    with tqdm(total=int(sum(len(c) for c in mine)), desc=desc, unit="seq", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for chunk in mine:
+            parts.append(embed(model, [seqs[int(i)] for i in chunk], chunk_size=chunk_size, bar=bar))
+    emb = torch.cat(parts)
+    order = np.argsort(np.concatenate(mine), kind="stable")
+    return idx, emb[torch.from_numpy(order)]
+
+
+def _embedding_dim(emb: torch.Tensor | None, ranks: Ranks) -> int:
+    """The embedding width, known on every rank even where `emb` is None (collective)."""
+    from pipeline.training.distributed import all_reduce_max
+
+    return all_reduce_max(0 if emb is None else int(emb.shape[1]), ranks.comm)
+
+
+def gather_queries(idx: np.ndarray, emb: torch.Tensor | None, n: int, dim: int, chunks: list[np.ndarray],
+                   ranks: Ranks) -> torch.Tensor:
+    """All `n` query embeddings [n, dim] (CPU) on every rank, from each rank's share (collective)."""
+    import torch
+
+    from pipeline.training.distributed import all_gather_rows
+
+    sizes = [len(rank_share(chunks, r, ranks.world)) for r in range(ranks.world)]
+    local = emb if emb is not None else torch.zeros((0, dim), dtype=torch.float32)
+    rows = all_gather_rows(local.to(ranks.comm), sizes).cpu()
+    order = torch.from_numpy(np.concatenate([rank_share(chunks, r, ranks.world) for r in range(ranks.world)]))
+    out = torch.empty((n, dim), dtype=torch.float32)
+    out[order] = rows
+    return out
+
+
+def merge_to_rank0(scores: torch.Tensor, ids: torch.Tensor, k: int, n_docs: int, ranks: Ranks,
+                   *, query_block: int = 65536) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rank 0: the global top-`k` per query (same order as one process: score, then id) from every rank's local
+    top-k; None on the other ranks (collective). Ranks' lists are padded to `k` with (-inf, `n_docs`)."""
+    import torch
+
+    from pipeline.training.distributed import gather_rows_to_rank0
+
+    width = min(k, n_docs)
+    pad = k - scores.shape[1]
+    scores = torch.cat([scores, torch.full((scores.shape[0], pad), float("-inf"), dtype=torch.float64)], dim=1)
+    ids = torch.cat([ids, torch.full((ids.shape[0], pad), n_docs, dtype=torch.int64)], dim=1)
+    out_s: list[torch.Tensor] = []
+    out_i: list[torch.Tensor] = []
+    for q0 in range(0, scores.shape[0], query_block):
+        got_s = gather_rows_to_rank0(scores[q0 : q0 + query_block].to(ranks.comm))
+        got_i = gather_rows_to_rank0(ids[q0 : q0 + query_block].to(ranks.comm))
+        if got_s is not None and got_i is not None:
+            merged = _canonical(torch.cat([s.cpu() for s in got_s], dim=1),
+                                torch.cat([i.cpu() for i in got_i], dim=1), width)
+            out_s.append(merged[0])
+            out_i.append(merged[1])
+    if ranks.rank != 0:
+        return None
+    return torch.cat(out_s), torch.cat(out_i)
+
+
+def reduce_positive_scores(pos: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Every query's lowest positive score over all ranks (collective; the result is used on rank 0)."""
+    import torch.distributed as dist
+
+    t = pos.to(ranks.comm)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.cpu()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,11 +490,67 @@ def _write_parquet(path: Path, groups: QueryGroups, negatives: list[list[int]], 
 # --------------------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------------------
+def _setup_ranks(opts: MineOptions) -> tuple[Ranks | None, str]:
+    """(process group membership, None in a single process; the torch device of this process). Under a launcher
+    (WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, gloo on CPU) and CUDA means cuda:LOCAL_RANK."""
+    import torch
+
+    from pipeline.training.distributed import init_distributed, launched_world_size
+
+    if launched_world_size() <= 1:
+        return None, opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_distributed(use_deepspeed=False)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{info.local_rank}"
+    comm = torch.device(f"cuda:{info.local_rank}") if info.backend == "nccl" else torch.device("cpu")
+    return Ranks(info.rank, info.world_size, comm), device
+
+
+def _mine_on_ranks(
+    model: Any, q_tok: list[np.ndarray], d_tok: list[np.ndarray], groups: QueryGroups, opts: MineOptions,
+    ranks: Ranks, device: str, name: str, progress: bool,
+) -> tuple[tuple[list[list[int]], dict[str, Any]] | None, list[float]]:
+    """Embed this rank's share of the corpus and the queries, search its corpus share for all queries, merge the
+    top-k lists on rank 0 and select there: ((negatives, stats) on rank 0, else None; stage end times)."""
+    import torch
+
+    packed = bool(getattr(getattr(model, "module", model), "packed", False))
+    n_docs = len(d_tok)
+    d_chunks = embedding_chunks(np.array([len(t) for t in d_tok]), opts.batch_size, packed)
+    d_idx, d_emb = embed_share(model, d_tok, d_chunks, ranks, chunk_size=opts.batch_size,
+                               desc=f"{name}: embed corpus", progress=progress)
+    t2 = time.perf_counter()
+    q_chunks = embedding_chunks(np.array([len(t) for t in q_tok]), opts.batch_size, packed)
+    q_idx, q_local = embed_share(model, q_tok, q_chunks, ranks, chunk_size=opts.batch_size,
+                                 desc=f"{name}: embed queries", progress=progress)
+    dim = _embedding_dim(d_emb if d_emb is not None else q_local, ranks)
+    q_emb = gather_queries(q_idx, q_local, len(q_tok), dim, q_chunks, ranks)
+    t3 = time.perf_counter()
+    if d_emb is None:
+        d_emb = torch.zeros((0, dim), dtype=torch.float32)
+    doc_ids = torch.from_numpy(d_idx.astype(np.int64))
+    scores, ids = search_slice(q_emb, d_emb, doc_ids, opts.params.top_k, device=device, progress=progress,
+                               desc=f"{name}: search")
+    pos = reduce_positive_scores(positive_scores(q_emb, d_emb, doc_ids, groups.positives), ranks)
+    merged = merge_to_rank0(scores, ids, opts.params.top_k, n_docs, ranks)
+    if merged is None:
+        return None, [t2, t3]
+    result = select_all(merged[0], merged[1], pos, groups.positives, groups.existing, opts.params,
+                        n_docs=n_docs, keep_existing=opts.existing == "keep")
+    return result, [t2, t3]
+
+
 def mine_negatives(opts: MineOptions) -> dict[str, Any]:
-    """Mine every raw dataset of `opts.raw` into `opts.out`; returns the report (also written as JSON)."""
+    """Mine every raw dataset of `opts.raw` into `opts.out`; returns the report (also written as JSON).
+
+    Under torchrun / deepspeed (WORLD_SIZE > 1) every rank embeds and searches a share of the work and rank 0 alone
+    writes the outputs, which are the same as one process's; the other ranks return an empty dict.
+    """
     from pipeline.data.tokenization import encode_spec, load_tokenizer, tokenize_texts
     from pipeline.evaluation.retrieval import embed
     from pipeline.model.embedding import load_model_dir
+    from pipeline.training.distributed import teardown
     from pipeline.training.export import model_prompts
 
     opts.params.check()
@@ -277,9 +564,12 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
         if (out / src.name).resolve() == src.resolve():
             raise MiningError(f"--out {out}: would overwrite the input {src}; choose another directory")
     registry: Registry = load_registry(opts.registry)
-    import torch
-
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks, device = _setup_ranks(opts)
+    # No teardown on an error: its barrier would wait for ranks blocked in a collective; the failing rank exits and
+    # the launcher stops the others.
+    world = 1 if ranks is None else ranks.world
+    rank0 = ranks is None or ranks.rank == 0
+    progress = opts.progress and rank0
     model, model_dir = load_model_dir(opts.model, device)
     try:
         load_tokenizer(model_dir)
@@ -287,9 +577,10 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
         raise MiningError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
     spec = encode_spec(model_dir, opts.max_len)
     prompts = model_prompts(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if opts.registry:
-        shutil.copyfile(opts.registry, out / "datasets.yaml")
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        if opts.registry:
+            shutil.copyfile(opts.registry, out / "datasets.yaml")
 
     report: dict[str, Any] = {
         "model": model_dir, "raw": str(opts.raw), "registry": opts.registry, "max_len": opts.max_len,
@@ -305,18 +596,27 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
         queries = [fmt(q) for q in groups.queries]
         log(f"{name}: {len(groups.rows):,} rows, {len(queries):,} queries, {len(groups.docs):,} docs; "
             f"query instruction: {source}")
-        q_tok = tokenize_texts(queries, spec, desc=f"{name}: tokenize queries", progress=opts.progress)
-        d_tok = tokenize_texts(groups.docs, spec, desc=f"{name}: tokenize corpus", progress=opts.progress)
+        q_tok = tokenize_texts(queries, spec, desc=f"{name}: tokenize queries", progress=progress)
+        d_tok = tokenize_texts(groups.docs, spec, desc=f"{name}: tokenize corpus", progress=progress)
         t1 = time.perf_counter()
-        d_emb = embed(model, d_tok, chunk_size=opts.batch_size, desc=f"{name}: embed corpus", progress=opts.progress)
-        t2 = time.perf_counter()
-        q_emb = embed(model, q_tok, chunk_size=opts.batch_size, desc=f"{name}: embed queries", progress=opts.progress)
-        t3 = time.perf_counter()
-        negatives, stats = mine_from_embeddings(
-            q_emb, d_emb, groups.positives, groups.existing, opts.params,
-            keep_existing=opts.existing == "keep", progress=opts.progress, desc=f"{name}: search",
-        )
+        if ranks is None:
+            d_emb = embed(model, d_tok, chunk_size=opts.batch_size, desc=f"{name}: embed corpus", progress=progress)
+            t2 = time.perf_counter()
+            q_emb = embed(model, q_tok, chunk_size=opts.batch_size, desc=f"{name}: embed queries",
+                          progress=progress)
+            t3 = time.perf_counter()
+            result: tuple[list[list[int]], dict[str, Any]] | None = mine_from_embeddings(
+                q_emb, d_emb, groups.positives, groups.existing, opts.params,
+                keep_existing=opts.existing == "keep", device=device, progress=progress, desc=f"{name}: search",
+            )
+        else:
+            result, (t2, t3) = _mine_on_ranks(model, q_tok, d_tok, groups, opts, ranks, device, name, progress)
         t4 = time.perf_counter()
+        log(f"{name}: embedding + search on {world} rank(s): {len(queries) / max(t4 - t1, 1e-9):,.1f} queries/s "
+            f"({t4 - t1:.2f} s)")
+        if result is None:
+            continue
+        negatives, stats = result
         target = out / src.name
         if src.suffix == ".jsonl":
             _write_jsonl(target, groups, negatives)
@@ -330,8 +630,11 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
                         "write": round(t5 - t4, 2), "total": round(t5 - t0, 2)},
         })
         report["datasets"][name] = stats
-    (out / "mining_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    if rank0:
+        (out / "mining_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if ranks is not None:
+        teardown()
+    return report if rank0 else {}
 
 
 def report_table(report: dict[str, Any]) -> str:
@@ -384,6 +687,8 @@ def run_cli(args: Any) -> int:
             seed=args.seed, progress=not args.no_progress,
         )
     )
+    if not report:  # not rank 0 of several
+        return 0
     print(report_table(report))
     print(f"written to {args.out} (report: {Path(args.out) / 'mining_report.json'})")
     return 0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -159,3 +161,61 @@ def test_errors(raw_dir: tuple[Path, Path], tmp_path: Path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.jsonl'}: no such file or directory"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _generated_records(n: int = 22) -> list[dict]:
+    """`n` how-to queries over combinations of a few words, some with an existing negative, one query text twice."""
+    verbs = ["sort", "parse", "merge", "split", "reverse", "filter", "count", "hash"]
+    nouns = ["list", "string", "file", "dictionary", "tuple", "number"]
+    records = []
+    for i in range(n):
+        verb, noun = verbs[i % len(verbs)], nouns[(i * 5) % len(nouns)]
+        rec = {"query": f"how to {verb} a {noun} in python (case {i % 4})",
+               "pos": [f"To {verb} the {noun}, call the {verb} helper on it; example number {i}."], "neg": []}
+        if i % 6 == 0:
+            rec["neg"] = [f"The {noun} museum opens at {i} o'clock."]
+        records.append(rec)
+    records.append({"query": records[3]["query"], "pos": ["A second positive for the same query text."], "neg": []})
+    return records
+
+
+def test_two_ranks_match_one_process(tmp_path: Path):
+    """torchrun with 2 CPU ranks (gloo) writes byte-identical outputs and the same report counts as one process,
+    on corpora whose sizes do not divide by 2."""
+    raw = tmp_path / "raw"
+    records = _generated_records()
+    write_jsonl(raw / "gen.jsonl", records)
+    write_parquet(raw / "gen_pq.parquet", [{"query": r["query"], "passage": r["pos"][0]} for r in records[:17]])
+    registry = write_registry(tmp_path / "datasets.yaml", {"gen": {"type": "retrieval"},
+                                                           "gen_pq": {"type": "retrieval"}})
+    common = ["mine-negatives", "--raw", str(raw), "--model", minilm_dir(), "--registry", str(registry),
+              "--top-k", "12", "--skip-top", "1", "--keep", "5", "--max-len", "32", "--batch-size", "3",
+              "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-m", "preprocess", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "preprocess", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=180,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "world size 2" in two.stderr and "queries/s" in two.stderr
+    for name in ("gen.jsonl", "gen_pq.parquet", "datasets.yaml"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    rep1, rep2 = (json.loads((tmp_path / d / "mining_report.json").read_text())["datasets"] for d in ("one", "two"))
+    assert rep1["gen"]["docs"] % 2 == 1 and rep1["gen_pq"]["docs"] % 2 == 1  # uneven splits
+    for name in rep1:
+        for key in ("queries", "docs", "negatives_mean", "mined_total", "queries_full", "queries_short",
+                    "queries_without_negatives", "dropped", "positive_score_mean", "positive_at_rank_1", "rows"):
+            assert rep1[name][key] == rep2[name][key], (name, key)
+    assert rep1["gen"]["mined_total"] > 0
