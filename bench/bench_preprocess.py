@@ -15,6 +15,11 @@ Two parts, each run by both methods on the same data with the same worker count:
    warm in the page cache (read beforehand) and cold (evicted with ``posix_fadvise(DONTNEED)``; page residency
    checked with ``mincore`` and printed).
 
+The build is also compared with its physical limit, the Rust tokenizer alone (``_tokenize``, a fresh subprocess per
+run): the same texts the build tokenizes (every row's query with its instruction, every distinct document, first
+seen), ``encode_batch`` in batches of 1,000 with truncation at the build's max_len on ``--workers`` Rayon threads,
+nothing else timed (reading and deduplicating the texts happen before the clock starts).
+
 ``--quick`` runs everything at small sizes in well under a minute. The report is a markdown table of medians.
 
 ``--rss-rows 1000000,4000000`` instead measures the peak RSS of ``preprocess build`` (in-process, one fresh
@@ -71,6 +76,8 @@ ROWS = (
     "peak RSS after random access, MiB, ours without the pandas import",
 )
 NOPD = "ours_nopd"  # ours with `import pandas` blocked in the reader process
+TOKENIZER_ROW = "build throughput vs the tokenizer alone (encode_batch, same texts and cores), tokens/s"
+BUILD_MAX_LEN = 1024  # preprocess build's default --max-len, used by both builds
 
 
 def _minilm_dir() -> str:
@@ -374,6 +381,52 @@ def _run(cmd: list[str], log: Path) -> tuple[float, str]:
     return wall, proc.stdout
 
 
+def build_texts(raw: Path) -> list[str]:
+    """The texts `preprocess build` tokenizes for the raw directory: per dataset, every usable row's query formatted
+    with its instruction, then every distinct positive and negative text (first seen)."""
+    from pipeline.data.raw import RawStats, discover, read_rows
+    from pipeline.data.registry import load_registry
+
+    registry = load_registry(raw / "datasets.yaml")
+    sources = discover(raw)
+    texts: list[str] = []
+    for spec in registry.resolve(list(sources), None, str(raw / "datasets.yaml")):
+        rows = list(read_rows(sources[spec.name], RawStats()))
+        texts.extend(registry.format_query(spec, r.query) for r in rows)
+        seen: set[str] = set()
+        for r in rows:
+            for t in (r.positive, *r.negatives):
+                if t not in seen:
+                    seen.add(t)
+                    texts.append(t)
+    return texts
+
+
+def tokenize_child(args: argparse.Namespace) -> dict[str, float]:
+    """The Rust tokenizer alone on the build's texts: tokens and seconds of ``encode_batch`` (nothing else timed)."""
+    os.environ["RAYON_NUM_THREADS"] = str(args.workers)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    from tokenizers import Tokenizer
+
+    texts = build_texts(Path(args.raw))
+    tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    tokenizer.enable_truncation(args.max_len)
+    tokenizer.no_padding()
+    tokens = 0
+    started = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        tokens += sum(len(e.ids) for e in tokenizer.encode_batch(texts[i : i + 1000]))
+    seconds = time.perf_counter() - started
+    return {"texts": len(texts), "tokens": tokens, "seconds": seconds}
+
+
+def tokenize_alone(raw: Path, tok: str, workers: int, logs: Path, rep: int) -> dict[str, float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_tokenize", "--raw", str(raw), "--tokenizer", tok,
+           "--workers", str(workers), "--max-len", str(BUILD_MAX_LEN)]
+    _, stdout = _run(cmd, logs / f"tokenize_{rep}.log")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def build_ours(raw: Path, tok: str, out: Path, workers: int, logs: Path, rep: int) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "preprocess", "build", "--raw", str(raw), "--registry", str(raw / "datasets.yaml"),
@@ -590,6 +643,16 @@ def parse_read_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_tokenize_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _tokenize",
+                                     description="The tokenizer alone on a build's texts; prints a JSON line.")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=BUILD_MAX_LEN)
+    return parser.parse_args(argv)
+
+
 def parse_rss_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _rss",
                                      description="One build (fresh process) for --rss-rows; prints a JSON line.")
@@ -607,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "_rss":
         print(json.dumps(rss_child(parse_rss_args(argv[1:]))))
+        return 0
+    if argv and argv[0] == "_tokenize":
+        print(json.dumps(tokenize_child(parse_tokenize_args(argv[1:]))))
         return 0
     args = parse_args(argv)
     from tqdm import tqdm
@@ -672,8 +738,14 @@ def main(argv: list[str] | None = None) -> int:
         in_o = [r["tokens"] / r["inproc_s"] for r in res["ours"]]
         in_s = [r["tokens"] / r["inproc_s"] for r in res["seed"]]
         rows.append((ROWS[2], in_s, in_o, _x(_med(in_o) / _med(in_s)), "(info)", ""))
+        alone = [tokenize_alone(raw, tok, args.workers, logs, rep) for rep in range(args.build_repeats)]
+        tps_t = [a["tokens"] / a["seconds"] for a in alone]
+        limit = _med(tps_o) / _med(tps_t)
+        rows.append((TOKENIZER_ROW, tps_t, tps_o, f"{limit:.0%} of the tokenizer", ">= 85%", _yes(limit >= 0.85)))
+        notes.append(f"tokenizer alone: {alone[0]['texts']:,} texts, {alone[0]['tokens']:,} tokens (the build adds "
+                     "EOS where the tokenizer does not); its column is in the seed's place of the table")
     else:
-        for label in ROWS[:3]:
+        for label in (*ROWS[:3], TOKENIZER_ROW):
             rows.append((label, [], [], "-", "(skipped)", ""))
 
     # ---------------------------------------------------------------- read

@@ -16,7 +16,7 @@ def _rows() -> tuple[str, ...]:
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    return module.ROWS
+    return (*module.ROWS, module.TOKENIZER_ROW)
 
 
 def test_quick_bench_prints_full_table(tmp_path):
@@ -32,6 +32,7 @@ def test_quick_bench_prints_full_table(tmp_path):
         assert line is not None, f"row missing: {label}\n{out}"
         assert line.count("|") == 7 and "(n=" in line, line
     assert "token sequences: identical" in out
+    assert "of the tokenizer |" in out and "tokenizer alone: " in out
     assert "command: `" in out
 
 
