@@ -63,7 +63,6 @@ REASONS = ("positive", "skip_top", "max_score", "margin", "existing")
 TIE_SLACK = 8  # extra float32 candidates per block, rescored in float64 before the top-k is cut
 SEARCH_DOC_BLOCK = 65536
 SEARCH_QUERY_BLOCK = 1024
-EMBED_GROUP = 2048  # pipeline.evaluation.retrieval.embed's default `group`
 
 
 class MiningError(ValueError):
@@ -334,21 +333,6 @@ class Ranks:
     comm: torch.device
 
 
-def embedding_chunks(lengths: np.ndarray, chunk_size: int, packed: bool, group: int = EMBED_GROUP
-                     ) -> list[np.ndarray]:
-    """The sequence index chunks, in order, that :func:`pipeline.evaluation.retrieval.embed` forms for sequences of
-    these `lengths` (groups of `group` in longest-first order, `chunk_size` sequences per forward)."""
-    from pipeline.model.packing import plan_chunks
-
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    chunks: list[np.ndarray] = []
-    for g0 in range(0, len(order), group):
-        idx = order[g0 : g0 + group]
-        within = plan_chunks(np.asarray(lengths)[idx], packed=packed, chunk_size=chunk_size)
-        chunks.extend(idx[c] for c in within)
-    return chunks
-
-
 def rank_share(chunks: list[np.ndarray], rank: int, world: int) -> np.ndarray:
     """Sorted sequence indices of the chunks that `rank` embeds (chunks dealt round-robin, so every rank gets a mix
     of long and short sequences)."""
@@ -514,6 +498,8 @@ def _mine_on_ranks(
     """Embed this rank's share of the corpus and the queries, search its corpus share for all queries, merge the
     top-k lists on rank 0 and select there: ((negatives, stats) on rank 0, else None; stage end times)."""
     import torch
+
+    from pipeline.evaluation.retrieval import embedding_chunks
 
     packed = bool(getattr(getattr(model, "module", model), "packed", False))
     n_docs = len(d_tok)

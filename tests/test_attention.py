@@ -71,10 +71,11 @@ def test_kernel_choice():
     assert varlen_kernel(x.bfloat16(), 0.0) == "segments"
 
 
-def test_model_forward_through_the_torch_kernel_path(monkeypatch):
-    """The packed model forward with the CUDA branch taken (kernel replaced by the reference above, fp32 on CPU):
-    transformers' call, the layout transposes, cu_seq_lens and max_length all line up, and equal padded sdpa."""
-    calls = []
+@pytest.fixture
+def torch_kernel_calls(monkeypatch) -> list[dict]:
+    """The CUDA varlen branch taken on CPU: the kernel replaced by the reference above (fp32), every call's keyword
+    arguments recorded in the returned list."""
+    calls: list[dict] = []
 
     def recording_kernel(*args, **kwargs):
         calls.append(kwargs)
@@ -84,6 +85,13 @@ def test_model_forward_through_the_torch_kernel_path(monkeypatch):
     monkeypatch.setattr(attention, "_torch_varlen", lambda: (recording_kernel, frozenset(
         ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale", "window_size",
          "enable_gqa"])))
+    return calls
+
+
+def test_model_forward_through_the_torch_kernel_path(torch_kernel_calls):
+    """The packed model forward with the CUDA branch taken (kernel replaced by the reference above, fp32 on CPU):
+    transformers' call, the layout transposes, cu_seq_lens and max_length all line up, and equal padded sdpa."""
+    calls = torch_kernel_calls
     model = tiny_model(0, attn_implementation="varlen")
     reference = tiny_model(0, attn_implementation="sdpa")
     model.eval()
@@ -141,19 +149,10 @@ def test_bidirectional_first_token_sees_later_tokens_causal_does_not(attn, packi
             assert moved > 1e-3, (attn, packing, moved)
 
 
-def test_bidirectional_through_the_torch_kernel_path(monkeypatch):
+def test_bidirectional_through_the_torch_kernel_path(torch_kernel_calls):
     """The CUDA varlen branch (kernel replaced by the reference, as above) is called without the causal window
     and equals padded bidirectional sdpa."""
-    calls = []
-
-    def recording_kernel(*args, **kwargs):
-        calls.append(kwargs)
-        return kernel_current(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "varlen_kernel", lambda query, dropout: "torch")
-    monkeypatch.setattr(attention, "_torch_varlen", lambda: (recording_kernel, frozenset(
-        ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale", "window_size",
-         "enable_gqa"])))
+    calls = torch_kernel_calls
     model = tiny_model(0, attn_implementation="varlen", attention_mask="bidirectional")
     reference = tiny_model(0, attn_implementation="sdpa", packing="padded", attention_mask="bidirectional")
     model.eval()

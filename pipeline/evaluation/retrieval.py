@@ -33,6 +33,7 @@ from pipeline.model.embedding import encode
 
 DEFAULT_KS = (1, 10, 100)
 CUTOFF = 10  # MRR@10, nDCG@10
+EMBED_GROUP = 2048  # sequences handed to encode() at a time by embed()
 
 
 class EvaluationError(ValueError):
@@ -42,6 +43,28 @@ class EvaluationError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Embedding and search
 # --------------------------------------------------------------------------------------------------------------
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Sequence indices longest first (stable): the order :func:`embed` hands sequences to the model in."""
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def embedding_chunks(lengths: np.ndarray, chunk_size: int, packed: bool, group: int = EMBED_GROUP
+                     ) -> list[np.ndarray]:
+    """The sequence index chunks, in order, that :func:`embed` forms for sequences of these `lengths` with
+    `chunk_size` sequences per forward: groups of `group` in :func:`length_order`, each planned by
+    :func:`pipeline.model.packing.plan_chunks` as :func:`pipeline.model.embedding.encode` plans it. Embedding each
+    chunk on its own gives every sequence the batch, hence the embedding, it gets from one :func:`embed` call."""
+    from pipeline.model.packing import plan_chunks
+
+    order = length_order(lengths)
+    chunks: list[np.ndarray] = []
+    for g0 in range(0, len(order), group):
+        idx = order[g0 : g0 + group]
+        within = plan_chunks(np.asarray(lengths)[idx], packed=packed, chunk_size=chunk_size)
+        chunks.extend(idx[c] for c in within)
+    return chunks
+
+
 def embed(
     model: torch.nn.Module,
     seqs: Sequence[np.ndarray],
@@ -51,7 +74,7 @@ def embed(
     lengths: np.ndarray | None = None,
     desc: str = "embed",
     progress: bool = True,
-    group: int = 2048,
+    group: int = EMBED_GROUP,
     bar: tqdm | None = None,
 ) -> torch.Tensor:
     """[n, d] float32 CPU embeddings of `seqs` (any indexable of 1-D token arrays, e.g. a shard TokenTable).
@@ -66,7 +89,7 @@ def embed(
         raise EvaluationError(f"{desc}: nothing to embed")
     if lengths is None:
         lengths = np.fromiter((len(seqs[i]) for i in range(n)), dtype=np.int64, count=n)
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+    order = length_order(lengths)
     out: torch.Tensor | None = None
     was_training = model.training
     model.eval()
