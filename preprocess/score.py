@@ -9,7 +9,7 @@ For each dataset and query row i (positive p_i, negative pool n_i0 .. n_i(K-1), 
 
 to ``<dataset>/scores.arrow`` (layout in :mod:`pipeline.data.shard_format`) and records the file (size, sha256) and
 the teacher in ``dataset.json`` and the manifest. Score distillation (``loss.score_distill``) reads, at each step,
-the columns of the negatives the sampler drew (:func:`pipeline.data.loader.candidate_scores`).
+the columns of the negatives the sampler drew (:func:`pipeline.data.loader.picked_teacher_scores`).
 
 Teachers:
 

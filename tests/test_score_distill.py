@@ -320,10 +320,10 @@ def test_batches_carry_the_scores_of_the_sampled_negatives(scored_shards):
                 assert batch.teacher_scores[i, 1 + j] == ds.scores[q, 1 + slot]  # ...and its teacher score
     assert build_batch(ds, ids, 2, seed=5, epoch=0).teacher_scores is None
 
-    from pipeline.data.loader import candidate_scores
+    from pipeline.data.loader import picked_teacher_scores
 
     rows = np.array([[0.9, 0.1, 0.2, 0.3]], dtype=np.float32)
-    got = candidate_scores(rows, np.array([[2, -1, 0]]))  # a random document (slot -1) has no teacher score
+    got = picked_teacher_scores(rows, np.array([[2, -1, 0]]))  # a random document (slot -1) has no teacher score
     np.testing.assert_array_equal(got, np.array([[0.9, 0.3, np.nan, 0.1]], dtype=np.float32))
 
 

@@ -137,7 +137,7 @@ def build_batch(
 ) -> ContrastiveBatch:
     """Token arrays (copied out of the map) of the given queries (none: an empty batch), their positives with
     their corpus ids, and sampled negatives; with `teacher_scores`, the teacher's scores of exactly those candidates
-    (:func:`candidate_scores`)."""
+    (:func:`picked_teacher_scores`)."""
     query_ids = np.asarray(query_ids, dtype=np.int64)
     queries = [np.array(ds.queries[int(q)]) for q in query_ids]
     pos_ids = np.array(ds.positives[query_ids], dtype=np.int64)
@@ -153,11 +153,11 @@ def build_batch(
     scores = None
     if teacher_scores:
         picked = np.stack(slots) if slots else np.zeros((0, n_neg), dtype=np.int64)
-        scores = candidate_scores(ds.scores[query_ids], picked)
+        scores = picked_teacher_scores(ds.scores[query_ids], picked)
     return ContrastiveBatch(queries, positives, negatives, n_neg, ds.type, positive_ids=pos_ids, teacher_scores=scores)
 
 
-def candidate_scores(rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+def picked_teacher_scores(rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """[B, 1 + n_neg] float32: each query's teacher score of its positive (column 0 of its score row), then of each
     sampled negative (column 1 + slot), NaN for a negative that is not from the pool (slot -1)."""
     picked = np.where(slots >= 0, np.take_along_axis(rows[:, 1:], np.maximum(slots, 0), axis=1), np.nan)
