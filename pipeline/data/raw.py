@@ -97,7 +97,10 @@ def _validated(query: Any, positive: Any, negatives: list[Any], stats: RawStats)
 
 def _read_parquet(path: Path, stats: RawStats, batch_rows: int = 8192) -> Iterator[RawRow]:
     try:
-        handle = pq.ParquetFile(path)
+        # pre_buffer=False: with pre-buffering (pyarrow's default) the reader caches every column chunk it has read
+        # until the file is closed, so memory grows with the file (measured: +22 MiB per 100k-row group, 273 MiB
+        # after 1M rows); without it memory stays at one row group.
+        handle = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RawDataError(f"{path}: cannot read parquet ({exc})") from None
     names = handle.schema_arrow.names
