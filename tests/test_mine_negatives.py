@@ -202,16 +202,19 @@ def test_two_ranks_match_one_process(tmp_path: Path):
     one = subprocess.run([sys.executable, "-m", "preprocess", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "preprocess", *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=180,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "world size 2" in two.stderr and "queries/s" in two.stderr
-    for name in ("gen.jsonl", "gen_pq.parquet", "datasets.yaml"):
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    # exact search, and a flat faiss index per rank (exact too, so the same files; its recall check adds a merge)
+    for out, extra in (("two", []), ("two_faiss", ["--search", "faiss", "--faiss-index", "Flat"])):
+        two = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(_free_port()), "-m", "preprocess", *common, *extra, "--out", str(tmp_path / out)],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=180,
+        )
+        assert two.returncode == 0, two.stderr[-2000:]
+        assert "world size 2" in two.stderr and "queries/s" in two.stderr
+        for name in ("gen.jsonl", "gen_pq.parquet", "datasets.yaml"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / out / name).read_bytes(), (out, name)
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert "faiss search (Flat, nprobe 64): recall@12 1.0000" in two.stderr
     rep1, rep2 = (json.loads((tmp_path / d / "mining_report.json").read_text())["datasets"] for d in ("one", "two"))
     assert rep1["gen"]["docs"] % 2 == 1 and rep1["gen_pq"]["docs"] % 2 == 1  # uneven splits
     for name in rep1:
