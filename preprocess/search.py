@@ -93,6 +93,17 @@ def exact_scores(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     return (docs.double() * queries.double().unsqueeze(-2)).sum(-1)
 
 
+def rescore(queries: torch.Tensor, docs: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """float64 [n_q, c]: :func:`exact_scores` of each query in `queries` [n_q, d] with its candidates
+    ``docs[local[i]]`` (`local` [n_q, c] row indices into `docs` [n, d]), in row chunks whose float64
+    temporaries stay near 128 MiB."""
+    import torch
+
+    rows = max(1, (1 << 24) // max(local.shape[1] * docs.shape[1], 1))
+    return torch.cat([exact_scores(queries[r : r + rows], docs[local[r : r + rows]])
+                      for r in range(0, queries.shape[0], rows)])
+
+
 def search_slice(
     q_emb: torch.Tensor,
     d_emb: torch.Tensor,
@@ -109,7 +120,7 @@ def search_slice(
     [n_d]: (float64 scores, doc ids) [n_q, min(k, n_d)] on the CPU, best first, equal scores by ascending id.
 
     Blocks of `doc_block` documents and `query_block` queries are scored on `device` in float32; the best
-    ``k + TIE_SLACK`` of each block are rescored in float64 (:func:`_exact_scores`) and merged into the running top-k,
+    ``k + TIE_SLACK`` of each block are rescored in float64 (:func:`rescore`) and merged into the running top-k,
     so the result is the same however the corpus is split into blocks or ranks.
     """
     import torch
@@ -126,15 +137,12 @@ def search_slice(
             block = d_emb[d0 : d0 + doc_block].to(device)
             ids = ids_all[d0 : d0 + doc_block]
             cand = min(k + TIE_SLACK, block.shape[0])
-            rescore_rows = max(1, (1 << 24) // (cand * block.shape[1]))  # float64 temporaries of ~128 MiB
             parts_s, parts_i = [], []
             for q0 in range(0, n_q, query_block):
                 q = queries[q0 : q0 + query_block]
                 local = torch.topk(q @ block.T, cand, dim=1).indices
-                exact = torch.cat([exact_scores(q[r : r + rescore_rows], block[local[r : r + rescore_rows]])
-                                   for r in range(0, q.shape[0], rescore_rows)])
-                merged = canonical_order(torch.cat([best_s[q0 : q0 + query_block], exact], dim=1),
-                                    torch.cat([best_i[q0 : q0 + query_block], ids[local]], dim=1), width)
+                merged = canonical_order(torch.cat([best_s[q0 : q0 + query_block], rescore(q, block, local)], dim=1),
+                                         torch.cat([best_i[q0 : q0 + query_block], ids[local]], dim=1), width)
                 parts_s.append(merged[0])
                 parts_i.append(merged[1])
             best_s, best_i = torch.cat(parts_s), torch.cat(parts_i)
@@ -225,7 +233,7 @@ def search_index(index: object, q_emb: torch.Tensor, d_emb: torch.Tensor, doc_id
                  query_block: int = 4096, progress: bool = False,
                  desc: str = "search") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k + TIE_SLACK`` candidates `index` (built over `d_emb`) proposes per query, rescored in float64
-    (:func:`exact_scores`) and cut to the top-k in canonical order; empty slots are (-inf, -1), last."""
+    (:func:`rescore`) and cut to the top-k in canonical order; empty slots are (-inf, -1), last."""
     import torch
 
     n_q, n_d = q_emb.shape[0], d_emb.shape[0]
@@ -240,7 +248,7 @@ def search_index(index: object, q_emb: torch.Tensor, d_emb: torch.Tensor, doc_id
             local = torch.from_numpy(found).long()
             empty = local < 0
             local = local.clamp(min=0)
-            scores = exact_scores(q, d_emb[local]).masked_fill(empty, float("-inf"))
+            scores = rescore(q, d_emb, local).masked_fill(empty, float("-inf"))
             ids = torch.where(empty, torch.iinfo(torch.int64).max, doc_ids[local])  # empty slots sort last
             s, i = canonical_order(scores, ids, width)
             out_s.append(s)

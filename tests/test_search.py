@@ -8,9 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import minilm_dir, write_jsonl
-from preprocess.mine_negatives import MineOptions, MiningParams, mine_from_embeddings, mine_negatives
+
+from preprocess.mine_negatives import (
+    MineOptions,
+    MiningParams,
+    mine_from_embeddings,
+    mine_negatives,
+)
 from preprocess.search import (
     SearchError,
     SearchParams,
