@@ -41,8 +41,7 @@ setup(
         # train.report_to: [wandb]
         "wandb": ["wandb>=0.17"],
         "flash": ["flash-attn>=2.6"],
-        # preprocess mine-negatives --search faiss (approximate candidates for corpora beyond exact search; on GPU
-        # nodes exact search runs on the GPUs, faiss-gpu comes from conda).
+        # preprocess mine-negatives --search faiss: approximate candidates (CPU index) for corpora beyond exact search.
         "faiss": ["faiss-cpu>=1.8"],
     },
 )
