@@ -226,8 +226,8 @@ def select_all(
         base = [n for n in existing[qi] if n not in pos_set][: params.keep] if keep_existing else []
         found = int(np.isfinite(scores_np[qi]).sum())  # approximate search may leave empty (-inf) slots at the end
         mined = select_negatives(
-            ids_np[qi, :found], scores_np[qi, :found], positives=pos_set, positive_score=float(pos_np[qi]), params=params,
-            exclude=set(base), limit=params.keep - len(base), reasons=reasons,
+            ids_np[qi, :found], scores_np[qi, :found], positives=pos_set, positive_score=float(pos_np[qi]),
+            params=params, exclude=set(base), limit=params.keep - len(base), reasons=reasons,
         )
         mined_total += len(mined)
         out.append(base + mined)
