@@ -289,14 +289,14 @@ def recall_check(q_emb: torch.Tensor, d_emb: torch.Tensor, doc_ids: torch.Tensor
 
 
 def search_report(search: SearchParams, ids: torch.Tensor, sample: np.ndarray, exact: torch.Tensor | None,
-                  n_docs: int) -> dict[str, Any]:
+                  share_docs: int) -> dict[str, Any]:
     """The report's ``search`` entry: the method; for faiss the index, nprobe and recall@top-k of the sampled
     queries against exact search (logged too)."""
     if search.method == "exact":
         return {"method": "exact"}
     out: dict[str, Any] = {"method": "faiss", "index": search.faiss_index, "nprobe": search.nprobe}
     if search.faiss_index == AUTO:
-        out["index_one_rank"] = auto_factory(n_docs)
+        out["index_rank0"] = auto_factory(share_docs)  # what `auto` built over rank 0's corpus share
     if exact is not None:
         recall = recall_at_k(ids.numpy()[sample], exact.numpy())
         out.update({"recall_at_top_k": round(recall, 4), "recall_queries": len(sample)})
@@ -511,7 +511,7 @@ def _mine_on_ranks(
     negatives, stats = select_all(merged[0], merged[1], pos, groups.positives, groups.existing, opts.params,
                                   n_docs=n_docs, keep_existing=opts.existing == "keep")
     stats["search"] = search_report(opts.search, merged[1], sample, None if exact_merged is None else exact_merged[1],
-                                    n_docs)
+                                    len(d_idx))
     return (negatives, stats), [t2, t3]
 
 

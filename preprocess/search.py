@@ -38,6 +38,10 @@ MIN_POINTS_PER_LIST = 39  # faiss k-means wants >= 39 training points per centro
 METHODS = ("exact", "faiss")
 
 
+class SearchError(ValueError):
+    """A search option that cannot work (faiss missing, an index faiss cannot build); names the option."""
+
+
 @dataclass(frozen=True)
 class SearchParams:
     """How candidates are found: ``method`` exact or faiss; for faiss the index factory string, the lists probed
@@ -150,16 +154,12 @@ def search_slice(
     return best_s.cpu(), best_i.cpu()
 
 
-class SearchError(ValueError):
-    """A search option that cannot work (faiss missing, an index faiss cannot build); names the option."""
-
-
 def _faiss():
     try:
         import faiss
     except ImportError:
-        raise SearchError("--search faiss: faiss is not installed (pip install 'embedding-pipeline[faiss]', "
-                               "or faiss-gpu from conda)") from None
+        raise SearchError("--search faiss: faiss is not installed (pip install 'embedding-pipeline[faiss]')") \
+            from None
     return faiss
 
 
@@ -183,11 +183,11 @@ def build_index(docs: np.ndarray, factory: str, *, nprobe: int, seed: int = 0, a
             from None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        set_nprobe(index, nprobe)
+        ivf.nprobe = nprobe
         ivf.cp.seed = seed
         if n < ivf.nlist:
             raise SearchError(f"--faiss-index {spec}: {ivf.nlist} lists need at least as many documents, this corpus "
-                             f"(share) has {n}")
+                              f"(share) has {n}")
     if not index.is_trained:
         index.train(docs)
     with tqdm(total=n, desc=desc, unit="doc", dynamic_ncols=True, disable=not progress) as bar:
