@@ -74,6 +74,10 @@ class ModelConfig:
     attention_mask: Literal["auto", "causal", "bidirectional"] = "auto"
     # LoRA adapters instead of full fine-tuning (pipeline/model/lora.py); null = every weight is trained.
     lora: LoraConfig | None = None
+    # Run the Python code a model directory ships (config.json / tokenizer_config.json `auto_map`) when the model,
+    # its tokenizer and config, and the distillation teacher load (transformers' trust_remote_code). Only for
+    # directories from a trusted source: that code runs with the trainer's rights. false: such directories fail to load.
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mteb-batch-size", type=int, default=32, help="--mteb: texts per encode batch (default 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the model directory ships (transformers' auto_map) to load it and its "
+                        "tokenizer; only for a directory from a trusted source")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -185,7 +188,7 @@ def _evaluate_data(args: argparse.Namespace, model: Any, model_dir: str, tokeniz
     missing = [n for n in names if n not in sources]
     if missing:
         raise EvaluationError(f"--data {data}: no dataset(s) {', '.join(missing)} (have: {', '.join(sources)})")
-    spec = encode_spec(model_dir, args.max_len)
+    spec = encode_spec(model_dir, args.max_len, trust_remote_code=args.trust_remote_code)
     prompts = model_prompts(model_dir)
     for name in names:
         evalset = load_raw_eval_set(sources[name])
@@ -210,7 +213,7 @@ def _evaluate_beir(args: argparse.Namespace, model: Any, model_dir: str, sets: l
     from pipeline.training.export import RETRIEVAL_PROMPT, model_prompts
 
     progress = not args.no_progress
-    spec = encode_spec(model_dir, args.max_len)
+    spec = encode_spec(model_dir, args.max_len, trust_remote_code=args.trust_remote_code)
     prompts = model_prompts(model_dir)
     results: dict[str, dict[str, Any]] = {}
     for beir in sets:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from pipeline.evaluation.mteb_eval import evaluate_mteb, load_sentence_transformer, resolve_tasks
 
         tasks = resolve_tasks(args.mteb)  # an unknown name fails before the model loads
-        st_model = load_sentence_transformer(args.model, args.device)
+        st_model = load_sentence_transformer(args.model, args.device, trust_remote_code=args.trust_remote_code)
         results = evaluate_mteb(st_model, tasks, batch_size=args.mteb_batch_size, progress=not args.no_progress)
         return {"model": args.model, "label": label, "mteb": results}
     if args.data is not None and not Path(args.data).exists():
@@ -258,9 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from pipeline.evaluation.eval_sets import load_beir
 
         sets = [load_beir(d, args.split) for d in args.beir]  # bad files are reported before the model is loaded
-    model, model_dir = load_model_dir(args.model, args.device)
+    model, model_dir = load_model_dir(args.model, args.device, trust_remote_code=args.trust_remote_code)
     try:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise EvaluationError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
     if args.beir:

@@ -32,6 +32,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             max_file_gb=args.max_file_gb,
             num_parts=args.num_parts,
             part=args.part,
+            trust_remote_code=args.trust_remote_code,
         )
     )
     results = builder.run()
@@ -76,12 +77,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from preprocess.report import show_example
     from pipeline.data.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = load_tokenizer(args.tokenizer, args.trust_remote_code) if args.tokenizer else None
     if tokenizer is not None:
         from pipeline.data.shards import ShardReader
 
         ShardReader(args.out, datasets=[args.dataset]).check_tokenizer(tokenizer)
-    print(json.dumps(show_example(args.out, args.dataset, args.index, tokenizer), indent=2, ensure_ascii=False))
+    example = show_example(args.out, args.dataset, args.index, tokenizer, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(example, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -121,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build only part --part of N, split by a hash of the query text (one task per machine; "
                    "join with `merge`)")
     p.add_argument("--part", type=int, default=0, help="which part, 0 .. num-parts - 1 (default 0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the tokenizer directory ships (transformers' auto_map) to load it; only "
+                        "for a directory from a trusted source")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("merge", help="join the parts of `build --num-parts N` into one shard directory")
@@ -145,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name")
     p.add_argument("--index", type=int, default=0, help="query row index (default 0)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the manifest)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the tokenizer directory ships (transformers' auto_map) to load it")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("example", help="generate synthetic example raw datasets and their registry")

@@ -86,6 +86,7 @@ class BuildOptions:
     num_parts: int = 1
     part: int = 0
     batch_rows: int = 8192
+    trust_remote_code: bool = False  # run the code the tokenizer directory ships (transformers' auto_map)
 
 
 @dataclass
@@ -188,11 +189,12 @@ class ShardBuilder:
             list(self.sources), options.default_type, options.registry or "registry (none given)"
         )
         try:
-            self.tokenizer = load_tokenizer(options.tokenizer)
+            self.tokenizer = load_tokenizer(options.tokenizer, options.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise BuildError(f"--tokenizer {options.tokenizer}: cannot load tokenizer ({exc})") from None
         self.fingerprint = tokenizer_fingerprint(self.tokenizer, options.tokenizer)
-        self.spec = encode_spec(options.tokenizer, options.max_len)  # EOS, whether the tokenizer appends it, dtype
+        # EOS, whether the tokenizer appends it, dtype
+        self.spec = encode_spec(options.tokenizer, options.max_len, trust_remote_code=options.trust_remote_code)
         self.eos_id = self.spec.eos_id
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id

@@ -62,9 +62,11 @@ def stats_table(stats: dict[str, Any], max_len: int) -> str:
     return "\n".join(lines)
 
 
-def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | None = None) -> dict[str, Any]:
+def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | None = None, *,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """One training example decoded back to text: what the model will see (special tokens kept), with the teacher's
-    scores when the shards have them."""
+    scores when the shards have them. Without `tokenizer`, the manifest's is loaded (`trust_remote_code`: running the
+    code its directory ships)."""
     reader = ShardReader(root, datasets=[dataset])
     ds = reader[dataset]
     if not 0 <= index < ds.num_queries:
@@ -74,7 +76,7 @@ def show_example(root: str | Path, dataset: str, index: int, tokenizer: Any | No
 
         path = reader.manifest["tokenizer"]["name_or_path"]
         try:
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(path, trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ShardError(f"cannot load tokenizer {path!r} recorded in the manifest ({exc}); pass --tokenizer") from None
         reader.check_tokenizer(tokenizer)

@@ -39,7 +39,6 @@ the dataset holds now and whose file still matches its checksum; a dataset score
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -57,6 +56,7 @@ from pipeline.data.shard_format import (
     MANIFEST,
     QUERIES,
     SCORES_FILE,
+    model_dir_sha256,
     scores_schema,
     sha256_file,
     tables_sha256,
@@ -89,25 +89,20 @@ class ScoreOptions:
     tokenizer: str | None = None  # the shards' tokenizer, to decode texts (default: the manifest's path)
     device: str | None = None
     progress: bool = True
+    trust_remote_code: bool = False  # run the code the teacher's (and the shards' tokenizer's) directory ships
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Teacher identity
 # --------------------------------------------------------------------------------------------------------------
 def teacher_identity(model_dir: str | Path, kind: str) -> dict[str, Any]:
-    """The teacher as the manifest records it: path, kind and a sha256 over its files (relative path and sha256 of
-    every file, hidden and Markdown files left out), so the same weights anywhere count as the same teacher."""
-    root = Path(model_dir)
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix != ".md" and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise ScoreError(f"--teacher {model_dir}: no model files")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode("utf-8"))
-    return {"name_or_path": str(model_dir), "kind": kind, "sha256": digest.hexdigest(), "files": len(files)}
+    """The teacher as the manifest records it: path, kind and a sha256 over its files
+    (:func:`pipeline.data.shard_format.model_dir_sha256`), so the same weights anywhere count as the same teacher."""
+    try:
+        digest, files = model_dir_sha256(model_dir)
+    except ValueError:
+        raise ScoreError(f"--teacher {model_dir}: no model files") from None
+    return {"name_or_path": str(model_dir), "kind": kind, "sha256": digest, "files": files}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,12 +111,12 @@ def teacher_identity(model_dir: str | Path, kind: str) -> dict[str, Any]:
 class Texts:
     """Texts decoded from shard token ids with the shards' tokenizer (special tokens dropped)."""
 
-    def __init__(self, reader: ShardReader, tokenizer_path: str | None) -> None:
+    def __init__(self, reader: ShardReader, tokenizer_path: str | None, *, trust_remote_code: bool = False) -> None:
         from pipeline.data.tokenization import load_tokenizer
 
         path = tokenizer_path or reader.manifest["tokenizer"]["name_or_path"]
         try:
-            self.tokenizer = load_tokenizer(path)
+            self.tokenizer = load_tokenizer(path, trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ScoreError(f"cannot load the shards' tokenizer {path!r} to decode texts ({type(exc).__name__}); "
                              "pass --tokenizer") from None
@@ -152,10 +147,11 @@ class BiEncoderScorer:
         from pipeline.data.tokenization import encode_spec, load_tokenizer
         from pipeline.model.embedding import load_model_dir
 
-        self.model, model_dir = load_model_dir(opts.teacher, device)
+        trust = opts.trust_remote_code
+        self.model, model_dir = load_model_dir(opts.teacher, device, trust_remote_code=trust)
         self.batch_size = opts.batch_size
         try:
-            same = tokenizer_fingerprint(load_tokenizer(model_dir))["vocab_sha256"] == \
+            same = tokenizer_fingerprint(load_tokenizer(model_dir, trust))["vocab_sha256"] == \
                 reader.manifest["tokenizer"]["vocab_sha256"]
         except (OSError, ValueError) as exc:
             raise ScoreError(f"--teacher {model_dir}: cannot load its tokenizer ({type(exc).__name__})") from None
@@ -166,8 +162,8 @@ class BiEncoderScorer:
             self.input, self.max_len, self.spec, self.texts = INPUT_IDS, None, None, None
         else:
             self.input, self.max_len = INPUT_TEXT, opts.max_len or reader.max_len
-            self.spec = encode_spec(model_dir, self.max_len)
-            self.texts = Texts(reader, opts.tokenizer)
+            self.spec = encode_spec(model_dir, self.max_len, trust_remote_code=trust)
+            self.texts = Texts(reader, opts.tokenizer, trust_remote_code=trust)
 
     def _sequences(self, table: Any, ids: np.ndarray) -> list[np.ndarray]:
         if self.texts is None:
@@ -209,14 +205,14 @@ class CrossEncoderScorer:
         model_dir = resolve_resource(opts.teacher) or opts.teacher
         try:
             self.model = CrossEncoder(model_dir, device=device, max_length=opts.max_len, local_files_only=True,
-                                      activation_fn=torch.nn.Identity())
+                                      activation_fn=torch.nn.Identity(), trust_remote_code=opts.trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
             raise ScoreError(f"--teacher {model_dir}: cannot load as a CrossEncoder ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
         self.input, self.max_len = INPUT_TEXT, opts.max_len
         self.batch_size = opts.batch_size
         self.name = model_dir
-        self.texts = Texts(reader, opts.tokenizer)
+        self.texts = Texts(reader, opts.tokenizer, trust_remote_code=opts.trust_remote_code)
 
     def score(self, ds: ShardDataset, rows: np.ndarray) -> np.ndarray:
         import torch
@@ -440,6 +436,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", nargs="+", help="datasets to score (default: all)")
     p.add_argument("--tokenizer", help="the shards' tokenizer directory, to decode texts (default: the manifest's)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the teacher's directory (and the shards' tokenizer's) ships "
+                        "(transformers' auto_map) to load them; only for directories from a trusted source")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -449,7 +448,7 @@ def run_cli(args: argparse.Namespace) -> int:
     summary = score_shards(ScoreOptions(
         shards=args.shards, teacher=args.teacher, kind=args.kind, batch_size=args.batch_size, max_len=args.max_len,
         block_size=args.block_size, datasets=args.datasets, tokenizer=args.tokenizer, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
     ))
     if is_rank0():
         print(summary_table(summary))

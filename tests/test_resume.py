@@ -107,6 +107,155 @@ def test_resume_point_refuses_forces_and_warns(tmp_path):
                             "by an older version): cannot check that the recipe is unchanged",)
 
 
+LORA = "model.lora={r: 8, alpha: 16, dropout: 0.1, target_modules: [q_proj, v_proj]}"
+
+
+def test_identity_includes_lora_and_attention_mask_and_remote_code():
+    """peft keeps r and alpha as plain attributes, not in the checkpoint: every LoRA field is compared, and so is the
+    attention mask the model trains with (resolved: auto on the tiny causal decoder is causal)."""
+    lora = identity(1, LORA)
+    assert identity_changes(identity(1), lora) == [
+        'model.lora null -> {"r": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}']
+    assert identity_changes(lora, identity(1, LORA, "model.lora.alpha=32", "model.lora.r=4", "model.lora.dropout=0",
+                                           "model.lora.target_modules=all-linear")) == [
+        "model.lora.r 8 -> 4", "model.lora.alpha 16.0 -> 32.0", "model.lora.dropout 0.1 -> 0.0",
+        'model.lora.target_modules ["q_proj", "v_proj"] -> all-linear']
+    # The order of the module names means nothing.
+    assert identity_changes(lora, identity(1, LORA, "model.lora.target_modules=[v_proj, q_proj]")) == []
+    assert identity_changes(identity(1), identity(1, "model.attention_mask=bidirectional")) == [
+        "model.attention_mask causal -> bidirectional"]
+    assert identity_changes(identity(1), identity(1, "model.attention_mask=causal")) == []  # auto resolves to it
+    assert identity_changes(identity(1), identity(1, "model.trust_remote_code=true")) == [
+        "model.trust_remote_code false -> true"]
+
+
+def _teacher(path: Path, weights: bytes = b"weights") -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "bert"}')
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "README.md").write_text("not hashed")
+    return path
+
+
+def test_teacher_is_compared_by_its_files_not_its_path(tmp_path):
+    teacher = _teacher(tmp_path / "teacher")
+    saved = identity(1, f"loss.distill={{teacher: {teacher}}}")
+    moved = tmp_path / "elsewhere" / "teacher-copy"
+    shutil.copytree(teacher, moved)
+    (moved / "README.md").write_text("edited")
+    assert identity_changes(saved, identity(1, f"loss.distill={{teacher: {moved}}}")) == []
+
+    retrained = _teacher(tmp_path / "retrained", b"other weights")
+    current = identity(1, f"loss.distill={{teacher: {retrained}}}")
+    changes = identity_changes(saved, current)
+    assert len(changes) == 1 and changes[0].startswith("loss.distill.teacher.sha256 "), changes
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    _checkpoint(manager.root, "step_00000004", {"global_step": 4, "world_size": 1, "identity": saved})
+    with pytest.raises(ResumeRefused, match=r"the run changed: loss\.distill\.teacher\.sha256 [0-9a-f]{12} -> "
+                                            r"[0-9a-f]{12} \(pass --resume-force"):
+        resume_point(manager, "auto", current, 1)
+    assert resume_point(manager, "auto", identity(1, f"loss.distill={{teacher: {moved}}}"), 1).changes == ()
+
+
+def test_identity_of_an_older_version_is_compared_on_what_it_recorded(tmp_path):
+    """A checkpoint written before model.lora, model.attention_mask, model.trust_remote_code and the teacher's hash
+    were recorded (no "version"): those keys are not compared, a warning says so; the rest still is."""
+    from pipeline.training.run_identity import unrecorded_keys
+
+    teacher = _teacher(tmp_path / "teacher")
+    current = identity(1, f"loss.distill={{teacher: {teacher}}}")
+    old = json.loads(json.dumps(current))
+    old.pop("version", None)
+    for key in ("attention_mask", "lora", "trust_remote_code"):
+        old["model"].pop(key, None)
+    old["loss"]["distill"]["teacher"] = "/old/path/of/the/teacher"
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    _checkpoint(manager.root, "step_00000004", {"global_step": 4, "world_size": 1, "identity": old})
+    point = resume_point(manager, "auto", current, 1)
+    assert point.changes == () and point.warnings == (
+        f"--resume {manager.root / 'step_00000004'}: the checkpoint's run identity does not record "
+        "model.attention_mask, model.lora, model.trust_remote_code, loss.distill.teacher (written by an older "
+        "version): not compared",)
+    old["train"]["seed"] = 7
+    assert identity_changes(old, current) == ["train.seed 7 -> 42"]
+    without_teacher = json.loads(json.dumps(old))
+    without_teacher["loss"]["distill"] = None
+    assert unrecorded_keys(without_teacher, identity(1)) == [
+        "model.attention_mask", "model.lora", "model.trust_remote_code"]
+
+
+class _Engine:
+    """DeepSpeed's checkpoint calls, without DeepSpeed: the trainer state goes through its client state."""
+
+    def __init__(self) -> None:
+        self.client: dict = {}
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> bool:
+        self.client = client_state
+        return True
+
+    def load_checkpoint(self, root: str, tag: str) -> tuple[str, dict]:
+        return str(Path(root) / tag), self.client
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+    import torch
+
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(3).tolist(),
+            torch.rand(3).tolist(), torch.randn(3).tolist())
+
+
+def test_rng_files_load_weights_only_and_resume_exactly(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from pipeline.training.checkpoint import TrainerState
+
+    random.gauss(0, 1), np.random.randn()  # cached second normals (python's gauss, numpy's has_gauss) saved too
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(_Engine(), TrainerState(global_step=2))
+    rng_file = tmp_path / "step_00000002" / "rng_rank0.pt"
+    torch.load(rng_file, weights_only=True)  # plain data: no numpy arrays, nothing to allow
+    expected = _draws()
+    engine = _Engine()
+    engine.client = {"trainer": {"global_step": 2}}
+    assert manager.load(engine, "step_00000002").global_step == 2
+    assert _draws() == expected
+
+
+def test_rng_files_of_older_versions_load_and_code_is_refused(tmp_path):
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    from pipeline.training.checkpoint import load_rng_file, set_rng_state
+
+    legacy = tmp_path / "legacy.pt"  # numpy's state as its legacy tuple holding an ndarray
+    np.random.randn()
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, legacy)
+    expected = _draws()
+    set_rng_state(load_rng_file(legacy))
+    assert _draws() == expected
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "pwned"),)
+
+    evil = tmp_path / "rng_rank0.pt"
+    torch.save({"python": Payload()}, evil)
+    with pytest.raises(RuntimeError, match=rf"^{evil}: not an RNG state file of this pipeline \(refused by "
+                                           r"torch\.load\(weights_only=True\): .*GLOBAL.*system"):
+        load_rng_file(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_failed_conversion_is_one_line_and_leaves_nothing(tmp_path):
     from pipeline.training.errors import TrainingAborted
     from pipeline.training.resume import universal_copy

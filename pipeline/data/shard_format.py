@@ -128,6 +128,24 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def model_dir_sha256(model_dir: str | Path) -> tuple[str, int]:
+    """(sha256, number of files) of a model directory: a sha256 over the relative path and sha256 of every file,
+    hidden and Markdown files left out, so the same weights anywhere (a moved or copied directory) hash the same.
+    The identity of a teacher, for ``preprocess score`` and the run identity. ValueError naming the directory when
+    it holds no such file."""
+    root = Path(model_dir)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix != ".md" and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise ValueError(f"{model_dir}: no model files")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode("utf-8"))
+    return digest.hexdigest(), len(files)
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
     path = Path(path)

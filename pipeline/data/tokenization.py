@@ -38,28 +38,30 @@ class EncodeSpec:
     dtype: str
     backend_file: str | None = None
     tokenizer: str | None = None
+    trust_remote_code: bool = False  # with `tokenizer`: run the code its directory ships (transformers' auto_map)
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(path: str) -> Any:
-    """Load a HF tokenizer once per process (fast/Rust-backed when the directory provides one). Callers must not
-    modify the returned object (it is shared)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """Load a HF tokenizer once per process (fast/Rust-backed when the directory provides one); `trust_remote_code`:
+    run the code the directory ships (transformers' auto_map; without it such a directory fails to load). Callers
+    must not modify the returned object (it is shared)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def encode_spec(tokenizer_path: str, max_len: int) -> EncodeSpec:
+def encode_spec(tokenizer_path: str, max_len: int, *, trust_remote_code: bool = False) -> EncodeSpec:
     """The spec `preprocess build` uses for this tokenizer and max_len: its EOS, whether it appends EOS itself,
     and the token dtype its vocabulary needs. Raises ValueError naming ``--max-len`` when it is too small."""
     if max_len < MIN_MAX_LEN:
         raise ValueError(f"--max-len: must be at least {MIN_MAX_LEN}, got {max_len}")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
     eos_id, appends_eos = resolve_eos(tokenizer)
     dtype = token_dtype_for_vocab(max(len(tokenizer.get_vocab()), len(tokenizer)))
     return EncodeSpec(max_len=max_len, eos_id=eos_id, appends_eos=appends_eos, dtype=dtype.name,
-                      tokenizer=tokenizer_path)
+                      tokenizer=tokenizer_path, trust_remote_code=trust_remote_code)
 
 
 def truncating_backend(tokenizer: Any, max_len: int, appends_eos: bool) -> Any:
@@ -86,7 +88,8 @@ def _backend_for(spec: EncodeSpec) -> Any:
         return RustTokenizer.from_file(spec.backend_file)
     if spec.tokenizer is None:
         raise ValueError("EncodeSpec: needs backend_file or tokenizer")
-    return truncating_backend(load_tokenizer(spec.tokenizer), spec.max_len, spec.appends_eos)
+    return truncating_backend(load_tokenizer(spec.tokenizer, spec.trust_remote_code), spec.max_len,
+                              spec.appends_eos)
 
 
 def encode_batch(spec: EncodeSpec, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,9 @@ def _mteb() -> Any:
     return mteb
 
 
-def load_sentence_transformer(model_dir: str, device: str) -> Any:
-    """The model directory as the ``SentenceTransformer`` MTEB runs (``pkg:`` paths allowed); one-line errors."""
+def load_sentence_transformer(model_dir: str, device: str, *, trust_remote_code: bool = False) -> Any:
+    """The model directory as the ``SentenceTransformer`` MTEB runs (``pkg:`` paths allowed); `trust_remote_code`:
+    run the code the directory ships (``--trust-remote-code``). One-line errors."""
     from pipeline.config import resolve_resource
 
     path = resolve_resource(model_dir) or model_dir
@@ -49,7 +50,7 @@ def load_sentence_transformer(model_dir: str, device: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(path, device=device)
+        return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise EvaluationError(f"--model {path}: sentence-transformers cannot load it ({exc})") from None
 

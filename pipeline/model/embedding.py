@@ -171,6 +171,15 @@ def pool(hidden: torch.Tensor, inputs: ChunkInputs, mode: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
+def remote_code_hint(exc: BaseException, trusted: bool) -> str:
+    """``"; the directory ships its own code: ..."`` when `exc` is transformers refusing to run a directory's code
+    (``auto_map``) without trust_remote_code; else ``""``."""
+    if trusted or "trust_remote_code" not in str(exc):
+        return ""
+    return ("; the directory ships its own code (auto_map): set model.trust_remote_code true (--trust-remote-code) "
+            "if it comes from a trusted source")
+
+
 def load_hf_config(cfg: ModelConfig) -> Any:
     """The transformers config of the model: from the directory/hub name, or built from ``model.from_config``.
     Raises ValueError naming the key (``model.from_config: ...`` / ``model.name_or_path: ...``)."""
@@ -190,10 +199,10 @@ def load_hf_config(cfg: ModelConfig) -> Any:
         config.use_cache = False
         return config
     try:
-        return AutoConfig.from_pretrained(cfg.name_or_path)
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
         raise ValueError(f"model.name_or_path: cannot load the model config of {cfg.name_or_path!r} "
-                         f"({type(exc).__name__})") from None
+                         f"({type(exc).__name__}{remote_code_hint(exc, cfg.trust_remote_code)})") from None
 
 
 def load_tokenizer_for(cfg: ModelConfig) -> Any:
@@ -205,10 +214,11 @@ def load_tokenizer_for(cfg: ModelConfig) -> Any:
     if path is None:
         raise ValueError("model.tokenizer: required when the model is built from_config")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load"
         raise ValueError(f"model.tokenizer: cannot load {path!r} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:200]})") from None
+                         f"{' '.join(str(exc).split())[:200]}){remote_code_hint(exc, cfg.trust_remote_code)}"
+                         ) from None
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Any) -> None:
@@ -262,9 +272,11 @@ def build_backbone(cfg: ModelConfig, *, attn_implementation: str, dtype: torch.d
     if attn_implementation == VARLEN:
         register_varlen_attention()
     if cfg.from_config is not None:
-        return AutoModel.from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
+        return AutoModel.from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype,
+                                     trust_remote_code=cfg.trust_remote_code)
     return AutoModel.from_pretrained(
-        cfg.name_or_path, attn_implementation=attn_implementation, dtype=dtype, use_cache=False
+        cfg.name_or_path, attn_implementation=attn_implementation, dtype=dtype, use_cache=False,
+        trust_remote_code=cfg.trust_remote_code,
     )
 
 
@@ -412,16 +424,19 @@ class EmbeddingModel(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize and not raw else emb
 
 
-def load_model_dir(model_dir: str, device: torch.device | str) -> tuple[EmbeddingModel, str]:
+def load_model_dir(model_dir: str, device: torch.device | str, *, trust_remote_code: bool = False
+                   ) -> tuple[EmbeddingModel, str]:
     """(model, resolved directory) of an exported, HF or sentence-transformers model directory (``pkg:`` paths
-    allowed), with the pooling and normalisation training would resolve for it. ValueError naming the directory."""
+    allowed), with the pooling and normalisation training would resolve for it; `trust_remote_code`: run the code
+    the directory ships (``--trust-remote-code``). ValueError naming the directory."""
     from pipeline.config import resolve_resource
 
     model_dir = resolve_resource(model_dir) or model_dir
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"--model {model_dir}: not a model directory (no config.json)")
+    cfg = ModelConfig(name_or_path=model_dir, trust_remote_code=trust_remote_code)
     try:
-        return EmbeddingModel.from_config(ModelConfig(name_or_path=model_dir), device=device), model_dir
+        return EmbeddingModel.from_config(cfg, device=device), model_dir
     except (OSError, KeyError) as exc:
         raise ValueError(f"--model {model_dir}: cannot load ({exc})") from None
 

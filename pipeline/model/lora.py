@@ -108,16 +108,16 @@ def save_merged_with_adapter(backbone: nn.Module, state: dict[str, torch.Tensor]
     ``out/adapter`` (peft's format), from `state`, the full state dict of the ``PeftModel`` `backbone` (gathered by
     :func:`pipeline.training.export.consolidated_state_dict`: its partitions under ZeRO-3 hold no full weights).
 
-    A peft model of the same structure is built on the meta device (no memory) and takes the tensors of `state`
-    (``load_state_dict(assign=True)``: no copy); peft saves its adapter and merges it into the weights in place
-    (``merge_and_unload``); the training backbone's own ``save_pretrained`` then writes the merged weights with its
-    config, as for a fully fine-tuned model."""
+    A peft model of the same structure (of the base model's own class: code a model directory ships, loaded under
+    ``model.trust_remote_code``, is not looked up again) is built on the meta device (no memory) and takes the
+    tensors of `state` (``load_state_dict(assign=True)``: no copy); peft saves its adapter and merges it into the
+    weights in place (``merge_and_unload``); the training backbone's own ``save_pretrained`` then writes the merged
+    weights with its config, as for a fully fine-tuned model."""
     from peft import get_peft_model
-    from transformers import AutoModel
 
     base = backbone.get_base_model()
     with torch.device("meta"):
-        skeleton = AutoModel.from_config(base.config)
+        skeleton = type(base)._from_config(base.config)  # what AutoModel.from_config builds for a built-in class
     clone = get_peft_model(skeleton, copy.deepcopy(backbone.peft_config["default"]))
     clone.load_state_dict(state, strict=True, assign=True)
     clone.save_pretrained(str(out / "adapter"), safe_serialization=True)

@@ -4,7 +4,8 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_00000200/            engine.save_checkpoint(tag=...): ZeRO partitions, optimizer, lr scheduler,
                               client state {"trainer": TrainerState} (written by every rank)
-    step_00000200/rng_rank{r}.pt   rank r's python / numpy / torch (CPU and CUDA) RNG states
+    step_00000200/rng_rank{r}.pt   rank r's python / numpy / torch (CPU and CUDA) RNG states, plain data: loaded
+                              with torch.load(weights_only=True), no pickled code runs
     step_00000200/COMPLETE    written by rank 0 only after a barrier that every rank reaches after writing: JSON
                               {global_step, time, world_size, identity} (the run identity,
                               pipeline.training.run_identity, compared at resume)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -87,19 +89,49 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# What a checkpoint's RNG file may hold besides plain data: numpy arrays, which files written before the numpy state was
+# saved as lists contain (numpy's own array reconstruction; the name numpy 1 pickled it under is accepted too).
+_reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+_NUMPY_ARRAY_GLOBALS: list[Any] = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray,
+                                   np.dtype, type(np.dtype(np.uint32))]
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy and torch (CPU and CUDA) RNG states, as plain data (ints, floats, strings,
+    tuples, lists, dicts, tensors): loadable with ``torch.load(weights_only=True)``. numpy's state is its
+    ``get_state(legacy=False)`` mapping with the MT19937 key as a list of ints."""
+    numpy = np.random.get_state(legacy=False)
+    numpy = {**numpy, "state": {**numpy["state"], "key": [int(k) for k in numpy["state"]["key"]]}}
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states of :func:`rng_state` (or of an older file, whose numpy state is numpy's legacy tuple)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = {**numpy, "state": {**numpy["state"], "key": np.asarray(numpy["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict[str, Any]:
+    """An ``rng_rank{r}.pt`` file, unpickled with ``weights_only=True`` (plain data and tensors only; numpy arrays
+    too, for files written before :func:`rng_state` stored none). RuntimeError naming the file when it holds
+    anything else."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                     type(exc).__name__)
+        raise RuntimeError(f"{path}: not an RNG state file of this pipeline (refused by torch.load(weights_only=True): "
+                           f"{first})") from None
 
 
 class CheckpointManager:
@@ -241,7 +273,7 @@ class CheckpointManager:
         rng_file = self.root / tag / f"rng_rank{global_rank()}.pt"
         if not rng_file.is_file():
             raise RuntimeError(f"{rng_file}: missing (checkpoint written with another world size?)")
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_rng_file(rng_file))
         return TrainerState(**client["trainer"])
 
 

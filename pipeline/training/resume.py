@@ -4,7 +4,7 @@
 checkpoint ``--resume auto|TAG`` names, its run identity (:mod:`pipeline.training.run_identity`) compared with this
 run's - any change is refused with one line naming every changed key and both values, or accepted with a warning
 under ``--resume-force``; a checkpoint without an identity (written before identities were recorded) is accepted
-with a warning - and whether the world size changed.
+with a warning, and so are the keys an older identity does not record - and whether the world size changed.
 
 Another world size (32 GPUs preempted, 16 come back; the global batch kept by doubling the per-device batch) is
 resumed through DeepSpeed's universal checkpoint (Lian et al. 2024, "Universal Checkpointing: Efficient and
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from pipeline.logs import global_rank, log
 from pipeline.training.checkpoint import COMPLETE, CheckpointManager, TrainerState
 from pipeline.training.errors import TrainingAborted
-from pipeline.training.run_identity import identity_changes
+from pipeline.training.run_identity import identity_changes, unrecorded_keys
 
 UNIVERSAL = "universal"
 # Rank 0 converts while the others wait in a collective of their own with this timeout (the run's collectives use
@@ -106,6 +106,10 @@ def resume_point(manager: CheckpointManager, resume: str | None, identity: dict[
                         "cannot check that the recipe is unchanged")
     elif identity is not None:
         changes = identity_changes(info.identity, identity)
+        unrecorded = unrecorded_keys(info.identity, identity)
+        if unrecorded:
+            warnings.append(f"--resume {path}: the checkpoint's run identity does not record {', '.join(unrecorded)} "
+                            "(written by an older version): not compared")
     if changes:
         what = f"--resume {path}: the run changed: {'; '.join(changes)}"
         if not force:

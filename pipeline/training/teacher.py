@@ -21,15 +21,18 @@ from pipeline.data.shard_format import tokenizer_fingerprint
 from pipeline.logs import log
 
 
-def check_teacher_tokenizer(cfg: DistillConfig, shards_tokenizer: dict[str, Any]) -> None:
-    """The teacher's tokenizer must be the one the shards were built with (vocabulary hash); ValueError otherwise."""
+def check_teacher_tokenizer(cfg: DistillConfig, shards_tokenizer: dict[str, Any], *,
+                            trust_remote_code: bool = False) -> None:
+    """The teacher's tokenizer must be the one the shards were built with (vocabulary hash); ValueError otherwise.
+    `trust_remote_code` (``model.trust_remote_code``): run the code the teacher directory ships."""
     from pipeline.data.tokenization import load_tokenizer
+    from pipeline.model.embedding import remote_code_hint
 
     try:
-        tokenizer = load_tokenizer(cfg.teacher)
+        tokenizer = load_tokenizer(cfg.teacher, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError: all mean "cannot load"
         raise ValueError(f"loss.distill.teacher: cannot load the tokenizer of {cfg.teacher!r} "
-                         f"({type(exc).__name__})") from None
+                         f"({type(exc).__name__}{remote_code_hint(exc, trust_remote_code)})") from None
     given = tokenizer_fingerprint(tokenizer, cfg.teacher)
     if given["vocab_sha256"] != shards_tokenizer["vocab_sha256"]:
         raise ValueError(
@@ -41,12 +44,15 @@ def check_teacher_tokenizer(cfg: DistillConfig, shards_tokenizer: dict[str, Any]
 
 
 def load_teacher(
-    cfg: DistillConfig, device: torch.device, *, student_hidden: int, zero_stage: int, world_size: int
+    cfg: DistillConfig, device: torch.device, *, student_hidden: int, zero_stage: int, world_size: int,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
-    """The frozen teacher on `device`: an EmbeddingModel, or an inference-only ZeRO-3 engine around one."""
+    """The frozen teacher on `device`: an EmbeddingModel, or an inference-only ZeRO-3 engine around one.
+    `trust_remote_code` (``model.trust_remote_code``): run the code the teacher directory ships."""
     from pipeline.model.embedding import EmbeddingModel
 
-    model_cfg = ModelConfig(name_or_path=cfg.teacher, dtype=cfg.dtype, compile=False)
+    model_cfg = ModelConfig(name_or_path=cfg.teacher, dtype=cfg.dtype, compile=False,
+                            trust_remote_code=trust_remote_code)
     try:
         teacher = EmbeddingModel.from_config(model_cfg, device)
     except (OSError, KeyError) as exc:
