@@ -19,8 +19,12 @@ Per raw dataset (:mod:`pipeline.data.raw`, parquet or JSONL):
 4. Selection, in rank order, each candidate dropped for the first reason that applies:
    ``positive`` (one of the query's own positives), ``skip_top`` (among the first ``--skip-top`` ranks, counted
    with the positive included: F2LLM's "top-100, skip the top 5"), ``max_score`` (score >= ``--max-score``),
-   ``margin`` (score >= ``--relative-margin`` x the positive's score; with several positives, the lowest positive
-   score: the stricter filter), ``existing`` (already an existing negative); the first ``--keep`` survivors are kept.
+   ``margin`` (score >= :func:`margin_threshold` of the positive's score; with several positives, the lowest
+   positive score: the stricter filter), ``existing`` (already an existing negative); the first ``--keep``
+   survivors are kept. The margin is NV-Retriever's "TopK-PercPos" rule (Moreira et al. 2024, "NV-Retriever:
+   Improving text embedding models with effective hard-negative mining", arXiv:2407.15831): a candidate must score
+   below ``--relative-margin`` x the positive's score, written so that it also holds for a negative positive score
+   (threshold = s - (1 - m) |s| for margin m, never above s).
 
 Existing negatives: by default (``--existing keep``) they stay first, unfiltered (they were curated by whoever built
 the data), and mined ones fill the list up to ``--keep`` negatives in all; ``--existing drop`` replaces them (they
@@ -96,8 +100,8 @@ class MiningParams:
             raise MiningError(f"--skip-top: must be in [0, top-k), got {self.skip_top} (top-k {self.top_k})")
         if self.keep < 1:
             raise MiningError(f"--keep: must be positive, got {self.keep}")
-        if not self.relative_margin > 0:
-            raise MiningError(f"--relative-margin: must be positive, got {self.relative_margin}")
+        if not 0 < self.relative_margin <= 1:
+            raise MiningError(f"--relative-margin: must be in (0, 1], got {self.relative_margin}")
 
 
 @dataclass
@@ -115,6 +119,7 @@ class MineOptions:
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     progress: bool = True
+    trust_remote_code: bool = False  # run the code the model directory ships (transformers' auto_map)
 
 
 @dataclass
@@ -143,6 +148,23 @@ def read_query_groups(path: Path) -> QueryGroups:
 # --------------------------------------------------------------------------------------------------------------
 # Selection (pure)
 # --------------------------------------------------------------------------------------------------------------
+def margin_threshold(positive_score: float, relative_margin: float) -> float:
+    """The score a mined negative must stay strictly below, for a query whose positive scores s, with margin
+    m = ``--relative-margin`` in (0, 1] (the one place that decides the ``margin`` filter):
+
+        threshold(s) = s - (1 - m) |s|  =  m s        for s >= 0
+                                           (2 - m) s  for s < 0
+
+    For s >= 0 this is NV-Retriever's TopK-PercPos rule (Moreira et al. 2024, arXiv:2407.15831: negatives below
+    95% of the positive's score), computed as m s exactly as before; for s < 0, m s would lie ABOVE s and let
+    candidates outscoring the positive through, while (2 - m) s lies below it. So threshold(s) <= s always (= s at
+    s = 0 or m = 1): no candidate scoring at or above its positive is kept. s = +inf (no positive scored): +inf.
+    """
+    if positive_score >= 0:
+        return relative_margin * positive_score
+    return (2.0 - relative_margin) * positive_score
+
+
 def select_negatives(
     cand_ids: Sequence[int],
     cand_scores: Sequence[float],
@@ -159,7 +181,7 @@ def select_negatives(
     kept: list[int] = []
     if limit <= 0:
         return kept
-    threshold = params.relative_margin * positive_score
+    threshold = margin_threshold(positive_score, params.relative_margin)
     for rank, (doc, score) in enumerate(zip(cand_ids, cand_scores)):
         doc = int(doc)
         if doc in positives:
@@ -545,12 +567,12 @@ def mine_negatives(opts: MineOptions) -> dict[str, Any]:
     world = 1 if ranks is None else ranks.world
     rank0 = ranks is None or ranks.rank == 0
     progress = opts.progress and rank0
-    model, model_dir = load_model_dir(opts.model, device)
+    model, model_dir = load_model_dir(opts.model, device, trust_remote_code=opts.trust_remote_code)
     try:
-        load_tokenizer(model_dir)
+        load_tokenizer(model_dir, opts.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise MiningError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
-    spec = encode_spec(model_dir, opts.max_len)
+    spec = encode_spec(model_dir, opts.max_len, trust_remote_code=opts.trust_remote_code)
     prompts = model_prompts(model_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -643,7 +665,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--skip-top", type=int, default=5, help="ignore the first N ranks (default 5)")
     p.add_argument("--max-score", type=float, default=0.8, help="drop candidates scoring >= this (default 0.8)")
     p.add_argument("--relative-margin", type=float, default=0.95,
-                   help="drop candidates scoring >= this x the positive's score (default 0.95)")
+                   help="M in (0, 1]: drop candidates scoring >= s - (1 - M) |s|, s the positive's score (M x s "
+                        "for s > 0, NV-Retriever's TopK-PercPos; never above s) (default 0.95)")
     p.add_argument("--keep", type=int, default=24, help="negatives per query in the output (default 24)")
     p.add_argument("--existing", choices=["keep", "drop"], default="keep",
                    help="keep: existing negatives first, mined ones fill up to --keep (default); drop: replace them")
@@ -660,6 +683,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--max-len", type=int, default=256, help="max tokens per sequence, EOS included (default 256)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fill of parquet rows and of the faiss k-means and recall sample (default 0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the model directory ships (transformers' auto_map) to load it and its "
+                        "tokenizer; only for a directory from a trusted source")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -673,7 +699,7 @@ def run_cli(args: Any) -> int:
             search=SearchParams(method=args.search, faiss_index=args.faiss_index, nprobe=args.faiss_nprobe,
                                 seed=args.seed, recall_queries=args.faiss_recall_queries),
             existing=args.existing, batch_size=args.batch_size, max_len=args.max_len, device=args.device,
-            seed=args.seed, progress=not args.no_progress,
+            seed=args.seed, progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
         )
     )
     if not report:  # not rank 0 of several

@@ -63,6 +63,32 @@ def test_exact_topk_chunked_matches_full_sort():
     assert idx_all.shape == (7, 23) and torch.equal(idx_all, torch.argsort(full, dim=1, descending=True))
 
 
+def test_exact_topk_ranks_by_cosine_whatever_the_norms():
+    """Unnormalised embeddings (a model with normalize: false): documents whose norms span 1e-2..1e2 rank by cosine,
+    not by dot product (which would put the longest vectors first); Matryoshka dims too."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 16, generator=gen) * torch.logspace(-1, 1, 9).unsqueeze(1)
+    d = torch.randn(40, 16, generator=gen) * torch.logspace(-2, 2, 40)[torch.randperm(40, generator=gen)].unsqueeze(1)
+    unit_q, unit_d = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    cos = unit_q @ unit_d.T
+    scores, idx = exact_topk(q, d, 10, query_block=4, doc_block=7, progress=False)
+    assert not torch.equal(idx, torch.topk(q @ d.T, 10, dim=1).indices)  # the two rankings differ here
+    assert torch.equal(idx, torch.topk(cos, 10, dim=1).indices)
+    assert torch.allclose(scores, torch.topk(cos, 10, dim=1).values, atol=1e-6)
+    relevant = [[int(i)] for i in torch.argsort(cos, dim=1, descending=True)[:, 3]]  # each query's 4th by cosine
+    assert retrieval_metrics(idx.numpy(), relevant, ks=(10,))["mrr@10"] == pytest.approx(0.25)
+    # the same embeddings scaled per row rank identically
+    _, idx_scaled = exact_topk(q * 1e3, unit_d, 10, progress=False)
+    assert torch.equal(idx_scaled, idx)
+    # at a Matryoshka dim: the first 8 coordinates, re-normalised
+    from pipeline.evaluation.retrieval import RunningTopK, _at_dim
+
+    top = RunningTopK(_at_dim(q, 8), 10)
+    top.add(_at_dim(d, 8))
+    cos8 = torch.nn.functional.normalize(q[:, :8], dim=-1) @ torch.nn.functional.normalize(d[:, :8], dim=-1).T
+    assert torch.equal(top.result()[1], torch.topk(cos8, 10, dim=1).indices)
+
+
 def test_query_formatter_sources():
     from pipeline.data.registry import DatasetSpec, Registry
 

@@ -47,10 +47,51 @@ def test_select_negatives_rules():
                             reasons=reasons)
     assert kept == [5, 9, 10, 11, 12]
     assert reasons == Counter({"max_score": 1, "positive": 1, "margin": 2, "existing": 1})
-    # a loose filter keeps everything but the positive
-    loose = MiningParams(top_k=10, skip_top=0, max_score=2.0, relative_margin=10.0, keep=4)
-    assert select_negatives(ids, scores, positives={7}, positive_score=0.7, params=loose) == [3, 4, 8, 5]
+    # the loosest filter (margin 1) keeps every candidate scoring below the positive
+    loose = MiningParams(top_k=10, skip_top=0, max_score=2.0, relative_margin=1.0, keep=4)
+    assert select_negatives(ids, scores, positives={7}, positive_score=0.7, params=loose) == [4, 8, 5, 6]
     assert select_negatives(ids, scores, positives={7}, positive_score=0.7, params=loose, limit=0) == []
+
+
+def test_margin_with_a_negative_positive_score():
+    """A positive scoring -0.5: margin 0.95 x -0.5 = -0.475 would lie ABOVE it and keep candidates that outscore
+    the positive; the threshold is s - (1 - m)|s| = -0.525 (TopK-PercPos, Moreira et al. 2024, arXiv:2407.15831)."""
+    ids = [1, 2, 3, 9, 4, 5, 6]
+    scores = [-0.40, -0.47, -0.48, -0.50, -0.52, -0.53, -0.60]
+    params = MiningParams(top_k=10, skip_top=0, max_score=0.8, relative_margin=0.95, keep=10)
+    reasons: Counter = Counter()
+    kept = select_negatives(ids, scores, positives={9}, positive_score=-0.5, params=params, reasons=reasons)
+    # -0.40, -0.47, -0.48 score above the positive and -0.52 above -0.525: all margin; -0.53, -0.60 kept
+    assert kept == [5, 6]
+    assert reasons == Counter({"margin": 4, "positive": 1})
+    # at a positive score of 0 a candidate must score strictly below 0; for s > 0 the rule is still m x s
+    kept = select_negatives([1, 2, 3], [0.0, -1e-9, -0.3], positives=set(), positive_score=0.0, params=params)
+    assert kept == [2, 3]
+    kept = select_negatives([1, 2, 3], [0.48, 0.475, 0.47], positives=set(), positive_score=0.5, params=params)
+    assert kept == [3]
+
+
+@pytest.mark.parametrize("margin", [0.5, 0.95, 1.0])
+def test_no_kept_candidate_scores_at_or_above_its_positive(margin: float):
+    """Property check over random scores of both signs: every kept candidate scores below its positive, and below
+    margin x positive when the positive scores above 0 (what the rule was for positive scores)."""
+    rng = np.random.default_rng(0)
+    params = MiningParams(top_k=30, skip_top=0, max_score=2.0, relative_margin=margin, keep=30)
+    for _ in range(500):
+        scores = np.sort(rng.uniform(-1.0, 1.0, size=30))[::-1]
+        positive_score = float(rng.choice([rng.uniform(-1.0, 1.0), rng.choice(scores), 0.0]))
+        kept = select_negatives(list(range(30)), scores.tolist(), positives=set(), positive_score=positive_score,
+                                params=params)
+        assert all(scores[d] < positive_score for d in kept), (positive_score, scores[kept].max())
+        if positive_score > 0:
+            assert kept == [d for d in range(30) if scores[d] < margin * positive_score]
+
+
+def test_relative_margin_must_be_at_most_one():
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(MiningError, match=r"^--relative-margin: must be in \(0, 1\], got "):
+            MiningParams(relative_margin=bad).check()
+    MiningParams(relative_margin=1.0).check()
 
 
 def test_mine_from_fake_embeddings():
@@ -105,6 +146,7 @@ def test_minilm_mining_end_to_end(raw_dir: tuple[Path, Path], tmp_path: Path):
     from pipeline.data.tokenization import encode_spec, tokenize_texts
     from pipeline.evaluation.retrieval import embed
     from pipeline.model.embedding import load_model_dir
+    from preprocess.mine_negatives import margin_threshold
 
     raw, registry = raw_dir
     out = tmp_path / "mined"
@@ -131,7 +173,7 @@ def test_minilm_mining_end_to_end(raw_dir: tuple[Path, Path], tmp_path: Path):
         assert 0 < len(r["neg"]) <= 3 and not set(r["neg"]) & set(r["pos"])
         for neg in mined:
             score = float(vec[r["query"]] @ vec[neg])
-            assert score < 0.8 and score < 0.95 * pos_score, (r["query"], neg, score, pos_score)
+            assert score < 0.8 and score < margin_threshold(pos_score, 0.95), (r["query"], neg, score, pos_score)
         partner = records[(i + 5) % 10]["pos"][0]  # the near duplicate of this query's positive
         near_dup_dropped += partner not in r["neg"]
     assert near_dup_dropped >= 8  # near duplicates are (almost always) filtered as false negatives

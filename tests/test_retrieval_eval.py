@@ -82,6 +82,48 @@ def test_evaluator_matches_the_evaluation_module(example_shards):
     assert 0.0 < values["mrr@10"] < 1.0
 
 
+def test_evaluator_ranks_by_cosine_when_the_model_does_not_normalize(example_shards):
+    """``model.normalize: false`` with embedding norms spread over 4 orders of magnitude, so ranking by dot product
+    and by cosine disagree: the training-time metrics equal ``pipeline.evaluate``'s (evaluate_retrieval) on the
+    same model and equal the metrics of a cosine ranking of the same embeddings - not of a dot-product ranking."""
+    from pipeline.config import GradCacheConfig
+    from pipeline.evaluation.retrieval import embed, evaluate_retrieval, retrieval_metrics
+    from pipeline.model.embedding import EmbeddingModel
+    from pipeline.training.retrieval_eval import RetrievalEvaluator
+
+    class SpreadNorms(EmbeddingModel):
+        """Each embedding e scaled by 10^(2 sin(100 e_0)), in [1e-2, 1e2] and scattered over the sequences: its
+        direction, hence every cosine, is the model's."""
+
+        def forward(self, inputs, raw: bool = False) -> torch.Tensor:
+            emb = super().forward(inputs, raw=raw)
+            return emb * 10 ** (2 * torch.sin(100 * emb[:, :1]))
+
+    data = _train_data(example_shards)
+    evaluator = RetrievalEvaluator(data, max_docs=300, seed=42)
+    torch.manual_seed(0)
+    model = SpreadNorms.from_config(tiny_model_config(attn_implementation="varlen", normalize=False), "cpu").eval()
+    values = evaluator(model, GradCacheConfig(chunk_tokens=512))
+    (s,) = evaluator.sets
+    ds = data.reader["web_search"]
+    queries, docs = [ds.queries[int(r)] for r in s.query_rows], [ds.corpus[int(d)] for d in s.doc_ids]
+    ref = evaluate_retrieval(model, queries, docs, s.relevant, batch_tokens=1024, progress=False)
+
+    q = embed(model, queries, chunk_tokens=1024, progress=False)
+    d = embed(model, docs, chunk_tokens=1024, progress=False)
+    assert d.norm(dim=1).max() / d.norm(dim=1).min() > 1000  # really unnormalised
+
+    def ranked(scores: torch.Tensor) -> dict[str, float]:
+        return retrieval_metrics(torch.topk(scores, 10, dim=1).indices.numpy(), s.relevant, ks=(10,))
+
+    unit = torch.nn.functional.normalize
+    cosine, dot = ranked(unit(q, dim=-1) @ unit(d, dim=-1).T), ranked(q @ d.T)
+    assert abs(cosine["mrr@10"] - dot["mrr@10"]) > 0.02  # the two rankings disagree here
+    for m in ("mrr@10", "ndcg@10"):
+        assert values[f"{m}/web_search"] == pytest.approx(ref[m], abs=1e-9)
+        assert values[f"{m}/web_search"] == pytest.approx(cosine[m], abs=1e-9)
+
+
 def wandb_history(run_dir: Path, timeout: float = 120.0) -> list[dict[str, float]]:
     """The history rows of the W&B offline run under `run_dir`, read from its transaction log (``run-*.wandb``:
     records in the LevelDB log format - 32 KiB blocks of [crc32, length, type] + payload - each a protobuf

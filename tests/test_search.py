@@ -61,7 +61,7 @@ def test_empty_slots_are_last_and_never_mined():
     for row_s, row_i in zip(s, i):
         n = int(torch.isfinite(row_s).sum())
         assert (row_i[:n] >= 0).all() and (row_i[n:] == -1).all() and torch.isinf(row_s[n:]).all()
-    params = MiningParams(top_k=50, skip_top=0, max_score=2.0, relative_margin=10.0, keep=60)
+    params = MiningParams(top_k=50, skip_top=0, max_score=2.0, relative_margin=1.0, keep=60)
     negatives, stats = mine_from_embeddings(q, d, [[k] for k in range(20)], [[] for _ in range(20)], params,
                                             search=SearchParams("faiss", "IVF2,Flat", nprobe=1, recall_queries=20))
     assert all(n >= 0 for negs in negatives for n in negs)

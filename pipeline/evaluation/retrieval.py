@@ -1,9 +1,14 @@
 """Retrieval evaluation math: embed in bounded memory, exact top-k search, MRR@10 / nDCG@10 / Recall@k.
 
-Search is exact (cosine = dot product of normalised embeddings), by chunked matrix products with a running top-k
-(:class:`RunningTopK`): the corpus may arrive block by block (embedded, searched, dropped), so memory is bounded by
-one corpus block, one ``query_block x doc_block`` score block, the query embeddings and the running top-k - never
-the whole corpus.
+Similarity: cosine, s(q, d) = <q, d> / (||q|| ||d||) (:func:`cosine_scores`), whatever the model's ``normalize``
+setting - the similarity training's contrastive losses use (:mod:`pipeline.training.losses`). Every ranking here
+(:func:`evaluate_retrieval`, :func:`exact_topk`) scores through :meth:`RunningTopK.add`, which calls
+:func:`cosine_scores`, so ``python -m pipeline.evaluate`` and the training-time retrieval metrics
+(``train.retrieval_eval_every``, which ``train.keep_best`` follows) rank alike.
+
+Search is exact, by chunked matrix products with a running top-k (:class:`RunningTopK`): the corpus may arrive
+block by block (embedded, searched, dropped), so memory is bounded by one corpus block, one
+``query_block x doc_block`` score block, the query embeddings and the running top-k - never the whole corpus.
 
 Metrics (the trec_eval definitions, which BEIR computes with pytrec_eval; several relevant documents per query):
 
@@ -15,7 +20,7 @@ Metrics (the trec_eval definitions, which BEIR computes with pytrec_eval; severa
 * Recall@k = relevant documents in the top k / relevant documents of the query.
 
 A document is relevant when its grade is > 0. Matryoshka dims (Kusupati et al. 2022): the embeddings' first `dim`
-coordinates, re-normalised (:func:`pipeline.training.losses.truncate`, as training computes its MRL losses).
+coordinates, compared by cosine (= re-normalised, as training computes its MRL losses).
 
 Used by ``python -m pipeline.evaluate``, the training-time retrieval evaluation and ``preprocess mine-negatives``
 (embedding and search).
@@ -115,8 +120,22 @@ def embed(
     return out
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """[...] L2 norms ||x_i||_2 of the rows of `x` [..., d], clamped at 1e-12 (the eps of torch's F.normalize)."""
+    return torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)
+
+
+def cosine_scores(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """[n_q, n_d] cosine similarities s_ij = <q_i, d_j> / (||q_i|| ||d_j||) of `queries` [n_q, d] and `docs`
+    [n_d, d] (norms by :func:`row_norms`; a zero row scores 0): the similarity of every ranking in this module, and
+    the one training's losses use. Divides the score block in place: no normalised copy of `docs` is made."""
+    scores = queries @ docs.T
+    return scores.div_(row_norms(queries).unsqueeze(1)).div_(row_norms(docs).unsqueeze(0))
+
+
 class RunningTopK:
-    """Exact top-k of `queries` [n_q, d] against a corpus that arrives in blocks (:meth:`add`), best first.
+    """Exact top-k by cosine similarity (:func:`cosine_scores`) of `queries` [n_q, d] against a corpus that arrives
+    in blocks (:meth:`add`), best first; the embeddings need not be normalised.
 
     `exclude[i]` (optional, -1 = none): a corpus index query i must never retrieve (BEIR leaves a document with the
     query's own id out of its ranking); its score is -inf and it is reported as -1 when fewer than k others exist.
@@ -136,7 +155,7 @@ class RunningTopK:
         self.indices: torch.Tensor | None = None
 
     def add(self, docs: torch.Tensor) -> None:
-        """Search the next `docs` [n_b, d] (corpus indices seen .. seen + n_b - 1)."""
+        """Search the next `docs` [n_b, d] (corpus indices seen .. seen + n_b - 1) by cosine similarity."""
         offset, n_b = self.seen, docs.shape[0]
         if n_b == 0:
             return
@@ -147,7 +166,7 @@ class RunningTopK:
         with torch.inference_mode():
             for q0 in range(0, n_q, self.query_block):
                 q1 = min(q0 + self.query_block, n_q)
-                s = self.queries[q0:q1] @ docs.T
+                s = cosine_scores(self.queries[q0:q1], docs)
                 if self.exclude is not None:
                     local = self.exclude[q0:q1] - offset
                     rows = torch.nonzero((local >= 0) & (local < n_b)).squeeze(1)
@@ -181,7 +200,8 @@ def exact_topk(
     desc: str = "search",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices) [n_queries, min(k, n_docs)] of the highest dot products, best first.
+    """(scores, indices) [n_queries, min(k, n_docs)] of the highest cosine similarities (:class:`RunningTopK`),
+    best first.
 
     Chunked: peak extra memory is one [query_block, doc_block] score block plus the running top-k.
     """
@@ -298,10 +318,9 @@ def check_dims(dims: Sequence[int] | None, hidden: int) -> list[int]:
 
 
 def _at_dim(emb: torch.Tensor, dim: int) -> torch.Tensor:
-    """Embeddings at Matryoshka dim `dim`: unchanged at the full width, else truncated and re-normalised."""
-    from pipeline.training.losses import truncate
-
-    return emb if dim == emb.shape[1] else truncate(emb, dim)
+    """Embeddings at Matryoshka dim `dim`: their first `dim` coordinates (a view; the search compares by cosine,
+    so they count as re-normalised, as training's Matryoshka loss sees them)."""
+    return emb[..., :dim]
 
 
 def evaluate_retrieval(
@@ -322,7 +341,8 @@ def evaluate_retrieval(
     no_relevant: Literal["error", "zero"] = "error",
     name: str = "",
 ) -> dict[str, Any]:
-    """Embed the queries and the corpus with `model` (an EmbeddingModel), exact search, metrics.
+    """Embed the queries and the corpus with `model` (an EmbeddingModel), exact search by cosine similarity
+    (:class:`RunningTopK`), metrics.
 
     `corpus`: the documents' token arrays (embedded and searched `doc_block` at a time), or - with `n_docs` - an
     iterable of (token arrays, lengths or None) blocks, e.g. streamed from a file (:func:`corpus_blocks`).

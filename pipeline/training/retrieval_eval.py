@@ -15,6 +15,9 @@ its share through the engine in training's chunks, with the chunk count padded t
 (:func:`pipeline.training.gradcache.embed_no_grad`), so every rank takes part in every forward. Rank 0 gathers the
 embeddings, searches exactly (:mod:`pipeline.evaluation.retrieval`) and broadcasts the metrics, so all ranks hold the
 same values (``train.keep_best`` decides on them).
+
+Ranking is by cosine similarity (:func:`pipeline.evaluation.retrieval.cosine_scores`), also under
+``model.normalize: false``: the similarity the contrastive losses train and ``pipeline.evaluate`` ranks by.
 """
 from __future__ import annotations
 
