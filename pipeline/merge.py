@@ -1,11 +1,12 @@
 """Checkpoint merging: ``python -m pipeline.merge --out DIR MODEL_DIR [MODEL_DIR ...] [--method mean|ema|slerp]``.
 
 Averages the weights of several model directories of one run - typically the exports ``export/merge_step_<N>``
-that ``train.merge_every`` / ``train.merge_window`` write near the end of training, as F2LLM saved checkpoints "for
+(N zero-padded to 8 digits: ``merge_step_00009500``, :func:`pipeline.training.export.merge_export_name`) that
+``train.merge_every`` / ``train.merge_window`` write near the end of training, as F2LLM saved checkpoints "for
 ckpt merging" every 500 steps in the last 2,500 (its ``utils.py``) - into one model directory.
 
-Methods, for every floating-point tensor of the models theta_1 .. theta_n (given in this order), computed in fp32
-and stored in the first input's dtype:
+Methods, for every floating-point tensor of the models theta_1 .. theta_n (in the order given, see Order below),
+computed in fp32 and stored in the first input's dtype:
 
 * ``mean``: theta = sum_i w_i theta_i, w = ``--weights`` (default uniform) normalised to sum 1: uniform weight
   averaging of checkpoints of one run ("model soups", Wortsman et al. 2022, arXiv:2203.05482; LAWA, Kaddour
@@ -23,6 +24,15 @@ and stored in the first input's dtype:
 
 Non-floating-point tensors (integer buffers) must be equal in all inputs and are copied.
 
+Order: ``ema`` and ``slerp`` depend on the order of the inputs (ema weighs the last one most, slerp's t runs from
+the first to the second), ``mean`` does not (each ``--weights`` value stays with its model). Each input's step is
+the one its export recorded (``training_step``, :func:`pipeline.training.export.export_step`), else, for exports of
+earlier versions, the N of a directory named ``merge_step_<N>`` (padded or not), else none. ``ema`` and ``slerp``
+refuse inputs given with a later step before an earlier one (one line naming the two inputs and their steps, exit
+2): list them oldest first, as ``RUN/export/merge_step_*`` does. The inputs are never reordered - what is computed
+is the formula above over the inputs as given, and ``merge.json`` records them with their steps; inputs without a
+step, and equal steps (the final exports of two runs), are not checked.
+
 Refused with one line naming the directories and what differs (exit 2): inputs of another architecture
 (``model_type``, any other ``config.json`` value but dropout, dtype, cache and name fields, parameter names or
 shapes), another tokenizer (vocabulary hash, :func:`pipeline.data.shard_format.tokenizer_fingerprint`), or other
@@ -32,10 +42,15 @@ The output has the inputs' layout (an export's: :mod:`pipeline.training.export`)
 but its weights and model card is copied (``config.json``, tokenizer, ``modules.json``, ``sentence_bert_config.json``,
 ``1_Pooling/``, ``2_Normalize``, ``config_sentence_transformers.json`` with the prompts), the merged weights are
 written as safetensors with the first input's file split (``model.safetensors`` or the shards of an index), and
-``merge.json`` records the inputs, method and coefficients. It is written to ``.DIR.tmp`` and renamed into place
-(an existing DIR is replaced only with ``--overwrite``, once the new one is complete). Memory: tensors are read one
-at a time from memory-mapped safetensors files; the merged tensors of one output file are held until it is written
-(one model at most), plus one tensor's fp32 working copies.
+``merge.json`` records the inputs, their steps, method and coefficients. A LoRA export's ``adapter/`` (peft's
+adapter alone, :mod:`pipeline.model.lora`) is left out: the average of merged weights W_i + (alpha / r) B_i A_i is
+no rank-r adapter on the base, so the output is the full merged model only (it loads with ``AutoModel`` and
+sentence-transformers as the inputs do); this is logged and recorded in ``merge.json`` (``left_out``). The step an
+export recorded is dropped from the copied ``config_sentence_transformers.json`` (the merged weights are of no one
+step). It is written to ``.DIR.tmp`` and renamed into place (an existing DIR is replaced only with
+``--overwrite``, once the new one is complete). Memory: tensors are read one at a time from memory-mapped
+safetensors files; the merged tensors of one output file are held until it is written (one model at most), plus one
+tensor's fp32 working copies.
 """
 from __future__ import annotations
 
@@ -46,7 +61,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -60,6 +75,12 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG_IGNORED = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "architectures")
 ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
 NOT_COPIED = ("*.safetensors", WEIGHTS_INDEX, "pytorch_model*.bin", "README.md", "merge.json")
+# Top-level entries of the first input not copied to the output, and why (recorded in merge.json, logged).
+LEFT_OUT = {
+    "adapter": "LoRA adapter (peft) of the first input: the average of the inputs' merged weights is not a rank-r "
+               "adapter on the base; the output is the full merged model",
+}
+ORDERED_METHODS = ("ema", "slerp")  # methods whose result depends on the order of the inputs
 
 
 class MergeError(ValueError):
@@ -128,6 +149,7 @@ class ModelDir:
     config: dict[str, Any]
     files: dict[str, str]  # tensor name -> safetensors file name inside `path`
     shapes: dict[str, tuple[int, ...]]
+    step: int | None = None  # training step of the weights (input_step), None when unknown
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -164,7 +186,7 @@ class ModelDir:
         missing = sorted(k for k in files if k not in shapes)
         if missing:
             raise MergeError(f"{path / WEIGHTS_INDEX}: {missing[0]} is mapped to a file that does not hold it")
-        return cls(path, config, files, shapes)
+        return cls(path, config, files, shapes, input_step(path))
 
     def tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -176,6 +198,30 @@ class ModelDir:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def input_step(path: Path) -> int | None:
+    """The training step of the model directory `path`: the one its export recorded, else the N of a
+    ``merge_step_<N>`` directory name (exports of earlier versions recorded none), else None."""
+    from pipeline.training.export import export_step, merge_export_step
+
+    try:
+        step = export_step(path)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    return step if step is not None else merge_export_step(path.name)
+
+
+def check_step_order(models: Sequence[ModelDir], method: str) -> None:
+    """For a method that depends on the order (``ema``, ``slerp``): MergeError naming the first two inputs given
+    with a later step before an earlier one. Inputs without a step are skipped; equal steps are in order."""
+    if method not in ORDERED_METHODS:
+        return
+    stepped = [m for m in models if m.step is not None]
+    for before, after in zip(stepped, stepped[1:]):
+        if before.step > after.step:
+            raise MergeError(f"{before.path}, {after.path}: out of order for --method {method} (step {before.step} "
+                             f"given before step {after.step}; list the models oldest first)")
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
@@ -212,15 +258,18 @@ def check_architecture(first: ModelDir, other: ModelDir) -> None:
             raise MergeError(f"{where}: different shapes ({name} {list(shape)} vs {list(other.shapes[name])})")
 
 
-def check_tokenizer(first: ModelDir, other: ModelDir, fingerprints: dict[Path, dict[str, Any]]) -> None:
-    """Same vocabulary (:func:`pipeline.data.shard_format.tokenizer_fingerprint`); else MergeError."""
+def check_tokenizer(first: ModelDir, other: ModelDir, fingerprints: dict[Path, dict[str, Any]], *,
+                    trust_remote_code: bool = False) -> None:
+    """Same vocabulary (:func:`pipeline.data.shard_format.tokenizer_fingerprint`); else MergeError.
+    `trust_remote_code`: run the code a tokenizer directory ships (``--trust-remote-code``)."""
     from pipeline.data.shard_format import tokenizer_fingerprint
     from pipeline.data.tokenization import load_tokenizer
 
     for model in (first, other):
         if model.path not in fingerprints:
             try:
-                fingerprints[model.path] = tokenizer_fingerprint(load_tokenizer(str(model.path)), str(model.path))
+                tokenizer = load_tokenizer(str(model.path), trust_remote_code)
+                fingerprints[model.path] = tokenizer_fingerprint(tokenizer, str(model.path))
             except (OSError, ValueError, TypeError) as exc:
                 raise MergeError(f"{model.path}: cannot load its tokenizer ({' '.join(str(exc).split())})") from None
     a, b = fingerprints[first.path], fingerprints[other.path]
@@ -252,12 +301,12 @@ def check_sentence_transformers(first: ModelDir, other: ModelDir) -> None:
         raise MergeError(f"{where}: different query prompts ({k}: {a.get(k)!r} vs {b.get(k)!r})")
 
 
-def check_inputs(models: Sequence[ModelDir]) -> None:
+def check_inputs(models: Sequence[ModelDir], *, trust_remote_code: bool = False) -> None:
     """Every input against the first: architecture, tokenizer, sentence-transformers settings."""
     fingerprints: dict[Path, dict[str, Any]] = {}
     for other in models[1:]:
         check_architecture(models[0], other)
-        check_tokenizer(models[0], other, fingerprints)
+        check_tokenizer(models[0], other, fingerprints, trust_remote_code=trust_remote_code)
         check_sentence_transformers(models[0], other)
 
 
@@ -274,15 +323,44 @@ class MergeResult:
     ema_decay: float | None
     tensors: int
     linear_fallback: int  # slerp: tensors interpolated linearly
+    steps: list[int | None]  # each input's training step (input_step), None when unknown
+    left_out: dict[str, str]  # entries of the first input not in the output -> why (LEFT_OUT)
+
+
+def _copy_ignore(root: Path) -> Callable[[str, list[str]], set[str]]:
+    """The ``shutil.copytree`` ignore function for copying the first input `root`: its weights and what the merge
+    writes itself (:data:`NOT_COPIED`, at every level) and, at the top level, :data:`LEFT_OUT`."""
+    patterns = shutil.ignore_patterns(*NOT_COPIED)
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        ignored = set(patterns(directory, names))
+        if Path(directory) == root:
+            ignored |= {n for n in names if n in LEFT_OUT}
+        return ignored
+
+    return ignore
+
+
+def _drop_recorded_step(model_dir: Path) -> None:
+    """Remove the training step an export recorded from the copy `model_dir` (the merged weights are of no step)."""
+    from pipeline.training.export import ST_CONFIG, STEP_KEY
+
+    path = model_dir / ST_CONFIG
+    cfg = _json(path)
+    if isinstance(cfg, dict) and STEP_KEY in cfg:
+        del cfg[STEP_KEY]
+        path.write_text(json.dumps(cfg, indent=2))
 
 
 def merge_models(inputs: Sequence[str | Path], out: str | Path, *, method: str = "mean",
                  weights: Sequence[float] | None = None, ema_decay: float = DEFAULT_EMA_DECAY,
-                 overwrite: bool = False, progress: bool = True) -> MergeResult:
-    """Merge the model directories `inputs` into `out` (see the module docstring). MergeError: bad input."""
+                 overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False) -> MergeResult:
+    """Merge the model directories `inputs` into `out` (see the module docstring); `trust_remote_code`: run the code
+    the inputs' tokenizer directories ship, to compare them. MergeError: bad input."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from pipeline.logs import log
     from pipeline.training.export import move_into_place
 
     if method not in METHODS:
@@ -297,16 +375,19 @@ def merge_models(inputs: Sequence[str | Path], out: str | Path, *, method: str =
         raise MergeError(f"--out {out}: is one of the inputs")
     if out.exists() and not overwrite:
         raise MergeError(f"--out {out}: exists (pass --overwrite to replace it)")
-    check_inputs(models)
+    check_step_order(models, method)
+    check_inputs(models, trust_remote_code=trust_remote_code)
 
     first = models[0]
+    left_out = {name: why for name, why in LEFT_OUT.items() if (first.path / name).exists()}
     tmp = out.with_name(f".{out.name}.tmp")
     fallback = 0
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(first.path, tmp, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        shutil.copytree(first.path, tmp, ignore=_copy_ignore(first.path))
+        _drop_recorded_step(tmp)
         if (first.path / WEIGHTS_INDEX).is_file():
             shutil.copy2(first.path / WEIGHTS_INDEX, tmp / WEIGHTS_INDEX)
         by_file: dict[str, list[str]] = {}
@@ -335,10 +416,12 @@ def merge_models(inputs: Sequence[str | Path], out: str | Path, *, method: str =
         bar.close()
         result = MergeResult(out=out, method=method, inputs=[str(m.path) for m in models], coefficients=coefficients,
                              t=t, ema_decay=ema_decay if method == "ema" else None, tensors=len(first.files),
-                             linear_fallback=fallback)
+                             linear_fallback=fallback, steps=[m.step for m in models], left_out=left_out)
         record = {k: v for k, v in vars(result).items() if k != "out"}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
         move_into_place(tmp, out)
+        for name, why in left_out.items():
+            log(f"{first.path / name}: left out of {out} ({why})")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         where = f": {exc.filename}" if exc.filename else ""
@@ -370,10 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "train.merge_every / train.merge_window) into one HF + sentence-transformers model directory.",
         epilog="mean: sum_i w_i theta_i, w normalised to sum 1. ema: e_1 = theta_1, e_k = d e_(k-1) + (1 - d) "
                "theta_k in the given order. slerp: spherical interpolation of two models at t per tensor, linear "
-               "for nearly parallel tensors (mergekit's rule). Inputs must share architecture, tokenizer, pooling "
-               "and prompts; else one 'error:' line, exit 2.",
+               "for nearly parallel tensors (mergekit's rule). ema and slerp take the models oldest first: inputs "
+               "whose steps (recorded by the export, or the N of a merge_step_<N> name) are out of order are "
+               "refused, never reordered. Inputs must share architecture, tokenizer, pooling and prompts; else one "
+               "'error:' line, exit 2. A LoRA export's adapter/ is left out: the merged weights are no rank-r "
+               "adapter; the output is the full merged model.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model directories, oldest first for ema")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR",
+                   help="model directories; oldest first for ema and slerp (checked against their steps)")
     p.add_argument("--out", required=True, help="output model directory (written to .DIR.tmp, then renamed)")
     p.add_argument("--method", choices=METHODS, default="mean", help="merge rule (default mean)")
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
@@ -382,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY,
                    help=f"ema: decay d in [0, 1] (default {DEFAULT_EMA_DECAY}); the last model weighs 1 - d")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code the inputs' tokenizer directories ship (transformers' auto_map) to "
+                        "load them; only for directories from a trusted source")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -390,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = merge_models(args.models, args.out, method=args.method, weights=args.weights,
-                              ema_decay=args.ema_decay, overwrite=args.overwrite, progress=not args.no_progress)
+                              ema_decay=args.ema_decay, overwrite=args.overwrite, progress=not args.no_progress,
+                              trust_remote_code=args.trust_remote_code)
     except MergeError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -103,7 +103,8 @@ def test_plan_numbers_match_the_trainer_code(example_shards):
     plan = report.plan
     assert plan.world.size == world and plan.global_batch == 24 and plan.total_steps == 30
     assert plan.merge_steps == [24, 28]  # multiples of 4 after step 30 - 10
-    assert "merge exports      after steps 24, 28: export/merge_step_<N>" in format_plan(plan)
+    assert ("merge exports      after steps 24, 28: export/merge_step_00000024 to merge_step_00000028 (for python -m "
+            "pipeline.merge)") in format_plan(plan)  # the trainer's names (pipeline.training.export.merge_export_name)
     assert plan.steps_per_epoch == expected_steps_per_epoch(example_shards, 24)
     assert sum(d.steps_epoch0 for d in plan.datasets) == plan.steps_per_epoch
     cfg = load_config(TINY, [f"data.shards={example_shards}"])

@@ -1,6 +1,8 @@
 """`pipeline.merge`: mean / ema / slerp of model directories, checked by hand on tiny exported Qwen3 models; the
-output loads in transformers and sentence-transformers with the prompts; incompatible inputs are one-line refusals.
-(The trainer's merge exports are checked in tests/test_trainer.py.)"""
+output loads in transformers and sentence-transformers with the prompts; incompatible inputs are one-line refusals;
+LoRA exports merge without their ``adapter/``; ema and slerp refuse inputs out of step order (the step recorded by
+the export, or an ``export/merge_step_<N>`` name). (The trainer's merge exports are checked in
+tests/test_trainer.py.)"""
 from __future__ import annotations
 
 import json
@@ -26,15 +28,35 @@ TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
-def export_tiny(out: Path, seed: int, **overrides) -> Path:
-    """A tiny random Qwen3 exported as training exports it (HF + sentence-transformers, MiniLM's tokenizer)."""
+def export_tiny(out: Path, seed: int, *, step: int | None = None, **overrides) -> Path:
+    """A tiny random Qwen3 exported as training exports it (HF + sentence-transformers, MiniLM's tokenizer); `step`:
+    the training step the export records (none when None, as exports of earlier versions)."""
     from pipeline.data.tokenization import load_tokenizer
     from pipeline.training.export import TrainedDataset, export_model
 
     model = tiny_model(seed, **overrides)
+    if overrides.get("lora") is not None:  # trained adapters: B != 0, so the merged weights are not the base's
+        with torch.no_grad():
+            for name, param in model.backbone.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.02, generator=torch.Generator().manual_seed(seed))
+    extra = {} if step is None else {"step": step}
     return export_model(model, load_tokenizer(minilm_dir()), out, eos_id=102, max_seq_length=64,
                         datasets={n: TrainedDataset(TYPES[n], i, 10) for n, i in INSTRUCTIONS.items()},
-                        query_template=TEMPLATE)
+                        query_template=TEMPLATE, **extra)
+
+
+@pytest.fixture
+def pipeline_log(caplog):
+    """The records of pipeline.logs.log (its logger does not propagate to the root logger caplog watches)."""
+    from pipeline.logs import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +237,128 @@ def test_other_hidden_size_is_refused_by_the_command(models, tmp_path):
     expected = f"error: {models[0]}, {wide}: different architecture (config.json hidden_size: 64 vs 96)"
     assert lines == [expected], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA exports: the merged output is the full merged model, without adapter/
+# --------------------------------------------------------------------------------------------------------------
+def test_lora_exports_merge_to_a_full_model_without_adapter(tmp_path, pipeline_log):
+    """Merging LoRA exports leaves their adapter/ out (an average of merged weights is no rank-r adapter), says so in
+    the log and merge.json, and the output loads as a full model in transformers and sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from pipeline.config import LoraConfig
+
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+    inputs = [export_tiny(tmp_path / f"lora{seed}", seed, lora=lora) for seed in range(2)]
+    for model_dir in inputs:  # what the export writes: merged weights plus the adapter alone
+        assert (model_dir / "adapter" / "adapter_model.safetensors").is_file()
+    a, b = (weights(m) for m in inputs)
+    result = merge_models(inputs, tmp_path / "merged", progress=False)
+    out = result.out
+    assert not (out / "adapter").exists()
+    assert not [k for k in weights(out) if "lora" in k]
+    record = json.loads((out / "merge.json").read_text())
+    assert list(record["left_out"]) == ["adapter"], record
+    assert "not a rank-r" in record["left_out"]["adapter"]
+    logged = [r.getMessage() for r in pipeline_log.records]
+    assert any(f"{inputs[0] / 'adapter'}" in m and "left out" in m for m in logged), logged
+    merged = weights(out)
+    for name in a:
+        torch.testing.assert_close(merged[name], 0.5 * a[name] + 0.5 * b[name])
+    hf = AutoModel.from_pretrained(str(out))
+    for name, value in hf.state_dict().items():
+        assert torch.equal(value, merged[name]), name
+    st = SentenceTransformer(str(out), device="cpu")
+    emb = st.encode(["what is a merge"], prompt_name="web_search", convert_to_tensor=True)
+    assert emb.shape == (1, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Merge exports: zero-padded names, the recorded step, and the order ema / slerp need
+# --------------------------------------------------------------------------------------------------------------
+def test_merge_export_names_sort_by_step():
+    """export/merge_step_<N> names sort as their steps under a shell glob (zero-padded); old unpadded names parse."""
+    from pipeline.training.export import merge_export_name, merge_export_step
+
+    steps = [8000, 9500, 10000, 123456, 7]
+    names = [merge_export_name(s) for s in steps]
+    assert merge_export_name(9500) == "merge_step_00009500"
+    assert sorted(names) == [merge_export_name(s) for s in sorted(steps)]
+    assert [merge_export_step(n) for n in names] == steps
+    assert merge_export_step("merge_step_9500") == 9500  # written by earlier versions
+    assert merge_export_step("merge_step_10000") == 10000
+    for other in ("final", "epoch_1", "best", "merge_step_", "merge_step_12a", "my_merge_step_5"):
+        assert merge_export_step(other) is None, other
+
+
+def test_export_records_its_step_and_merge_reads_it(tmp_path):
+    """export_model records the training step (config_sentence_transformers.json), the merge reads it; old exports
+    without it fall back to an export/merge_step_<N> name, else have none."""
+    from pipeline.merge import ModelDir
+    from pipeline.training.export import export_step
+
+    exported = export_tiny(tmp_path / "final", 0, step=9500)
+    assert export_step(exported) == 9500
+    assert ModelDir.open(exported).step == 9500
+    old = _without_step(exported, tmp_path / "merge_step_10000")
+    assert export_step(old) is None and ModelDir.open(old).step == 10000
+    assert ModelDir.open(_without_step(exported, tmp_path / "copy")).step is None
+    bad = shutil.copytree(exported, tmp_path / "bad")
+    cfg = json.loads((bad / "config_sentence_transformers.json").read_text())
+    (bad / "config_sentence_transformers.json").write_text(json.dumps({**cfg, "training_step": "9500"}))
+    with pytest.raises(MergeError, match=r"config_sentence_transformers.json: training_step must be"):
+        ModelDir.open(bad)
+
+
+def _without_step(src: Path, out: Path) -> Path:
+    """A copy of the export `src` as earlier versions wrote it: no recorded step."""
+    shutil.copytree(src, out)
+    path = out / "config_sentence_transformers.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("training_step", None)
+    path.write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory) -> dict[int, Path]:
+    """Two exports recording steps 9500 and 10000 (named neutrally: the order comes from the record)."""
+    root = tmp_path_factory.mktemp("stepped")
+    return {step: export_tiny(root / f"m{seed}", seed, step=step) for seed, step in ((0, 9500), (1, 10000))}
+
+
+@pytest.mark.parametrize("method", ["ema", "slerp"])
+def test_order_dependent_merges_refuse_inputs_out_of_step_order(method, stepped, tmp_path, capsys):
+    late, early = stepped[10000], stepped[9500]
+    assert main([str(late), str(early), "--out", str(tmp_path / "out"), "--method", method, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {late}, {early}: out of order for --method {method} (step 10000 given before step "
+                   f"9500; list the models oldest first)"], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
+    # oldest first is merged, and merge.json records the steps; the output records none of its own
+    assert main([str(early), str(late), "--out", str(tmp_path / "out"), "--method", method, "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "merge.json").read_text())["steps"] == [9500, 10000]
+    assert "training_step" not in json.loads((tmp_path / "out" / "config_sentence_transformers.json").read_text())
+
+
+def test_mean_takes_any_order_and_old_unpadded_names_are_ordered_by_name(stepped, tmp_path, capsys):
+    """mean does not depend on the order; exports of earlier versions (no recorded step, export/merge_step_<N>
+    names, which a shell glob sorts 10000 before 9500) are accepted, and ema refuses their glob order."""
+    late, early = stepped[10000], stepped[9500]
+    assert merge_models([late, early], tmp_path / "mean", progress=False).steps == [10000, 9500]
+    run = tmp_path / "run" / "export"
+    old = [_without_step(src, run / f"merge_step_{step}") for step, src in sorted(stepped.items())]
+    globbed = [str(p) for p in sorted(run.glob("merge_step_*"))]
+    assert globbed == [str(old[1]), str(old[0])]  # the reason for the padded names
+    assert main([*globbed, "--out", str(tmp_path / "ema"), "--method", "ema", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {old[1]}, {old[0]}: out of order for --method ema (step 10000 given before step 9500; "
+                   f"list the models oldest first)")
+    assert main([str(old[0]), str(old[1]), "--out", str(tmp_path / "ema"), "--method", "ema", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "ema" / "merge.json").read_text())
+    assert record["steps"] == [9500, 10000] and record["inputs"] == [str(p) for p in old]
+    # inputs without any step keep the order given
+    plain = [_without_step(src, tmp_path / f"plain{step}") for step, src in sorted(stepped.items(), reverse=True)]
+    assert merge_models(plain, tmp_path / "plain", method="ema", progress=False).steps == [None, None]

@@ -57,16 +57,20 @@ def test_zero3_training_loss_decreases(reference_run):
     ckpts = reference_run / "checkpoints"
     assert (ckpts / "latest_complete").read_text() == f"step_{STEPS:08d}"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000010"]
-    # merge exports: exactly at the planned steps (the rule --check prints), the last one the final weights
+    # merge exports: exactly at the planned steps (the rule --check prints), named by merge_export_name (zero-padded:
+    # sorted as steps), each recording its step; the last one the final weights
+    from pipeline.training.export import export_step, merge_export_name
     from pipeline.training.trainer import EveryInLast
 
     assert EveryInLast(2, 5, STEPS).planned() == MERGE_STEPS
     exports = {p.name for p in (reference_run / "export").iterdir()}
-    assert exports == {"final", *(f"merge_step_{n}" for n in MERGE_STEPS)}, exports
+    assert exports == {"final", *(merge_export_name(n) for n in MERGE_STEPS)}, exports
+    assert [export_step(p) for p in sorted((reference_run / "export").glob("merge_step_*"))] == MERGE_STEPS
+    assert export_step(reference_run / "export" / "final") == STEPS
     final, last = export_weights(reference_run / "export" / "final"), export_weights(
-        reference_run / "export" / "merge_step_10")
+        reference_run / "export" / merge_export_name(10))
     assert all(torch.equal(final[k], last[k]) for k in final)
-    early = export_weights(reference_run / "export" / "merge_step_6")
+    early = export_weights(reference_run / "export" / merge_export_name(6))
     assert any(not torch.equal(final[k], early[k]) for k in final)
 
 
@@ -84,8 +88,10 @@ def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
     assert not (out / "export" / "final").exists()
     resume_matches_reference(overrides(example_shards, out), out, reference_run, resumed_from=resumed_from,
                              steps=STEPS, log=tmp_path / "resume_log.txt")
+    from pipeline.training.export import merge_export_name
+
     for n in MERGE_STEPS:  # the merge exports written after the resume match the uninterrupted run's
-        ours, theirs = (export_weights(run / "export" / f"merge_step_{n}") for run in (out, reference_run))
+        ours, theirs = (export_weights(run / "export" / merge_export_name(n)) for run in (out, reference_run))
         for name in theirs:
             assert (ours[name] - theirs[name]).norm() <= 1e-6 * theirs[name].norm(), (n, name)
 

@@ -13,7 +13,13 @@ memory is one parameter, not the model). Rank 0 writes into a temporary director
   and cosine similarity: ``SentenceTransformer(dir).encode(q, prompt_name=...)`` reproduces training embeddings;
   plus the per-task-type prompts MTEB looks up (:func:`mteb_prompts`), so that ``mteb.evaluate(SentenceTransformer(
   dir), tasks)`` gives the queries of retrieval, reranking, classification and clustering tasks the instruction they
-  were trained with, and documents none.
+  were trained with, and documents none. It also records the training step of the weights (``training_step``,
+  :func:`export_step`; sentence-transformers ignores the key): :mod:`pipeline.merge` checks the order of its
+  inputs against it.
+
+The extra exports for checkpoint merging are named by :func:`merge_export_name`, ``merge_step_<N>`` with N
+zero-padded to 8 digits (``merge_step_00009500``, as the checkpoint tags ``step_<N>``), so that a shell glob lists
+them in step order; :func:`merge_export_step` also reads the unpadded names of earlier versions.
 
 A failed write (disk full, unwritable or vanished output directory) raises :class:`ExportError` on every rank, one
 line naming the directory; the temporary directory is removed and an existing export of the same name is kept
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,10 @@ from pipeline.logs import global_rank, log
 from pipeline.model.lora import is_lora, save_merged_with_adapter
 
 ST_CONFIG = "config_sentence_transformers.json"
+STEP_KEY = "training_step"  # in ST_CONFIG: the optimizer step of the exported weights
+MERGE_EXPORT_PREFIX = "merge_step_"
+MERGE_EXPORT_DIGITS = 8  # as the checkpoint tags step_<N>: sorts by step up to 99,999,999 steps
+_MERGE_EXPORT_NAME = re.compile(rf"{MERGE_EXPORT_PREFIX}(\d+)")
 ST_POOLING_KEYS = {
     "last_token": "pooling_mode_lasttoken",
     "mean": "pooling_mode_mean_tokens",
@@ -151,9 +162,44 @@ def model_prompts(model_dir: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in prompts.items() if v}
 
 
+def merge_export_name(step: int) -> str:
+    """The directory name (under ``RUN/export/``) of the merge export after optimizer step `step`:
+    ``merge_step_<step>`` zero-padded to :data:`MERGE_EXPORT_DIGITS` digits, so that names sort as steps."""
+    return f"{MERGE_EXPORT_PREFIX}{step:0{MERGE_EXPORT_DIGITS}d}"
+
+
+def merge_export_step(name: str) -> int | None:
+    """The step in a merge export's directory name, padded (:func:`merge_export_name`) or not (earlier versions:
+    ``merge_step_9500``); None for any other name."""
+    match = _MERGE_EXPORT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def export_step(model_dir: str | Path) -> int | None:
+    """The training step an export recorded (``training_step`` in its sentence-transformers config); None when it
+    recorded none (no such file or key: another model, or an export of an earlier version). ValueError naming the
+    file and key when the value is not a step (an integer >= 0)."""
+    path = Path(model_dir) / ST_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    step = cfg.get(STEP_KEY) if isinstance(cfg, dict) else None
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: {STEP_KEY} must be an integer >= 0, got {step!r}")
+    return step
+
+
 def write_sentence_transformers_files(
-    out: Path, *, dim: int, pooling: str, normalize: bool, max_seq_length: int, prompts: dict[str, str]
+    out: Path, *, dim: int, pooling: str, normalize: bool, max_seq_length: int, prompts: dict[str, str],
+    step: int | None = None,
 ) -> None:
+    """The sentence-transformers files of the export (module docstring); `step`: the training step recorded in
+    :data:`ST_CONFIG` (omitted when None)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -172,9 +218,10 @@ def write_sentence_transformers_files(
                      "pooling_mode_weightedmean_tokens": False})
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
-    (out / ST_CONFIG).write_text(
-        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2)
-    )
+    st_config: dict[str, Any] = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    if step is not None:
+        st_config[STEP_KEY] = step
+    (out / ST_CONFIG).write_text(json.dumps(st_config, indent=2))
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
@@ -198,11 +245,12 @@ def export_model(
     max_seq_length: int,
     datasets: dict[str, TrainedDataset],
     query_template: str,
+    step: int | None = None,
     faults: FaultInjector = NO_FAULTS,
 ) -> Path:
     """Write the model directory (see module docstring). `model` is an EmbeddingModel or an engine around one;
-    `datasets`: the training datasets (their instructions become the prompts); `faults` injects write errors in
-    tests."""
+    `datasets`: the training datasets (their instructions become the prompts); `step`: the optimizer step of the
+    weights, recorded (:func:`export_step`; None: not recorded); `faults` injects write errors in tests."""
     base = getattr(model, "module", model)
     backbone = base.backbone
     state = consolidated_state_dict(backbone)
@@ -228,6 +276,7 @@ def export_model(
                 max_seq_length=max_seq_length,
                 prompts={**query_prompts({n: d.instruction for n, d in datasets.items()}, query_template),
                          **mteb_prompts(datasets, query_template)},
+                step=step,
             )
             move_into_place(tmp, out)
         except Exception as exc:  # noqa: BLE001 - OSError, or a serializer error wrapping one

@@ -164,7 +164,7 @@ class RunPlan:
     verify_checksums: bool
     output_dir: str
     resume: str  # what the run starts from
-    merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N>
+    merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N, 8 digits>
     score_distill: str = "off"  # loss.score_distill: the teachers whose scores the trained datasets hold
 
 
@@ -393,7 +393,7 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
     training = "full fine-tuning"
     try:
         with torch.device("meta"):
-            backbone = AutoModel.from_config(hf)
+            backbone = AutoModel.from_config(hf, trust_remote_code=cfg.model.trust_remote_code)
         params = sum(p.numel() for p in backbone.parameters())
         non_embedding = params - backbone.get_input_embeddings().weight.numel()
         vocab = backbone.get_input_embeddings().num_embeddings
@@ -506,7 +506,8 @@ def check_teacher(cfg: Config) -> None:
     from pipeline.training.teacher import check_teacher_tokenizer
 
     try:
-        check_teacher_tokenizer(cfg.loss.distill, read_manifest(cfg.data.shards)["tokenizer"])
+        check_teacher_tokenizer(cfg.loss.distill, read_manifest(cfg.data.shards)["tokenizer"],
+                                trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as exc:
         raise _Stop(Problem.from_message(str(exc))) from None
 
@@ -533,7 +534,6 @@ def resume_checkpoint(cfg: Config, resume: str | None = None, *, world_size: int
     would load, if any). The trainer's own decision (:func:`pipeline.training.resume.resume_point`): raises _Stop
     when the tag is not a complete checkpoint or the run identity changed (unless `force`; its warnings are added to
     `warnings`)."""
-    from pipeline.data.shard_format import ShardError
     from pipeline.data.shards import read_manifest
     from pipeline.training.checkpoint import CheckpointManager
     from pipeline.training.resume import ResumeRefused, resume_point
@@ -550,8 +550,8 @@ def resume_checkpoint(cfg: Config, resume: str | None = None, *, world_size: int
         return f"fresh start (--resume auto would load {describe(tag)})" if tag else "fresh start (no complete checkpoint)"
     try:
         identity = run_identity(cfg, read_manifest(cfg.data.shards), world_size)
-    except ShardError:  # reported by the data check; the checkpoint is then not compared
-        identity = None
+    except ValueError:  # ShardError, a model config or teacher that cannot load: reported by the data, model and
+        identity = None  # teacher checks; the checkpoint is then not compared
     try:
         point = resume_point(manager, resume, identity, world_size, force=force)
     except ResumeRefused as exc:
@@ -657,9 +657,15 @@ def _millions(n: int | None) -> str:
 
 
 def _merge_exports(plan: RunPlan) -> str:
+    """The merge exports line: the steps and the directories the trainer names them (first to last)."""
+    from pipeline.training.export import merge_export_name
+
     if not plan.merge_steps:
         return "none"
-    return f"after steps {', '.join(map(str, plan.merge_steps))}: export/merge_step_<N> (for python -m pipeline.merge)"
+    names = f"export/{merge_export_name(plan.merge_steps[0])}"
+    if len(plan.merge_steps) > 1:
+        names += f" to {merge_export_name(plan.merge_steps[-1])}"
+    return f"after steps {', '.join(map(str, plan.merge_steps))}: {names} (for python -m pipeline.merge)"
 
 
 def format_plan(plan: RunPlan) -> str:
