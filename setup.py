@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "hypothesis>=6.100",
             "psutil>=5.9",
             "pandas>=2.0",
             "sentence-transformers>=3.0",

@@ -8,6 +8,13 @@ For this rank's batch of sequences x (queries, positives, negatives) split into 
      the surrogate s_c = sum(e_c * g_c), whose parameter gradient is sum_c (de_c/dtheta)^T g_c = dL/dtheta.
 Peak activation memory is that of ONE chunk, whatever the batch size; the price is one extra no-grad forward.
 
+Exactness rests on step 3 reproducing step 1 bit for bit: the same chunks, the same RNG state, and kernels that give
+the same result twice for the same input. Step 3 checks it for free - each re-computed e_c is compared with the cached
+one (:attr:`StepStats.replay_max_diff`, the max |e_c' - e_c| over chunks and ranks; 0.0 when the replay is exact). A
+non-zero value means g was computed at other embeddings than the ones differentiated: a nondeterministic kernel, an
+RNG stream the state capture does not cover, or a one-time initialisation that changed a kernel's result between the
+two passes. The trainer logs it every step and warns once; ``python -m pipeline.gradcheck`` fails on it.
+
 Distributed (torch.distributed or DeepSpeed): every rank runs the same number of chunks - the local count is
 all-reduced (MAX) and short ranks run dummy chunks (a 2-token sequence, surrogate 0 * sum(e)); under ZeRO-3 each
 forward all-gathers the parameters, so a missing forward would deadlock the others; a rank whose batch is empty (a
@@ -57,6 +64,7 @@ class StepStats:
     chunks: int = 0  # this rank's real chunks
     chunks_run: int = 0  # chunks run per forward pass, dummies included (equal on all ranks)
     coalesced: bool = False  # gradient reduction coalesced over the chunks (DeepSpeed)
+    replay_max_diff: float = 0.0  # GradCache: max |re-computed - cached| embedding over chunks and ranks (exact: 0)
 
     @property
     def padding_efficiency(self) -> float:
@@ -119,9 +127,11 @@ def _split(e: torch.Tensor, batch: ContrastiveBatch) -> tuple[torch.Tensor, torc
     return e[:b], e[b : 2 * b], e[2 * b :]
 
 
-def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, device: torch.device) -> StepStats:
+def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, device: torch.device,
+                  replay_diff: float | None = None) -> StepStats:
     """The step's numbers, summed over ranks in ONE all-reduce: loss (each rank's weighted loss, so the mean over
-    ranks is the global mean), queries and part sums (global means per part), sequences and tokens."""
+    ranks is the global mean), queries and part sums (global means per part), sequences and tokens. `replay_diff`
+    (GradCache only, so every rank passes it or none does): this rank's max replay difference, max-reduced."""
     real = sum(len(s) for s in plan.seqs)
     computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed, pad_to=model.static_tokens)
                    for idx in plan.chunks)
@@ -132,6 +142,12 @@ def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, d
         torch.distributed.all_reduce(totals)
         totals[0] /= world_size()
     queries = int(totals[4])
+    replay = 0.0
+    if replay_diff is not None:
+        replay_t = torch.tensor([replay_diff], dtype=torch.float64, device=device)
+        if is_distributed():
+            torch.distributed.all_reduce(replay_t, op=torch.distributed.ReduceOp.MAX)
+        replay = float(replay_t[0])
     return StepStats(
         loss=float(totals[0]),
         parts={k: float(totals[5 + i]) / max(queries, 1) for i, k in enumerate(keys)},
@@ -141,6 +157,7 @@ def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, d
         computed_tokens=int(totals[3]),
         chunks=len(plan.chunks),
         chunks_run=plan.n_run,
+        replay_max_diff=replay,
     )
 
 
@@ -261,7 +278,9 @@ def cached_step(
     grad = cache.grad
     loss = float(total.detach())
 
-    # 3. Replay each chunk with a graph; backpropagate sum(e_c * g_c).
+    # 3. Replay each chunk with a graph; backpropagate sum(e_c * g_c). Check that the replay reproduced e_c.
+    cached = cache.detach()
+    replay_diff = torch.zeros((), dtype=torch.float32, device=device)
     with backward.accumulate():
         for k, (inputs, idx) in enumerate(plan.inputs(base)):
             states[k].restore()
@@ -269,11 +288,14 @@ def cached_step(
             if idx is None:
                 surrogate = emb.sum() * 0.0
             else:
-                surrogate = (emb.float() * grad[torch.as_tensor(idx, device=device)]).sum()
+                rows = torch.as_tensor(idx, device=device)
+                replayed = emb.float()
+                replay_diff = torch.maximum(replay_diff, (replayed.detach() - cached[rows]).abs().max())
+                surrogate = (replayed * grad[rows]).sum()
             backward.backward(surrogate, last=k == plan.n_run - 1)
     rng_after.restore()
     backward.finish()
-    stats = _finish_stats(loss, out, plan, base, device)
+    stats = _finish_stats(loss, out, plan, base, device, replay_diff=float(replay_diff))
     stats.coalesced = backward.coalesced
     return stats
 

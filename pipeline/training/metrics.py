@@ -136,7 +136,8 @@ def step_values(
 ) -> dict[str, Any]:
     """The record of one logged training step: loss (overall, per dataset, per part - means over all ranks' queries;
     the distillation parts also per dataset), the step's queries, lr, gradient norm,
-    throughput, padding efficiency, chunks; on CUDA the peak memory and the MFU, on CPU the peak RSS."""
+    throughput, padding efficiency, chunks, GradCache's replay difference (0 when exact); on CUDA the peak memory
+    and the MFU, on CPU the peak RSS."""
     values: dict[str, Any] = {
         "loss": stats.loss,
         f"loss/{dataset}": stats.loss,
@@ -148,6 +149,7 @@ def step_values(
         "samples_per_s": samples / seconds,
         "padding_efficiency": stats.padding_efficiency,
         "chunks": stats.chunks_run,
+        "gradcache_replay_max_diff": stats.replay_max_diff,
     }
     for part in ("distill", "score_distill"):
         if part in stats.parts:

@@ -51,7 +51,7 @@ from pipeline.training.checkpoint import CheckpointManager, TrainerState
 from pipeline.training.distributed import broadcast_from_rank0, init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
 from pipeline.training.errors import TrainingAborted
-from pipeline.training.export import TrainedDataset, export_model
+from pipeline.training.export import TrainedDataset, export_model, merge_export_name
 from pipeline.training.gradcache import StepStats, train_step
 from pipeline.training.keep_best import KeepBest, keep_best_problem
 from pipeline.training.losses import loss_type_problems
@@ -158,7 +158,8 @@ class Trainer:
         self.tokenizer = load_tokenizer_for(cfg.model)
         shards = check_data(cfg.data, self.tokenizer, scores=cfg.loss.score_distill is not None)
         if cfg.loss.distill is not None:
-            check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"])
+            check_teacher_tokenizer(cfg.loss.distill, shards.manifest["tokenizer"],
+                                    trust_remote_code=cfg.model.trust_remote_code)
         # The run identity (what fixes the data stream and the math) goes into every checkpoint; --resume from a
         # checkpoint of another identity is refused here, before the process group (pipeline.training.resume).
         self.run_dir = Path(cfg.train.output_dir)
@@ -203,11 +204,13 @@ class Trainer:
             agree_min=lambda value: -agree([-value], self.device)[0],
         )
         self.compile_watch = CompileWatch.start(model, self.gradcache, max_len=self.data.reader.max_len)
+        self._replay_warned = False  # GradCache's replay check (StepStats.replay_max_diff) warns once per run
         self.engine = self._engine(model)
         self.backward = backward_for(self.engine)
         self.teacher = None if cfg.loss.distill is None else load_teacher(
             cfg.loss.distill, self.device, student_hidden=model.hidden_size,
             zero_stage=int(self.engine.zero_optimization_stage()), world_size=self.dist.world_size,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         self.state = TrainerState(config=cfg.to_dict())
         if resume:
@@ -221,7 +224,7 @@ class Trainer:
             (Every(t.retrieval_eval_every or 0), lambda result: self.evaluate_retrieval()),
             (Every(t.save_every), lambda result: self._checkpoint()),
             (EveryInLast(t.merge_every, t.merge_window, self.total_steps),
-             lambda result: self.export(f"merge_step_{self.state.global_step}")),
+             lambda result: self.export(merge_export_name(self.state.global_step))),
         ]
         # From here on a rank that dies or hangs is named and ends the run within train.collective_timeout_s
         # (pipeline.resilience.rank_health); before, a failed rank surfaces as a collective timeout.
@@ -309,6 +312,7 @@ class Trainer:
         attempt = self.state.global_step + self.state.skipped_steps + 1
         stats = train_step(self.engine, batch, self.cfg.loss, self.gradcache, loss_hook=self.faults.loss_hook(attempt),
                            teacher=self.teacher)
+        self._check_replay(stats)
         # The step boundary: one MAX all-reduce tells every rank whether any rank must stop (signal, launcher
         # gone) and whether the step is bad (loss or any gradient partition non-finite).
         bad_here = not math.isfinite(stats.loss) or not self.backward.grads_finite()
@@ -322,6 +326,16 @@ class Trainer:
             self.state.consecutive_skips = 0
             self.compile_watch.after_step()
         return StepResult(dataset, stats, time.perf_counter() - started, updated=not bad, stop=stop)
+
+    def _check_replay(self, stats: StepStats) -> None:
+        """Warn once when GradCache's re-forward did not reproduce the cached embeddings (the step's gradient is then
+        not the exact full-batch gradient; ``gradcache_replay_max_diff`` in the metrics has every step's value)."""
+        if stats.replay_max_diff > 0.0 and not self._replay_warned:
+            self._replay_warned = True
+            log(f"GradCache replay: the backward pass re-computed embeddings up to {stats.replay_max_diff:.3e} away "
+                "from the cached ones at step {}: the forward is not deterministic on this setup (a kernel, an RNG "
+                "stream or a first-call initialisation), so the gradient is not exact; run python -m pipeline.gradcheck "
+                "--repeat 30 with this config".format(self.state.global_step + 1), level=logging.WARNING)
 
     def _after_update(self, result: StepResult) -> None:
         assert self._bar is not None
@@ -401,6 +415,7 @@ class Trainer:
             datasets={n: TrainedDataset(ds.type, ds.instruction, ds.num_queries)
                       for n, ds in reader.datasets.items()},
             query_template=reader.manifest.get("query_template", "{query}"),
+            step=self.state.global_step,
             faults=self.faults,
         )
 
