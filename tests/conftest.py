@@ -59,3 +59,16 @@ def _release_deepspeed_shm_buffers():
                 os.unlink(path)
             except OSError:
                 pass
+
+
+@pytest.fixture
+def pipeline_log(caplog):
+    """The records of pipeline.logs.log (its logger does not propagate to the root logger caplog watches)."""
+    from pipeline.logs import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -46,19 +46,6 @@ def export_tiny(out: Path, seed: int, *, step: int | None = None, **overrides) -
                         query_template=TEMPLATE, **extra)
 
 
-@pytest.fixture
-def pipeline_log(caplog):
-    """The records of pipeline.logs.log (its logger does not propagate to the root logger caplog watches)."""
-    from pipeline.logs import get_logger
-
-    logger = get_logger()
-    logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("models")

@@ -26,19 +26,6 @@ def _one_thread():
     yield from one_torch_thread()
 
 
-@pytest.fixture
-def pipeline_log(caplog):
-    """The records of pipeline.logs.log (its logger does not propagate to the root logger caplog watches)."""
-    from pipeline.logs import get_logger
-
-    logger = get_logger()
-    logger.addHandler(caplog.handler)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 def score(argv: list[str]) -> int:
     from preprocess.__main__ import main
 
