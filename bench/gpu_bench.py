@@ -5,10 +5,10 @@
 
 Sections, in this order, each skipped (and recorded as skipped) once the time budget is spent: varlen check, seed,
 ours under ZeRO-2 (the trainer's step: ``model.kernels`` and ``model.compile`` auto - liger-kernel and regional
-torch.compile on CUDA - static chunks, fp32 chunk-gradient sums), the same step without GradCache (plain backward
-of the same packed, compiled chunks, when it fits), ours under ZeRO-3, the global-batch-4096 fit, the bf16 gradient
-check (``pipeline.gradcheck --dtype bf16``), and a Qwen3-4B-shaped model under ZeRO-3: the largest global batch of
-``--big-batches`` that fits, with its samples/s and MFU.
+torch.compile on CUDA, a dynamic token dimension, balanced unpadded chunks, fp32 chunk-gradient sums), the same
+step without GradCache (plain backward of the same packed, compiled chunks, when it fits), ours under ZeRO-3, the
+global-batch-4096 fit, the bf16 gradient check (``pipeline.gradcheck --dtype bf16``), and a Qwen3-4B-shaped model
+under ZeRO-3: the largest global batch of ``--big-batches`` that fits, with its samples/s and MFU.
 
 Model: a Qwen3-0.6B-shaped decoder built from its config with random weights (28 layers, hidden 1024, 16 query and
 8 key/value heads of dim 128, MLP 3072, vocabulary 151,936; 596M parameters, 440M without the embedding table),
@@ -338,7 +338,8 @@ def gradcache_config(plan: Plan, *, enabled: bool = True):
 
 def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int,
                model_shape: dict[str, Any] | None = None):
-    """The trainer's model (kernels and compile auto, static chunks) under a DeepSpeed engine of `zero_stage`."""
+    """The trainer's model (kernels and compile auto, dynamic token dimension) under a DeepSpeed engine of
+    `zero_stage`."""
     from pipeline.model.compiled import CompileWatch
     from pipeline.model.embedding import EmbeddingModel
 

@@ -66,7 +66,7 @@ class ModelConfig:
     # Llama, Mistral); "auto" = liger where it can run, else none (the choice and its reason are logged at start).
     kernels: Literal["auto", "liger", "none"] = "auto"
     # Regional torch.compile of every layer (pipeline/model/compiled.py); "auto" = on CUDA for packed (decoder) chunks.
-    # Packed chunks are then padded to exactly gradcache.chunk_tokens tokens (one static graph).
+    # Packed chunks keep their length (a dynamic token dimension: nothing padded, a bounded number of graphs).
     compile: bool | Literal["auto"] = "auto"
     # "bidirectional": decoder layers attend to every token of the sequence, not only the earlier ones (LLM2Vec,
     # NV-Embed); carried into the export as transformers' `is_causal: false`. "auto": the model's own (causal for
@@ -136,9 +136,10 @@ class GradCacheConfig:
     """Gradient caching: the per-rank batch is embedded chunk by chunk; memory depends on the chunk only."""
 
     enabled: bool = True
-    # Token budget of one chunk (computed tokens, padding included). Preferred over `chunk_size`. "auto": the largest
-    # power of two whose forward + backward fits in the GPU memory left after the model and optimizer, probed at start
-    # (pipeline/training/chunk_budget.py); 8192 without a GPU.
+    # Token budget of one chunk (computed tokens, padding included). Preferred over `chunk_size`. Packed steps are
+    # split into the fewest chunks found under it, balanced in tokens. "auto": the largest power of two whose forward
+    # + backward fits in the GPU memory left after the model and optimizer, probed at start, and no larger than the
+    # work a rank has per step (pipeline/training/chunk_budget.py); 8192 (or less, the work) without a GPU.
     chunk_tokens: int | Literal["auto"] | None = 8192
     # Sequences per chunk, when `chunk_tokens` is None.
     chunk_size: int | None = None

@@ -1,6 +1,6 @@
-"""The GPU step's CPU-testable parts: static chunk padding, regional compilation (no recompiles, same gradients),
-under ZeRO-2 and ZeRO-3, fp32 accumulation of chunk gradients, the bf16 gradient check, kernel gating, and
-chunk_tokens auto."""
+"""The GPU step's CPU-testable parts: regional compilation with a dynamic token dimension (no padding, no recompiles
+on widely varying lengths, same gradients), under ZeRO-2 and ZeRO-3, fp32 accumulation of chunk gradients, the bf16
+gradient check, kernel gating, and chunk_tokens auto."""
 from __future__ import annotations
 
 import json
@@ -19,15 +19,6 @@ from train_helpers import REPO, TINY, run_training
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
-def _batches(n: int, seed: int = 0):
-    from pipeline.data.batch import random_batch
-
-    rng = np.random.default_rng(seed)
-    # Different lengths per batch: different numbers of sequences per chunk and of chunks per step.
-    return [random_batch(rng, batch_size=6 + 2 * i, n_neg=3, vocab_size=30522, eos_id=102, passage_len=(12, 120 + 40 * i))
-            for i in range(n)]
-
-
 def _deterministic_model():
     """The tiny Qwen3 without attention dropout: compiled, padded and eager runs draw the same (no) masks."""
     return tiny_model(from_config={**TINY_QWEN3, "attention_dropout": 0.0})
@@ -41,56 +32,42 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_static_padding_leaves_embeddings_and_gradients_unchanged():
-    from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.model.embedding import encode
-    from pipeline.model.packing import pack
-    from pipeline.training.gradcache import cached_step
+def _varied_batches():
+    """Batches of widely varying shapes: sequences of 1 to 900 tokens, 1 to 12 queries, 1 to 8 chunks of 1024 tokens
+    (chunks from ~20 to 1024 tokens, 1 to ~40 sequences each)."""
+    from pipeline.data.batch import random_batch
 
-    model = _deterministic_model()
-    padded = pack([np.arange(5) + 1, np.arange(9) + 3], pad_to=32, pad_id=0)
-    assert padded.input_ids.shape == (1, 32) and padded.n == 2 and padded.cu_seqlens.tolist() == [0, 5, 14, 32]
-    assert padded.max_length == 32 and padded.position_ids[0, 14:].tolist() == list(range(18))
-
-    batch = _batches(1)[0]
-    gc = GradCacheConfig(chunk_tokens=512)
-    with torch.no_grad():
-        plain_emb, _ = encode(model, batch.sequences(), chunk_tokens=512)
-    model.zero_grad(set_to_none=True)
-    cached_step(model, batch, LossConfig(), gc)
-    plain_grad = _grads(model)
-    model.static_tokens = 512
-    with torch.no_grad():
-        static_emb, stats = encode(model, batch.sequences(), chunk_tokens=512)
-    model.zero_grad(set_to_none=True)
-    step = cached_step(model, batch, LossConfig(), gc)
-    assert stats.computed_tokens == 512 * stats.chunks and step.computed_tokens == 512 * step.chunks
-    assert torch.allclose(static_emb, plain_emb, atol=1e-6)
-    assert _rel(_grads(model), plain_grad) < 1e-6
+    rng = np.random.default_rng(0)
+    shapes = [(8, (4, 60), (12, 400)), (2, (200, 600), (300, 900)), (12, (1, 8), (1, 40)), (1, (1, 3), (1, 8)),
+              (5, (20, 200), (100, 700))]
+    return [random_batch(rng, batch_size=b, n_neg=3, vocab_size=30522, eos_id=102, query_len=q, passage_len=p)
+            for b, q, p in shapes]
 
 
 def test_compiled_layers_match_eager_without_recompiling():
-    """Regional compilation with static chunks on CPU (inductor): the same gradients as the eager model within 1e-5
-    step after step, and no graph compiled after the first step (other chunk counts, other sequence counts per
-    chunk, validation in eval mode included)."""
+    """Regional compilation with a dynamic token dimension on CPU (inductor), batches of widely varying lengths:
+    nothing padded (computed tokens = real), the same gradients as the eager model within 1e-5 step after step, and
+    no graph compiled after the warm-up (a validation pass and the first step) - other chunk counts and lengths,
+    other sequence counts per chunk, validation in eval mode included."""
     import copy
 
     from pipeline.config import GradCacheConfig, LossConfig
-    from pipeline.model.compiled import graphs_compiled
+    from pipeline.model.compiled import CompileWatch, graphs_compiled
     from pipeline.training.gradcache import batch_loss, cached_step
 
     eager = _deterministic_model()
     compiled = copy.deepcopy(eager)
-    assert compiled.compile_layers(static_tokens=1024) == 2
+    assert compiled.compile_layers(max_length=1024, chunk_tokens=1024) == 2
+    watch = CompileWatch(True)
     gc, loss = GradCacheConfig(chunk_tokens=1024), LossConfig(matryoshka=True)
-    batches = _batches(4)
+    batches = _varied_batches()
     compiled.eval()
     eager.eval()
     assert abs(float(batch_loss(compiled, batches[0], loss, gc).total)
                - float(batch_loss(eager, batches[0], loss, gc).total)) < 1e-5
     compiled.train()
     eager.train()
-    after_first = None
+    chunks = []
     for i, batch in enumerate(batches):
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
@@ -98,12 +75,14 @@ def test_compiled_layers_match_eager_without_recompiling():
         out = cached_step(compiled, batch, loss, gc)
         assert abs(out.loss - ref.loss) <= 1e-5 * abs(ref.loss)
         assert _rel(_grads(compiled), _grads(eager)) < 1e-5, f"step {i}"
-        if after_first is None:
-            after_first = graphs_compiled()
+        assert out.computed_tokens == out.real_tokens == ref.real_tokens and out.chunks == ref.chunks
+        chunks.append(out.chunks)
+        watch.after_step(i + 1)
     compiled.eval()
-    batch_loss(compiled, batches[3], loss, gc)
-    assert after_first > 0
-    assert graphs_compiled() == after_first  # no recompilation in steady state
+    batch_loss(compiled, batches[2], loss, gc)
+    assert len(set(chunks)) >= 3, chunks  # the steps differed in chunk counts too
+    assert watch.after_first_step > 0 and graphs_compiled() == watch.after_first_step  # no recompilation
+    assert watch.values()["recompiles"] == 0
 
 
 def _losses(run: Path) -> list[tuple[str, int, float]]:
@@ -123,8 +102,8 @@ def test_compiled_training_under_zero3_and_zero2_matches_eager(example_shards, t
         proc = run_training([*common, f"train.output_dir={out}", *extra])
         runs[name] = _losses(out)
         if name != "eager":
-            assert re.search(r"compile: 2 Qwen3DecoderLayer layers compiled .* static chunks of 512 tokens",
-                             proc.stdout + proc.stderr)
+            assert re.search(r"compile: 2 Qwen3DecoderLayer layers compiled .* dynamic token dimension \(packed "
+                             r"chunks of up to 512 tokens unpadded", proc.stdout + proc.stderr)
             assert re.search(r"compile: \d+ graphs compiled, 0 of them after the first step", proc.stdout + proc.stderr)
             last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])
             assert last["recompiles"] == 0, last
@@ -134,13 +113,23 @@ def test_compiled_training_under_zero3_and_zero2_matches_eager(example_shards, t
             assert abs(loss - ref) <= 1e-5 * abs(ref), (name, step, loss, ref)
 
 
-def test_compile_needs_chunks_that_hold_the_longest_sequence(example_shards):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(TINY), "--check", "--world-size", "2",
-         f"data.shards={example_shards}", "model.compile=true", "gradcache.chunk_tokens=32"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "error: gradcache.chunk_tokens: 32 is below the shards' max_len 64; with model.compile" in proc.stderr
+def test_check_plans_compiled_chunks_unpadded(example_shards):
+    """--check with model.compile: the same chunks as eager and nothing padded (computed = real tokens), also with
+    chunk_tokens below the shards' max_len (64): a longer sequence gets a chunk of its own, as in eager runs."""
+    from pipeline.training.plan import check_run, format_plan
+
+    plans = {}
+    for compiled in ("true", "false"):
+        report = check_run(TINY, [f"data.shards={example_shards}", f"model.compile={compiled}",
+                                  "gradcache.chunk_tokens=32"], world_size=2, sample_steps=2)
+        assert report.ok, report.problems
+        plans[compiled] = report.plan
+    on, off = plans["true"].sample, plans["false"].sample
+    assert on.chunks_run == off.chunks_run and on.real_tokens == off.real_tokens
+    assert on.computed_tokens_mean == on.real_tokens_mean == off.computed_tokens_mean
+    text = format_plan(plans["true"])
+    assert "layers compiled (torch.compile per layer, dynamic token dimension, chunks unpadded)" in text
+    assert "(padding efficiency 100.0%)" in text
 
 
 def test_fp32_accumulator_rounds_once():
@@ -206,14 +195,18 @@ def test_kernel_choice():
 
 
 def test_kernels_and_chunk_auto_in_check_and_at_start(example_shards):
-    """--check names the kernel choice and its reason; liger on CPU is a one-line error; chunk_tokens auto is 8192
-    on CPU."""
+    """--check names the kernel choice and its reason; liger on CPU is a one-line error; chunk_tokens auto on CPU is
+    8192 or less: the power of two above the most tokens a rank has in the first steps."""
     base = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(TINY), "--check", "--world-size", "2",
             f"data.shards={example_shards}"]
     ok = subprocess.run(base + ["gradcache.chunk_tokens=auto"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "kernels            none (auto: the ranks run on cpu, liger-kernel's Triton kernels need CUDA)" in ok.stdout
-    assert "chunk_tokens auto = 8192 (no GPU to probe)" in ok.stdout
+    found = re.search(r"chunk_tokens auto = (\d+) \(no GPU to probe; at most \1 = the power of two >= ([\d,]+), the "
+                      r"most real tokens a rank has in one of the first 8 steps\)", ok.stdout)
+    assert found, ok.stdout
+    auto, work = int(found.group(1)), int(found.group(2).replace(",", ""))
+    assert auto // 2 < work <= auto <= 8192
     bad = subprocess.run(base + ["model.kernels=liger"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "error: model.kernels: liger cannot be used: the ranks run on cpu" in bad.stderr
@@ -221,11 +214,15 @@ def test_kernels_and_chunk_auto_in_check_and_at_start(example_shards):
 
 def test_chunk_tokens_auto():
     from pipeline.config import GradCacheConfig
-    from pipeline.training.chunk_budget import candidates, largest_fitting, resolve_chunk_tokens
+    from pipeline.training.chunk_budget import auto_ceiling, candidates, largest_fitting, resolve_chunk_tokens
     from pipeline.training.gradcache import step_chunks
 
     assert candidates(1024)[0] == 1 << 17 and candidates(1024)[-1] == 1024 and candidates(3000)[-1] == 4096
     assert candidates(100)[-1] == 1024
+    assert auto_ceiling(None) == 1 << 17 and auto_ceiling(36_000) == 65536 and auto_ceiling(65536) == 65536
+    assert auto_ceiling(10) == 1024 and auto_ceiling(10**9) == 1 << 17
+    assert candidates(1024, auto_ceiling(36_000)) == [65536, 32768, 16384, 8192, 4096, 2048, 1024]
+    assert candidates(3000, 1024) == [4096]  # a chunk holds the longest sequence
     assert largest_fitting(candidates(512), lambda t: t <= 20000) == 16384
     assert largest_fitting([4096, 2048], lambda t: False) is None
     auto = GradCacheConfig(chunk_tokens="auto")
@@ -233,5 +230,7 @@ def test_chunk_tokens_auto():
         step_chunks([5, 6], packed=True, gc=auto)
     resolved = resolve_chunk_tokens(auto, tiny_model(), torch.device("cpu"), max_len=64, world_size=1)
     assert resolved.chunk_tokens == 8192
+    assert resolve_chunk_tokens(auto, None, torch.device("cpu"), max_len=64, world_size=1,
+                                work_tokens=3000).chunk_tokens == 4096
     assert resolve_chunk_tokens(GradCacheConfig(chunk_tokens=300), None, torch.device("cpu"), max_len=64,
                                 world_size=1).chunk_tokens == 300

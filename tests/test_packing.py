@@ -12,7 +12,7 @@ from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import ModelConfig
 from pipeline.training.ds_config import load_ds_config
 from pipeline.model.embedding import EmbeddingModel, encode, resolve_attn_implementation
-from pipeline.model.packing import chunk_cost, pack, pad, plan_chunks
+from pipeline.model.packing import build_inputs, chunk_cost, pack, pad, plan_chunks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,8 +97,9 @@ def test_plan_chunks_budget_and_coverage():
         assert (flat == np.arange(200)).all()
         for c in chunks:
             assert chunk_cost(lengths[c], packed=packed) <= 1024 or len(c) == 1
-    packed_chunks = plan_chunks(lengths, packed=True, chunk_tokens=1024)
-    assert (np.concatenate(packed_chunks) == np.arange(200)).all()  # packed keeps the input order
+    packed_chunks = plan_chunks(lengths, packed=True, chunk_tokens=1024)  # balanced (test below), in index order
+    assert all((np.diff(c) > 0).all() for c in packed_chunks)
+    assert [int(c[0]) for c in packed_chunks] == sorted(int(c[0]) for c in packed_chunks)
     # length bucketing: padded cost with bucketing well below the cost without
     bucketed = sum(chunk_cost(lengths[c], packed=False) for c in plan_chunks(lengths, packed=False, chunk_size=8))
     unsorted = sum(chunk_cost(lengths[c], packed=False)
@@ -108,6 +109,47 @@ def test_plan_chunks_budget_and_coverage():
     assert len(plan_chunks(lengths, packed=True)) == 1
     with pytest.raises(ValueError, match="chunk_tokens"):
         plan_chunks(lengths, packed=True, chunk_tokens=0)
+
+
+def _filled_in_order(lengths: np.ndarray, budget: int) -> int:
+    """Chunks of the planner before balancing: each filled up to the budget in input order (the count)."""
+    chunks, load = 0, 0
+    for length in lengths:
+        if chunks == 0 or load + length > budget:
+            chunks, load = chunks + 1, 0
+        load += int(length)
+    return chunks
+
+
+def test_packed_chunks_are_few_and_balanced():
+    """Packed chunks under a token budget: the fewest that can hold the step (ceil(S / budget)) on F2LLM-shaped
+    steps, never more than filling each chunk in turn, and balanced - chunk loads differ by at most the longest
+    sequence (LPT) - instead of budget, budget, ..., remainder; every chunk's cost is what its inputs compute."""
+    rng = np.random.default_rng(0)
+    at_bound = steps = 0
+    for budget in (4096, 16384, 65536):
+        for _ in range(50):
+            queries = np.clip(rng.lognormal(np.log(34), 0.45, size=16), 4, 1024)
+            passages = np.clip(rng.lognormal(np.log(229), 0.56, size=16 * 8), 4, 1024)
+            lengths = np.rint(np.concatenate([queries, passages])).astype(np.int64)
+            chunks = plan_chunks(lengths, packed=True, chunk_tokens=budget)
+            loads = [int(lengths[c].sum()) for c in chunks]
+            assert np.array_equal(np.sort(np.concatenate(chunks)), np.arange(lengths.size))
+            assert max(loads) <= budget and max(loads) - min(loads) <= lengths.max()
+            assert len(chunks) <= _filled_in_order(lengths, budget)
+            at_bound += len(chunks) == -(-int(lengths.sum()) // budget)
+            steps += 1
+    assert at_bound >= 0.98 * steps, (at_bound, steps)
+    loads = [int(lengths[c].sum()) for c in plan_chunks(lengths, packed=True, chunk_tokens=16384)]
+    assert len(loads) == 3 and max(loads) - min(loads) <= lengths.max(), loads  # ~36k: 3 x ~12k, not 16k, 16k, 4k
+    lengths = np.array([5000, 10, 20, 900, 700])  # longer than the budget: a chunk of its own
+    assert [c.tolist() for c in plan_chunks(lengths, packed=True, chunk_tokens=1024)] == [[0], [1, 2, 4], [3]]
+    seqs = seqs_with_edge_lengths(np.random.default_rng(3)) * 4
+    for packed in (True, False):
+        for c in plan_chunks([len(s) for s in seqs], packed=packed, chunk_tokens=128):
+            inputs = build_inputs([seqs[i] for i in c], packed=packed, pad_id=0, max_length=512)
+            assert chunk_cost([len(seqs[i]) for i in c], packed=packed) == inputs.computed_tokens
+            assert not packed or (inputs.computed_tokens == inputs.real_tokens and inputs.max_length == 512)
 
 
 def test_pack_layout():

@@ -252,6 +252,14 @@ class TrainData:
             generator=torch.Generator().manual_seed(self.plan.seed + epoch),
         )
 
+    def most_step_tokens(self, steps: int, rank: int | None = None) -> int:
+        """The most real tokens rank `rank` (default this rank) has in one of the first `steps` steps of epoch 0 (at
+        most an epoch; 0 without steps), its batches built as training builds them (:func:`rank_batch`; no RNG
+        state is touched)."""
+        rank = self.rank if rank is None else rank
+        return max((rank_batch(self.plan, self.schedule, self.reader, 0, step, rank)[1].real_tokens()
+                    for step in range(min(steps, self.steps_per_epoch))), default=0)
+
     def validation_steps(self, name: str) -> int:
         """Validation batches of dataset `name`: ceil(held-out queries / global batch), the last one ragged."""
         return batch_count(len(self.val_ids[name]), self.plan.per_device_batch * self.plan.world_size,

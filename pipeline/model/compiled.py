@@ -1,4 +1,5 @@
-"""Regional compilation of the backbone's layers (``model.compile``) and the count of graphs compiled.
+"""Regional compilation of the backbone's layers (``model.compile``), a dynamic token dimension, and the count of
+graphs compiled.
 
 Each repeated layer of the backbone (the decoder layers) is compiled with ``torch.compile`` - the layer, not the
 whole model (PyTorch's "regional compilation" recipe: the layers share one compiled graph, so compile time is one
@@ -6,40 +7,45 @@ layer's, and the model's Python around them - embeddings, pooling, GradCache - s
 elementwise work between the matrix products (RMSNorm, RoPE, SwiGLU, residuals), which dominates a small model's
 step on GPU. It runs on CPU too (inductor's C++ backend), which is how the tests check it.
 
-Static shapes: with ``model.compile`` on, packed chunks are padded to exactly ``gradcache.chunk_tokens`` tokens
-(:func:`pipeline.model.packing.pack`, a dummy segment whose output is dropped), so one graph per mode (GradCache's
-no-grad pass, its replayed pass with a graph, validation in eval mode) serves every chunk. What still varies from
-chunk to chunk - the number of sequences in the row - only reaches the attention kernel: its sequence bounds are
-marked dynamic, and the per-sequence CPU kernel runs outside the graph (:mod:`pipeline.model.attention`).
+Shapes: a packed chunk is one row of T tokens (T = the sum of its sequences' lengths, :mod:`pipeline.model.packing`)
+holding n sequences. Both vary from chunk to chunk, and nothing is padded: before each compiled layer call, the
+token dimension of the layer's inputs (hidden states [1, T, d], RoPE's cos/sin, position ids) and the sequence
+bounds [n + 1] are marked dynamic (:func:`mark_token_dimension`), so the first compilation already produces a graph
+for every T and n, and the attention kernels get a constant ``max_length`` (the shards' max_len, an upper bound:
+:func:`pipeline.model.packing.pack`), so no graph specialises on a chunk's longest sequence. One graph per mode
+(GradCache's no-grad pass, its replayed pass with a graph, evaluation) serves every chunk; the compiler may still
+split the token range into a few size classes (inductor's CPU backend compiles one graph each for T <= 1024,
+<= 2048, <= 4096 and larger: measured), each compiled the first time a chunk of that class runs - a number bounded
+by the range of T (2 to ``gradcache.chunk_tokens``), not by the batches. On CPU the per-sequence attention kernel
+runs outside the graph (:mod:`pipeline.model.attention`), so there the layer is several graphs around it; those
+after the break dynamo first compiles for the first chunk's shape and generalises at the next (a first step of
+several chunks does both).
 
-:func:`graphs_compiled` counts the graphs dynamo has compiled in this process; the trainer logs how many were added
-after the first step (0 in steady state: no recompilation).
+Why not static shapes (every chunk padded to one length, or rounded up to a few buckets): padding every chunk to
+chunk_tokens computed 27-74% padding on F2LLM-shaped data (GitHub issue 22); rounding each balanced chunk up to a
+multiple of max_len still computes 1.4-3.8% padding (``bench/bench_chunk_padding.py`` prints both), and every
+bucket is another set of graphs per mode (up to chunk_tokens / max_len buckets): on CPU the third static shape
+already hit dynamo's ``recompile_limit`` (8 per function), after which the layers silently ran eagerly.
+
+:func:`graphs_compiled` counts the graphs dynamo has compiled in this process; :class:`CompileWatch` logs the count
+after the first step and every graph compiled after it (``recompiles`` in the step metrics: 0 in steady state).
 """
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 from torch import nn
+
+from pipeline.logs import log
 
 
 def resolve_compile(requested: bool | str, device_type: str, *, packed: bool) -> bool:
-    """``model.compile``: True / False as given; auto = on CUDA for packed (decoder) chunks, whose shapes are static."""
+    """``model.compile``: True / False as given; auto = on CUDA for packed (decoder) chunks, whose token dimension is
+    compiled dynamic (no padding, :func:`mark_token_dimension`)."""
     if requested == "auto":
         return device_type == "cuda" and packed
     return bool(requested)
-
-
-def static_chunk_length(*, packed: bool, chunk_tokens: object, max_len: int) -> int | None:
-    """The token count every chunk of compiled layers is padded to: ``gradcache.chunk_tokens`` for packed chunks
-    with a token budget (None otherwise: shapes stay dynamic). It must hold the longest sequence (`max_len`), or a
-    longer chunk would need a second graph: ValueError naming the key."""
-    if not packed or not isinstance(chunk_tokens, int):
-        return None
-    if chunk_tokens < max_len:
-        raise ValueError(
-            f"gradcache.chunk_tokens: {chunk_tokens} is below the shards' max_len {max_len}; with model.compile every "
-            f"packed chunk is padded to chunk_tokens, which must hold the longest sequence (raise it to >= {max_len} "
-            "or set model.compile false)"
-        )
-    return chunk_tokens
 
 
 def repeated_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -55,9 +61,41 @@ def repeated_layers(backbone: nn.Module) -> nn.ModuleList:
     return best
 
 
-def compile_layers(backbone: nn.Module, *, dynamic: bool | None) -> int:
+def mark_token_dimension(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Mark a packed layer call's varying sizes dynamic for the compiler: the token dimension T (dim 1) of the hidden
+    states - the first tensor argument, [1, T, d] - and of every other tensor argument with T at dim 1 (also inside
+    tuples: RoPE's cos and sin [1, T, head_dim], the position ids [1, T]), and the sequence bounds
+    ``cu_seq_lens_q/k`` [n + 1] (dim 0). ``maybe_mark_dynamic``: a size the compiler has to specialise stays legal."""
+    import torch
+
+    values = [*args, *kwargs.values()]
+    tensors = [t for v in values for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+    if not tensors or tensors[0].dim() < 2:
+        return
+    tokens = tensors[0].shape[1]
+    for t in tensors:
+        if t.dim() >= 2 and t.shape[1] == tokens:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(kwargs[key], 0)
+
+
+def _with_dynamic_tokens(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled` (a layer's compiled forward), its packed inputs' token dimension marked dynamic at every call."""
+
+    @functools.wraps(compiled)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        mark_token_dimension(args, kwargs)
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
+def compile_layers(backbone: nn.Module, *, dynamic_tokens: bool) -> int:
     """Compile the ``forward`` of every layer of the backbone's stack in place; returns how many.
-    `dynamic`: False for static chunk shapes, None to let dynamo generalise shapes that change.
+    `dynamic_tokens` (packed rows): the token dimension is marked dynamic at every call (module docstring); else
+    (padded [n, L] chunks) dynamo generalises the shapes that change (``dynamic=None``).
 
     The layer's ``forward`` is compiled, not its ``__call__``: module hooks stay outside the graph. Under ZeRO-3
     each layer is also made a DeepSpeed "leaf module" (``deepspeed.utils.set_z3_leaf_module``): its parameters are
@@ -69,7 +107,8 @@ def compile_layers(backbone: nn.Module, *, dynamic: bool | None) -> int:
     layers = repeated_layers(backbone)
     for layer in layers:
         set_z3_leaf_module(layer, True)
-        layer.forward = torch.compile(layer.forward, dynamic=dynamic)
+        compiled = torch.compile(layer.forward, dynamic=None)
+        layer.forward = _with_dynamic_tokens(compiled) if dynamic_tokens else compiled
     return len(layers)
 
 
@@ -81,27 +120,45 @@ def graphs_compiled() -> int:
 
 
 class CompileWatch:
-    """Compiles a model's layers at start when its settings say so, and counts the graphs compiled after the first
-    optimizer step (recompilations; 0 in steady state) for the step metrics and the end-of-run log line."""
+    """Compiles a model's layers at start when its settings say so, and watches the number of graphs compiled: logged
+    after the first optimizer step, and every graph compiled after it (a recompilation: 0 in steady state) is logged
+    as a warning with its step and counted for the step metrics and the end-of-run log line."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.after_first_step: int | None = None
+        self.seen = 0
 
     @classmethod
     def start(cls, model: nn.Module, gradcache: object, *, max_len: int) -> "CompileWatch":
-        """Compile `model`'s layers if ``model.compile`` resolved to on; packed chunks get the static length
-        ``gradcache.chunk_tokens``, which must hold the longest sequence (`max_len`)."""
+        """Compile `model`'s layers if ``model.compile`` resolved to on; packed chunks get a dynamic token dimension
+        and the attention kernels the constant bound `max_len` (the longest sequence of the data) as max_length.
+        `gradcache` (its ``chunk_tokens``, the largest chunk) is named in the log line."""
         settings = getattr(model, "settings", None)
         if settings is None or not settings.compile:
             return cls(False)
-        model.compile_layers(static_chunk_length(packed=model.packed, chunk_tokens=getattr(gradcache, "chunk_tokens",
-                                                                                            None), max_len=max_len))
+        model.compile_layers(max_length=max_len, chunk_tokens=getattr(gradcache, "chunk_tokens", None))
         return cls(True)
 
-    def after_step(self) -> None:
-        if self.enabled and self.after_first_step is None:
-            self.after_first_step = graphs_compiled()
+    def after_step(self, step: int | None = None) -> None:
+        """After optimizer step `step`: the first call records (and logs) the graphs compiled so far; later calls
+        log a WARNING for every graph compiled since the previous call."""
+        if not self.enabled:
+            return
+        total = graphs_compiled()
+        if self.after_first_step is None:
+            self.after_first_step = total
+            log(f"compile: {total} graphs compiled by the end of the first step (per mode run so far and layer "
+                "region; graphs compiled later - a new size class of the token dimension, a mode first run later - "
+                "are logged as warnings)")
+        elif total > self.seen:
+            import logging
+
+            log(f"compile: {total - self.seen} graph(s) compiled at step {step if step is not None else '?'} "
+                f"({total - self.after_first_step} after the first step, {total} in all): a shape or mode the "
+                "compiled layers had not run yet (a new size class of the token dimension, or a first validation "
+                "after a resume)", level=logging.WARNING)
+        self.seen = total
 
     def values(self) -> dict[str, int]:
         """``graphs_compiled`` and ``recompiles`` (graphs compiled after the first step), once it is done."""
@@ -113,7 +170,5 @@ class CompileWatch:
     def report(self) -> None:
         values = self.values()
         if values:
-            from pipeline.logs import log
-
             log(f"compile: {values['graphs_compiled']} graphs compiled, {values['recompiles']} of them after the first "
                 "step (recompilations)")

@@ -312,7 +312,7 @@ class EmbeddingModel(nn.Module):
         self.pad_id = pad_id
         self.attn_implementation = attn_implementation
         self.settings: ModelSettings | None = None  # set by from_config
-        self.static_tokens: int | None = None  # packed chunks padded to exactly this many tokens (compiled layers)
+        self.max_length_bound: int | None = None  # compiled packed layers: the constant max_length of every chunk
         if hasattr(self.backbone, "config"):
             self.backbone.config.use_cache = False
 
@@ -359,14 +359,16 @@ class EmbeddingModel(nn.Module):
             log(f"lora: {describe_lora(model.backbone)}")
         return model
 
-    def compile_layers(self, static_tokens: int | None) -> int:
-        """Compile the backbone's layers (:mod:`pipeline.model.compiled`). `static_tokens`: every packed chunk is
-        padded to exactly this many tokens (one static graph); None lets dynamo generalise changing shapes."""
-        if self.packed and static_tokens is not None:
-            self.static_tokens = static_tokens
-        n = compile_layers(self.backbone, dynamic=False if self.static_tokens is not None else None)
-        shapes = (f"static chunks of {self.static_tokens} tokens" if self.static_tokens is not None
-                  else "dynamic shapes")
+    def compile_layers(self, *, max_length: int | None = None, chunk_tokens: object = None) -> int:
+        """Compile the backbone's layers (:mod:`pipeline.model.compiled`). Packed chunks: the token dimension is
+        dynamic (nothing padded) and every chunk gives the attention kernels `max_length` (the data's longest
+        sequence, when given) as its max_length, a constant. `chunk_tokens` (the largest chunk) is only logged."""
+        if self.packed:
+            self.max_length_bound = max_length
+        n = compile_layers(self.backbone, dynamic_tokens=self.packed)
+        largest = f" of up to {chunk_tokens} tokens" if isinstance(chunk_tokens, int) else ""
+        shapes = (f"dynamic token dimension (packed chunks{largest} unpadded; attention max_length {max_length})"
+                  if self.packed else "dynamic shapes")
         log(f"compile: {n} {type(repeated_layers(self.backbone)[0]).__name__} layers compiled with torch.compile "
             f"(regional), {shapes}")
         return n
@@ -385,8 +387,8 @@ class EmbeddingModel(nn.Module):
         return next(self.parameters()).device
 
     def make_inputs(self, seqs: list[np.ndarray]) -> ChunkInputs:
-        """Packed or padded inputs for `seqs`, following this model's layout (and static chunk length)."""
-        return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id, pad_to=self.static_tokens)
+        """Packed or padded inputs for `seqs`, following this model's layout (and compiled max_length bound)."""
+        return build_inputs(seqs, packed=self.packed, pad_id=self.pad_id, max_length=self.max_length_bound)
 
     def forward(self, inputs: ChunkInputs, raw: bool = False) -> torch.Tensor:
         """[n, d] fp32 embeddings of the chunk's sequences: L2-normalised when ``normalize``, unless `raw` (the pooled
@@ -416,9 +418,6 @@ class EmbeddingModel(nn.Module):
                     dtype=self.backbone.get_input_embeddings().weight.dtype, device=inputs.input_ids.device)
         else:
             kwargs["attention_mask"] = inputs.attention_mask
-        if self.static_tokens is not None and "cu_seq_lens_q" in kwargs:
-            # The number of sequences per chunk varies; all else is static: one graph for every chunk.
-            torch._dynamo.mark_dynamic(kwargs["cu_seq_lens_q"], 0)
         hidden = self.backbone(**kwargs).last_hidden_state
         emb = pool(hidden, inputs, self.pooling).float()
         return F.normalize(emb, dim=-1) if self.normalize and not raw else emb

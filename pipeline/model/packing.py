@@ -5,7 +5,11 @@ Packed layout (decoders): the n sequences of a chunk are concatenated into ONE r
 detect the restarts (a position that is not the previous one + 1 starts a new sequence) and build a block-diagonal
 causal mask for sdpa/eager; with flash_attention_2 the same layout runs through the varlen kernel, for which we also
 pass ``cu_seq_lens_q/k`` and ``max_length_q/k`` explicitly (no recomputation, no host sync). Nothing is padded:
-computed tokens == real tokens.
+computed tokens == real tokens, also with compiled layers (``model.compile``: the token dimension is dynamic,
+:mod:`pipeline.model.compiled`).
+
+Packed chunks under a token budget C (:func:`balanced_chunks`): the fewest chunks that fit, balanced in tokens - a
+step of S real tokens becomes n ~ ceil(S / C) chunks of ~S / n tokens each, not C, C, ..., a remainder.
 
 Padded layout (encoders, or decoders on request): an [n, L] right-padded matrix with an attention mask, L the
 longest sequence of the chunk. Computed tokens = n * L. Length bucketing (sorting by length before chunking) keeps
@@ -19,6 +23,7 @@ within each sequence only, with no mask at all, so a packed chunk costs what its
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -71,27 +76,21 @@ def _as_ids(seq: np.ndarray) -> np.ndarray:
     return np.asarray(seq, dtype=np.int64)
 
 
-def pack(seqs: list[np.ndarray], *, pad_to: int | None = None, pad_id: int = 0) -> ChunkInputs:
+def pack(seqs: list[np.ndarray], *, max_length: int | None = None) -> ChunkInputs:
     """Concatenate `seqs` into one row; position_ids restart at 0 for each sequence.
 
-    `pad_to` (static chunk shapes, for compiled layers): a row shorter than `pad_to` tokens gets one dummy segment of
-    `pad_id` tokens filling it to exactly `pad_to`; the dummy segment attends only to itself, is not one of the
-    chunk's sequences (``lengths``, ``starts``: the real ones) and its output is never pooled. ``max_length`` is then
-    `pad_to`, an upper bound that does not change from chunk to chunk. A row already longer is left as it is.
+    `max_length` (compiled layers): the bound on the sequence lengths the attention kernels are given, when it
+    exceeds the chunk's longest sequence - a constant, so that a compiled graph does not specialise on each chunk's
+    longest sequence (flash-attn and PyTorch's varlen kernel take it as an upper bound). None: the longest.
     """
     if not seqs:
         raise ValueError("pack: no sequences")
     arrays = [_as_ids(s) for s in seqs]
     lengths = np.array([a.size for a in arrays], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    segments = lengths
-    total = int(lengths.sum())
-    if pad_to is not None and total < pad_to:
-        arrays.append(np.full(pad_to - total, pad_id, dtype=np.int64))
-        segments = np.append(lengths, pad_to - total)
     ids = torch.from_numpy(np.concatenate(arrays)).unsqueeze(0)
-    pos = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in segments])).unsqueeze(0)
-    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(segments)]).astype(np.int32))
+    pos = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])).unsqueeze(0)
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return ChunkInputs(
         input_ids=ids,
         position_ids=pos,
@@ -99,7 +98,7 @@ def pack(seqs: list[np.ndarray], *, pad_to: int | None = None, pad_id: int = 0) 
         lengths=torch.from_numpy(lengths),
         starts=torch.from_numpy(starts),
         cu_seqlens=cu,
-        max_length=max(int(segments.max()), pad_to or 0),
+        max_length=max(int(lengths.max()), max_length or 0),
         packed=True,
     )
 
@@ -128,19 +127,57 @@ def pad(seqs: list[np.ndarray], pad_id: int) -> ChunkInputs:
     )
 
 
-def build_inputs(seqs: list[np.ndarray], *, packed: bool, pad_id: int, pad_to: int | None = None) -> ChunkInputs:
-    """Packed (padded to `pad_to` tokens when given) or padded inputs of `seqs`."""
-    return pack(seqs, pad_to=pad_to, pad_id=pad_id) if packed else pad(seqs, pad_id)
+def build_inputs(seqs: list[np.ndarray], *, packed: bool, pad_id: int, max_length: int | None = None) -> ChunkInputs:
+    """Packed (`max_length`: see :func:`pack`) or padded inputs of `seqs`."""
+    return pack(seqs, max_length=max_length) if packed else pad(seqs, pad_id)
 
 
-def chunk_cost(lengths: list[int] | np.ndarray, *, packed: bool, pad_to: int | None = None) -> int:
-    """Computed tokens of one chunk: sum of lengths (packed; at least `pad_to` when chunks are padded to a static
-    length) or n * max length (padded)."""
+def chunk_cost(lengths: list[int] | np.ndarray, *, packed: bool) -> int:
+    """Computed tokens of one chunk, = ``ChunkInputs.computed_tokens`` of its inputs: sum of lengths (packed, compiled
+    or not: nothing is padded) or n * max length (padded)."""
     if len(lengths) == 0:
         return 0
     if packed:
-        return max(int(np.sum(lengths)), pad_to or 0)
+        return int(np.sum(lengths))
     return int(len(lengths) * np.max(lengths))
+
+
+def balanced_chunks(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Packed chunks of at most `budget` tokens each, as few as found and balanced in tokens.
+
+    A sequence longer than the budget gets a chunk of its own. The others (S tokens, the longest L) go into n
+    chunks, n tried from ceil(S / budget) upwards (no fewer can hold them): longest first, each to the chunk with the
+    fewest tokens so far (LPT scheduling). The chunk that takes the last sequence p held at most (S - p) / n before,
+    so the largest chunk is <= S / n + L: n = ceil(S / (budget - L)) always fits (and n = the number of sequences
+    does), and with L << budget the first n tried almost always does - n chunks of ~S / n tokens, where filling each
+    chunk up to the budget in turn would give budget, budget, ..., remainder. Indices ascend within a chunk; chunks
+    are ordered by their first index; deterministic (ties go to the lower chunk)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    alone = [np.array([i], dtype=np.int64) for i in np.flatnonzero(lengths > budget)]
+    rest = np.flatnonzero(lengths <= budget)
+    chunks = alone
+    if rest.size:
+        order = rest[np.argsort(-lengths[rest], kind="stable")]
+        n = max(1, -(-int(lengths[rest].sum()) // budget))
+        while True:
+            members = _longest_first(lengths, order, n)
+            if max(int(lengths[m].sum()) for m in members) <= budget:
+                break
+            n += 1
+        chunks = chunks + [np.sort(np.array(m, dtype=np.int64)) for m in members]
+    return sorted(chunks, key=lambda c: int(c[0]))
+
+
+def _longest_first(lengths: np.ndarray, order: np.ndarray, n: int) -> list[list[int]]:
+    """`order` (indices, longest first) dealt into n chunks, each to the one with the fewest tokens so far (the
+    lower chunk on a tie); empty chunks dropped (n larger than the sequences)."""
+    heap = [(0, k) for k in range(n)]
+    members: list[list[int]] = [[] for _ in range(n)]
+    for idx in order:
+        load, k = heapq.heappop(heap)
+        members[k].append(int(idx))
+        heapq.heappush(heap, (load + int(lengths[idx]), k))
+    return [m for m in members if m]
 
 
 def plan_chunks(
@@ -153,12 +190,13 @@ def plan_chunks(
 ) -> list[np.ndarray]:
     """Split sequence indices into chunks; returns a list of index arrays covering every index exactly once.
 
-    - ``chunk_tokens``: greedy, each chunk's computed tokens (:func:`chunk_cost`) stay <= the budget; a single
-      sequence longer than the budget gets a chunk of its own.
+    - ``chunk_tokens``: each chunk's computed tokens (:func:`chunk_cost`) stay <= the budget; a single sequence
+      longer than the budget gets a chunk of its own. Packed: :func:`balanced_chunks` (the fewest chunks found,
+      balanced in tokens). Padded: greedy over the length-bucketed order.
     - else ``chunk_size``: at most that many sequences per chunk.
     - neither: one chunk.
     Padded chunks are length-bucketed when ``bucket`` (indices sorted by length, longest first), so each chunk pads
-    to a similar length. Packed chunks keep the input order (packing wastes nothing, sorting gains nothing).
+    to a similar length. Packed chunks by ``chunk_size`` keep the input order (packing wastes nothing).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     n = lengths.size
@@ -173,21 +211,17 @@ def plan_chunks(
         return [order]
     if chunk_tokens is None:
         return [order[i : i + chunk_size] for i in range(0, n, chunk_size)]
+    if packed:
+        return balanced_chunks(lengths, chunk_tokens)
     chunks: list[np.ndarray] = []
     current: list[int] = []
-    total = 0  # packed: sum of lengths so far
-    longest = 0  # padded: longest length so far
+    longest = 0  # longest length so far
     for idx in order:
         length = int(lengths[idx])
-        if packed:
-            fits = total + length <= chunk_tokens
-        else:
-            fits = (len(current) + 1) * max(longest, length) <= chunk_tokens
-        if current and not fits:
+        if current and (len(current) + 1) * max(longest, length) > chunk_tokens:
             chunks.append(np.array(current, dtype=np.int64))
-            current, total, longest = [], 0, 0
+            current, longest = [], 0
         current.append(int(idx))
-        total += length
         longest = max(longest, length)
     if current:
         chunks.append(np.array(current, dtype=np.int64))

@@ -60,7 +60,7 @@ class StepStats:
     queries: int = 0
     sequences: int = 0
     real_tokens: int = 0
-    computed_tokens: int = 0
+    computed_tokens: int = 0  # what the chunks ran (packed: = real; dummy chunks, 2 tokens each, not counted)
     chunks: int = 0  # this rank's real chunks
     chunks_run: int = 0  # chunks run per forward pass, dummies included (equal on all ranks)
     coalesced: bool = False  # gradient reduction coalesced over the chunks (DeepSpeed)
@@ -95,8 +95,10 @@ class RngState:
 
 def step_chunks(lengths: list[int], *, packed: bool, gc: GradCacheConfig) -> list[np.ndarray]:
     """The chunks (index arrays into the step's sequences) GradCache runs for sequences of these `lengths`: the one
-    chunking rule of the trainer, validation and ``--check``'s per-step plan. ``chunk_tokens: auto`` must have been
-    resolved to a number (:func:`pipeline.training.chunk_budget.resolve_chunk_tokens`)."""
+    chunking rule of the trainer, validation, ``--check``'s per-step plan and ``pipeline.gradcheck``
+    (:func:`pipeline.model.packing.plan_chunks`: packed chunks are the fewest found under ``chunk_tokens``, balanced
+    in tokens, never padded - also with compiled layers). ``chunk_tokens: auto`` must have been resolved to a number
+    (:func:`pipeline.training.chunk_budget.resolve_chunk_tokens`)."""
     if gc.chunk_tokens == "auto":
         raise ValueError("gradcache.chunk_tokens: auto is resolved at start (chunk_budget.resolve_chunk_tokens)")
     return plan_chunks(lengths, packed=packed, chunk_tokens=gc.chunk_tokens, chunk_size=gc.chunk_size)
@@ -133,8 +135,7 @@ def _finish_stats(loss: float, out: LossOutput, plan: _Plan, model: nn.Module, d
     ranks is the global mean), queries and part sums (global means per part), sequences and tokens. `replay_diff`
     (GradCache only, so every rank passes it or none does): this rank's max replay difference, max-reduced."""
     real = sum(len(s) for s in plan.seqs)
-    computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed, pad_to=model.static_tokens)
-                   for idx in plan.chunks)
+    computed = sum(chunk_cost([len(plan.seqs[i]) for i in idx], packed=model.packed) for idx in plan.chunks)
     keys = [k for k in PARTS if k in out.sums]  # the same on every rank (dataset type, negatives and config)
     totals = torch.tensor([loss, len(plan.seqs), real, computed, out.queries, *(out.sums[k] for k in keys)],
                           dtype=torch.float64, device=device)

@@ -108,6 +108,8 @@ class StepSample:
     sequences_per_step: float  # summed over ranks
     chunks_run: list[int] = field(default_factory=list)  # per measured step
     real_tokens: list[int] = field(default_factory=list)  # per measured step
+    chunk_tokens: int | str | None = None  # the budget the steps were chunked with (auto: as the trainer resolves it)
+    work_tokens: int | None = None  # chunk_tokens auto: the most real tokens a rank has in one of the first steps
 
 
 @dataclass
@@ -424,18 +426,19 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
 
 
 def check_data_plan(
-    cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, compiled: bool, device: str, sample_steps: int,
+    cfg: Config, tokenizer: Any | None, world: int, *, packed: bool, device: str, sample_steps: int,
     warnings: list[Problem],
 ) -> tuple[list[DatasetPlan], list[str], int, StepSample]:
     """The trainer's data checks, split and schedule for `world` ranks, and the first steps measured (with the
-    chunk length the run will use: ``chunk_tokens: auto`` as on CPU, static padding when compiled)."""
+    chunk budget the run will use: ``chunk_tokens: auto`` bounded by the work per step as the trainer bounds it,
+    :func:`pipeline.training.chunk_budget.resolve_chunk_tokens`)."""
     import dataclasses
 
     from pipeline.data.loader import TrainData, check_data, rank_batch
     from pipeline.data.shard_format import ShardError
-    from pipeline.model.compiled import static_chunk_length
     from pipeline.model.packing import chunk_cost
-    from pipeline.training.chunk_budget import DEFAULT_CHUNK_TOKENS
+    from pipeline.training.chunk_budget import (WORK_SAMPLE_STEPS, auto_ceiling, describe_work,
+                                                unprobed_chunk_tokens)
     from pipeline.training.gradcache import step_chunks
 
     try:
@@ -466,17 +469,14 @@ def check_data_plan(
         warnings.append(Problem("data.validation_fraction", "no dataset holds out a query: no validation loss"))
     steps = min(sample_steps, schedule.steps_per_epoch)
     chunks_run, real, computed, seqs = [], [], [], []
-    gc = cfg.gradcache
-    if gc.chunk_tokens == "auto":
-        gc = dataclasses.replace(gc, chunk_tokens=DEFAULT_CHUNK_TOKENS)
+    gc, work = cfg.gradcache, None
+    if gc.chunk_tokens == "auto":  # the trainer's bound: the most tokens a rank has in the first steps, all ranks
+        work = max(data.most_step_tokens(WORK_SAMPLE_STEPS, rank) for rank in range(world))
+        assumed = auto_ceiling(work) if device == "cuda" else unprobed_chunk_tokens(work)
+        gc = dataclasses.replace(gc, chunk_tokens=assumed)
         if device == "cuda":
-            warnings.append(Problem("gradcache.chunk_tokens", f"auto is probed on the GPUs at start; the per-step "
-                                    f"numbers below assume {DEFAULT_CHUNK_TOKENS}"))
-    try:
-        pad_to = static_chunk_length(packed=packed, chunk_tokens=gc.chunk_tokens, max_len=data.reader.max_len) \
-            if compiled else None
-    except ValueError as exc:
-        raise _Stop(Problem.from_message(str(exc))) from None
+            warnings.append(Problem("gradcache.chunk_tokens", f"auto is probed on the GPUs at start, "
+                                    f"{describe_work(work)}; the per-step numbers below assume {gc.chunk_tokens}"))
     for step in range(steps):
         per_rank_chunks, step_real, step_computed, step_seqs = [], 0, 0, 0
         for rank in range(world):
@@ -485,7 +485,7 @@ def check_data_plan(
             chunks = step_chunks(lengths, packed=packed, gc=gc)
             per_rank_chunks.append(len(chunks))
             step_real += sum(lengths)
-            step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed, pad_to=pad_to) for idx in chunks)
+            step_computed += sum(chunk_cost([lengths[i] for i in idx], packed=packed) for idx in chunks)
             step_seqs += len(lengths)
         chunks_run.append(max(per_rank_chunks))
         real.append(step_real)
@@ -496,6 +496,7 @@ def check_data_plan(
         chunks_run_min=min(chunks_run), real_tokens_mean=float(np.mean(real)), real_tokens_min=min(real),
         real_tokens_max=max(real), computed_tokens_mean=float(np.mean(computed)),
         sequences_per_step=float(np.mean(seqs)), chunks_run=chunks_run, real_tokens=real,
+        chunk_tokens=gc.chunk_tokens, work_tokens=work,
     )
     return datasets, list(schedule.skipped), schedule.steps_per_epoch, sample
 
@@ -615,8 +616,7 @@ def check_run(
     data = None
     if world is not None:
         packed = model.packed if model is not None else True
-        compiled = model.compile if model is not None else False
-        data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, compiled=compiled, device=device,
+        data = attempt(check_data_plan, cfg, tokenizer, size, packed=packed, device=device,
                        sample_steps=sample_steps, warnings=warnings)
     if cfg.loss.distill is not None and data is not None:
         attempt(check_teacher, cfg)
@@ -630,10 +630,11 @@ def check_run(
     budget = f"chunk_tokens {gc.chunk_tokens}" if gc.chunk_tokens is not None else (
         f"chunk_size {gc.chunk_size}" if gc.chunk_size is not None else "one chunk")
     if gc.chunk_tokens == "auto":
-        from pipeline.training.chunk_budget import DEFAULT_CHUNK_TOKENS
+        from pipeline.training.chunk_budget import describe_work
 
-        budget = (f"chunk_tokens auto (probed on the GPUs at start; {DEFAULT_CHUNK_TOKENS} assumed here)"
-                  if device == "cuda" else f"chunk_tokens auto = {DEFAULT_CHUNK_TOKENS} (no GPU to probe)")
+        budget = (f"chunk_tokens auto (probed on the GPUs at start, {describe_work(sample.work_tokens)}; "
+                  f"{sample.chunk_tokens} assumed here)" if device == "cuda" else
+                  f"chunk_tokens auto = {sample.chunk_tokens} (no GPU to probe; {describe_work(sample.work_tokens)})")
     report.plan = RunPlan(
         config=str(config), world=world, device=device, per_device_batch=t.per_device_batch_size,
         global_batch=t.per_device_batch_size * size, steps_per_epoch=steps_per_epoch, epochs=t.epochs,
@@ -666,6 +667,14 @@ def _merge_exports(plan: RunPlan) -> str:
     if len(plan.merge_steps) > 1:
         names += f" to {merge_export_name(plan.merge_steps[-1])}"
     return f"after steps {', '.join(map(str, plan.merge_steps))}: {names} (for python -m pipeline.merge)"
+
+
+def _compiled(m: ModelPlan) -> str:
+    """How the layers run (``model.compile``, :mod:`pipeline.model.compiled`)."""
+    if not m.compile:
+        return "eager"
+    shapes = "dynamic token dimension, chunks unpadded" if m.packed else "dynamic shapes"
+    return f"compiled (torch.compile per layer, {shapes})"
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -709,7 +718,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  training           {m.training}",
         f"  attention          {m.attention}, {m.attention_mask} mask; pooling {m.pooling}; gradient checkpointing "
         f"{'on' if m.gradient_checkpointing else 'off'}",
-        f"  kernels            {m.kernels}; layers {'compiled (torch.compile per layer)' if m.compile else 'eager'}",
+        f"  kernels            {m.kernels}; layers {_compiled(m)}",
         f"  precision          {precision}",
         f"  score distillation {plan.score_distill}",
         f"  deepspeed          {ds.path}: ZeRO stage {ds.zero_stage}, {ds.offload}",

@@ -46,7 +46,7 @@ from pipeline.resilience.faults import NO_FAULTS, FaultInjector
 from pipeline.resilience.preemption import REASONS, StopRequest, agree
 from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
-from pipeline.training.chunk_budget import resolve_chunk_tokens
+from pipeline.training.chunk_budget import WORK_SAMPLE_STEPS, resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
 from pipeline.training.distributed import broadcast_from_rank0, init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
@@ -198,10 +198,14 @@ class Trainer:
             getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding
         )
         # The GradCache settings of this run: chunk_tokens auto probed on the full model, before DeepSpeed
-        # partitions it (no collective while probing); then the layers compiled for that static chunk length.
+        # partitions it (no collective while probing), up to the most tokens a rank has in the first steps (max over
+        # ranks); then the layers compiled (a dynamic token dimension: no chunk is padded).
+        work = None
+        if cfg.gradcache.chunk_tokens == "auto":
+            work = agree([self.data.most_step_tokens(WORK_SAMPLE_STEPS)], self.device)[0]
         self.gradcache = resolve_chunk_tokens(
             cfg.gradcache, model, self.device, max_len=self.data.reader.max_len, world_size=self.dist.world_size,
-            agree_min=lambda value: -agree([-value], self.device)[0],
+            agree_min=lambda value: -agree([-value], self.device)[0], work_tokens=work,
         )
         self.compile_watch = CompileWatch.start(model, self.gradcache, max_len=self.data.reader.max_len)
         self._replay_warned = False  # GradCache's replay check (StepStats.replay_max_diff) warns once per run
@@ -324,7 +328,7 @@ class Trainer:
             self.engine.step()
             self.state.global_step += 1
             self.state.consecutive_skips = 0
-            self.compile_watch.after_step()
+            self.compile_watch.after_step(self.state.global_step)
         return StepResult(dataset, stats, time.perf_counter() - started, updated=not bad, stop=stop)
 
     def _check_replay(self, stats: StepStats) -> None:
