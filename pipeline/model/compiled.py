@@ -32,11 +32,12 @@ after the first step and every graph compiled after it (``recompiles`` in the st
 """
 from __future__ import annotations
 
-import functools
+import types
 from typing import Any, Callable
 
 from torch import nn
 
+from pipeline.fallbacks import Fallback, explicit_failure, fall_back
 from pipeline.logs import log
 
 
@@ -81,15 +82,11 @@ def mark_token_dimension(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             torch._dynamo.maybe_mark_dynamic(kwargs[key], 0)
 
 
-def _with_dynamic_tokens(compiled: Callable[..., Any]) -> Callable[..., Any]:
-    """`compiled` (a layer's compiled forward), its packed inputs' token dimension marked dynamic at every call."""
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn)``: inductor, shapes that change generalised (``dynamic=None``)."""
+    import torch
 
-    @functools.wraps(compiled)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        mark_token_dimension(args, kwargs)
-        return compiled(*args, **kwargs)
-
-    return forward
+    return torch.compile(fn, dynamic=None)
 
 
 def compile_layers(backbone: nn.Module, *, dynamic_tokens: bool) -> int:
@@ -97,19 +94,63 @@ def compile_layers(backbone: nn.Module, *, dynamic_tokens: bool) -> int:
     `dynamic_tokens` (packed rows): the token dimension is marked dynamic at every call (module docstring); else
     (padded [n, L] chunks) dynamo generalises the shapes that change (``dynamic=None``).
 
-    The layer's ``forward`` is compiled, not its ``__call__``: module hooks stay outside the graph. Under ZeRO-3
-    each layer is also made a DeepSpeed "leaf module" (``deepspeed.utils.set_z3_leaf_module``): its parameters are
-    gathered once by the layer's own hooks, before the compiled forward, instead of by hooks on every submodule
-    inside it (which would break the graph at each one). Call it before ``deepspeed.initialize``."""
-    import torch
+    The layer class's ``forward`` is compiled once, not each layer's ``__call__``: module hooks stay outside the
+    graph, and every layer runs the one compiled function (dynamo's cache is per code object, so the layers share
+    its graphs). It is bound to each layer as a method (``types.MethodType``): a ``copy.deepcopy`` of the model
+    binds it to the copy's layer (an attribute holding ``torch.compile(layer.forward)`` would still call the
+    original layer from the copy). Under ZeRO-3 each layer is also made a DeepSpeed "leaf module"
+    (``deepspeed.utils.set_z3_leaf_module``): its parameters are gathered once by the layer's own hooks, before the
+    compiled forward, instead of by hooks on every submodule inside it (which would break the graph at each one).
+    Call it before ``deepspeed.initialize``; :func:`uncompile_layers` undoes it."""
     from deepspeed.utils import set_z3_leaf_module
 
     layers = repeated_layers(backbone)
+    compiled = _compile(type(layers[0]).forward)
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if dynamic_tokens:
+            mark_token_dimension(args, kwargs)
+        return compiled(self, *args, **kwargs)
+
     for layer in layers:
         set_z3_leaf_module(layer, True)
-        compiled = torch.compile(layer.forward, dynamic=None)
-        layer.forward = _with_dynamic_tokens(compiled) if dynamic_tokens else compiled
+        layer.forward = types.MethodType(forward, layer)
     return len(layers)
+
+
+def uncompile_layers(backbone: nn.Module) -> None:
+    """Undo :func:`compile_layers`: every layer runs its class's eager ``forward`` again, as a plain (non-leaf)
+    module."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for layer in repeated_layers(backbone):
+        layer.__dict__.pop("forward", None)
+        set_z3_leaf_module(layer, False)
+
+
+def trial_step(model: nn.Module, max_len: int) -> None:
+    """The compiled layers' first use, at start: one small packed (or padded) chunk of two sequences through the
+    model without a graph (GradCache's first pass) and with one, and the gradient of its embeddings' sum (its
+    second pass), in training mode, so that compiling the forward and the backward graphs happens here, where a
+    failure can still fall back (:meth:`CompileWatch.start`), instead of inside the first step. The RNG state is
+    forked (dropout draws here do not shift the run's stream) and no ``.grad`` is written."""
+    import numpy as np
+    import torch
+
+    lengths = [max(2, min(max_len, 12)), max(2, min(max_len, 7))]
+    seqs = [np.arange(1, n + 1, dtype=np.int64) for n in lengths]
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.no_grad():
+                model(model.make_inputs(seqs))
+            emb = model(model.make_inputs(seqs))
+            torch.autograd.grad(emb.sum(), params, allow_unused=True)
+    finally:
+        model.train(was_training)
 
 
 def graphs_compiled() -> int:
@@ -128,16 +169,32 @@ class CompileWatch:
         self.enabled = enabled
         self.after_first_step: int | None = None
         self.seen = 0
+        self.fallback: Fallback | None = None  # model.compile auto that failed at its first use
 
     @classmethod
     def start(cls, model: nn.Module, gradcache: object, *, max_len: int) -> "CompileWatch":
         """Compile `model`'s layers if ``model.compile`` resolved to on; packed chunks get a dynamic token dimension
         and the attention kernels the constant bound `max_len` (the longest sequence of the data) as max_length.
-        `gradcache` (its ``chunk_tokens``, the largest chunk) is named in the log line."""
+        `gradcache` (its ``chunk_tokens``, the largest chunk) is named in the log line.
+
+        Then the compiled layers' first use (:func:`trial_step`). When it raises: with ``model.compile: auto`` the
+        layers run eagerly and :attr:`fallback` says why (:func:`pipeline.fallbacks.fall_back`, one WARNING); with
+        ``true`` a one-line ValueError naming ``model.compile``."""
         settings = getattr(model, "settings", None)
         if settings is None or not settings.compile:
             return cls(False)
         model.compile_layers(max_length=max_len, chunk_tokens=getattr(gradcache, "chunk_tokens", None))
+        try:
+            trial_step(model, max_len)
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler raises (dynamo, inductor, a C++/Triton build)
+            uncompile_layers(model.backbone)
+            model.max_length_bound = None
+            if not settings.compile_auto:
+                raise explicit_failure("model.compile", "true", exc, "set model.compile: false, or auto (which "
+                                       "falls back to eager layers)") from exc
+            watch = cls(False)
+            watch.fallback = fall_back("model.compile", exc, "eager layers (not compiled)")
+            return watch
         return cls(True)
 
     def after_step(self, step: int | None = None) -> None:

@@ -53,6 +53,9 @@ class MetricsWriter:
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
 
     def write(self, step: int, values: dict[str, Any], split: str = "train") -> None:
+        """One record of `values` after optimizer step `step`: numbers go everywhere (as ``<split>/<key>``
+        scalars), strings to ``metrics.jsonl`` only (e.g. a :class:`pipeline.fallbacks.Fallback`, split
+        ``fallback``)."""
         if not self.enabled:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3)}
@@ -60,6 +63,8 @@ class MetricsWriter:
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 scalars[f"{split}/{key}"] = value
+                record[key] = value
+            elif isinstance(value, str):
                 record[key] = value
         if self._tb is not None:
             for tag, value in scalars.items():
@@ -89,13 +94,32 @@ def _start_wandb(run_dir: Path, config: dict[str, Any]) -> Any:
                       resume="allow", dir=str(run_dir), config=config)
 
 
-# Dense bf16 tensor-core peak per GPU (FLOP/s), by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Dense (no sparsity) bf16 tensor-core peak per GPU in FLOP/s, by torch.cuda.get_device_name(): the first entry all
+# of whose words occur in the name (case-insensitive) applies, so form factors come before the plain model name.
+# NVIDIA's datasheets quote bf16 "with sparsity", twice the dense rate: H100 SXM 1,979, H100 PCIe 1,513, H100 NVL
+# 1,671 TFLOPS (https://www.nvidia.com/en-us/data-center/h100/); H200 SXM 1,979, H200 NVL 1,671
+# (https://www.nvidia.com/en-us/data-center/h200/); GH200 1,979
+# (https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/); L40S 733
+# (https://www.nvidia.com/en-us/data-center/l40s/). A100 (SXM and PCIe): 312 dense
+# (https://www.nvidia.com/en-us/data-center/a100/). Device names: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB".
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIE"), 756.5e12),
+    (("H100", "NVL"), 835.5e12),
+    (("H200", "NVL"), 835.5e12),
+    (("H100",), 989.4e12),  # SXM5
+    (("H200",), 989.4e12),  # SXM, and GH200's Hopper GPU
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("A10G",), 70e12),
+)
 
 
 def peak_flops(device_name: str) -> float | None:
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in device_name:
+    """Dense bf16 peak FLOP/s of the GPU named `device_name` (:data:`PEAK_BF16_FLOPS`); None when unknown (no MFU)."""
+    name = device_name.upper()
+    for words, value in PEAK_BF16_FLOPS:
+        if all(word in name for word in words):
             return value
     return None
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.fallbacks import Fallback, load_fallbacks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class ModelPlan:
     compile: bool
     attention_mask: str = "causal"  # or "bidirectional"
     training: str = "full fine-tuning"  # or the LoRA adapters and their trainable parameters
+    compile_auto: bool = False  # model.compile auto: eager layers if compiling fails at start
 
 
 @dataclass
@@ -168,6 +170,7 @@ class RunPlan:
     resume: str  # what the run starts from
     merge_steps: list[int] = field(default_factory=list)  # steps exported to export/merge_step_<N, 8 digits>
     score_distill: str = "off"  # loss.score_distill: the teachers whose scores the trained datasets hold
+    fallbacks: list[Fallback] = field(default_factory=list)  # what the last run in output_dir fell back from
 
 
 @dataclass
@@ -421,6 +424,7 @@ def check_model(cfg: Config, device: str, tokenizer: Any | None, warnings: list[
         attention=attention, dtype=str(settings.dtype).removeprefix("torch."), pooling=settings.pooling,
         packed=settings.packed, gradient_checkpointing=cfg.model.gradient_checkpointing,
         kernels=f"{settings.kernels.kernels} ({settings.kernels.reason})", compile=settings.compile,
+        compile_auto=settings.compile_auto,
         attention_mask=settings.attention_mask, training=training,
     )
 
@@ -643,9 +647,18 @@ def check_run(
         gradcache=f"{'on' if gc.enabled else 'off (plain backward, same chunks)'}, {budget}",
         shards=cfg.data.shards, verify_checksums=cfg.data.verify_checksums, output_dir=t.output_dir,
         resume=start, merge_steps=EveryInLast(t.merge_every, t.merge_window, total).planned(),
-        score_distill=describe_score_distill(cfg, datasets),
+        score_distill=describe_score_distill(cfg, datasets), fallbacks=attempt(last_fallbacks, t.output_dir) or [],
     )
     return report
+
+
+def last_fallbacks(output_dir: str) -> list[Fallback]:
+    """The ``auto`` settings the last run in `output_dir` fell back from (:mod:`pipeline.fallbacks`); raises _Stop
+    on an unreadable record."""
+    try:
+        return load_fallbacks(output_dir)
+    except ValueError as exc:
+        raise _Stop(Problem.from_message(str(exc))) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -674,7 +687,15 @@ def _compiled(m: ModelPlan) -> str:
     if not m.compile:
         return "eager"
     shapes = "dynamic token dimension, chunks unpadded" if m.packed else "dynamic shapes"
-    return f"compiled (torch.compile per layer, {shapes})"
+    soft = "; auto: eager if compiling fails at start" if m.compile_auto else ""
+    return f"compiled (torch.compile per layer, {shapes}{soft})"
+
+
+def _fallbacks(plan: RunPlan) -> str:
+    """What the last run in the output dir fell back from (``RUN/fallbacks.json``)."""
+    if not plan.fallbacks:
+        return "none recorded"
+    return "; ".join(f.describe() for f in plan.fallbacks)
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -727,6 +748,7 @@ def format_plan(plan: RunPlan) -> str:
         f"  output dir         {plan.output_dir}",
         f"  merge exports      {_merge_exports(plan)}",
         f"  start              {plan.resume}",
+        f"  last fallbacks     {_fallbacks(plan)} (auto settings that failed at their first use in {plan.output_dir})",
     ]
     return "\n".join(lines)
 
