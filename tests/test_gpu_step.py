@@ -228,9 +228,9 @@ def test_chunk_tokens_auto():
     auto = GradCacheConfig(chunk_tokens="auto")
     with pytest.raises(ValueError, match="resolved at start"):
         step_chunks([5, 6], packed=True, gc=auto)
-    resolved = resolve_chunk_tokens(auto, tiny_model(), torch.device("cpu"), max_len=64, world_size=1)
+    resolved = resolve_chunk_tokens(auto, tiny_model(), torch.device("cpu"), max_len=64, world_size=1).gradcache
     assert resolved.chunk_tokens == 8192
     assert resolve_chunk_tokens(auto, None, torch.device("cpu"), max_len=64, world_size=1,
-                                work_tokens=3000).chunk_tokens == 4096
+                                work_tokens=3000).gradcache.chunk_tokens == 4096
     assert resolve_chunk_tokens(GradCacheConfig(chunk_tokens=300), None, torch.device("cpu"), max_len=64,
-                                world_size=1).chunk_tokens == 300
+                                world_size=1).gradcache.chunk_tokens == 300

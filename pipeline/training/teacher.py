@@ -3,7 +3,11 @@
 F2LLM v2 kept "a full unsharded copy per GPU" of its teacher. Here, under ZeRO-3 the teacher is wrapped in an
 inference-only DeepSpeed engine (no optimizer): its parameters are partitioned over the ranks like the student's and
 gathered layer by layer during its forward, so a teacher larger than one GPU's share still fits. Under ZeRO-0/1/2 it
-is a plain module (each rank holds it whole, as the student's weights).
+is a plain module (each rank holds it whole, as the student's weights). The trainer loads it before the student's
+``gradcache.chunk_tokens`` probe (the GPU memory it holds is not free for chunks:
+:mod:`pipeline.training.chunk_budget`) and before the student's DeepSpeed engine, with the ZeRO stage of the run's
+DeepSpeed config (:func:`pipeline.training.chunk_budget.optimizer_residency`, read as the engine reads it); the
+process group exists by then, and every rank makes the same calls.
 
 The teacher embeds the same chunks as the student in GradCache's no-grad pass (:mod:`pipeline.training.gradcache`),
 so it reads the same token ids: its tokenizer must be the shards' (checked at start: one line naming the teacher),

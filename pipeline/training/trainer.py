@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError
 from pipeline.data.batch import ContrastiveBatch
 from pipeline.data.loader import TrainData, check_data, seed_everything
+from pipeline.fallbacks import Fallback, save_fallbacks
 from pipeline.logs import is_rank0, log
 from pipeline.model.compiled import CompileWatch
 from pipeline.model.embedding import EmbeddingModel, check_vocabulary, load_tokenizer_for
@@ -46,7 +47,7 @@ from pipeline.resilience.faults import NO_FAULTS, FaultInjector
 from pipeline.resilience.preemption import REASONS, StopRequest, agree
 from pipeline.resilience.rank_health import RankHealth
 from pipeline.training.backward import backward_for
-from pipeline.training.chunk_budget import WORK_SAMPLE_STEPS, resolve_chunk_tokens
+from pipeline.training.chunk_budget import WORK_SAMPLE_STEPS, optimizer_residency, resolve_chunk_tokens
 from pipeline.training.checkpoint import CheckpointManager, TrainerState
 from pipeline.training.distributed import broadcast_from_rank0, init_distributed, launched_world_size, teardown
 from pipeline.training.ds_config import training_ds_config
@@ -197,29 +198,39 @@ class Trainer:
         self._params_non_embedding = sum(
             getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding
         )
+        # The DeepSpeed config the engine is built with (self._engine) decides the ZeRO stage - the teacher's
+        # partitioning - and what the optimizer and gradients will hold per rank (chunk_tokens auto's reserve).
+        residency = optimizer_residency(
+            training_ds_config(cfg, world_size=self.dist.world_size, device_type=self.device.type),
+            coalesce=cfg.gradcache.coalesce_grad_reduction)
+        # The distillation teacher before the memory probe, so that the GPU memory it holds is not counted as free
+        # (under ZeRO-3 its inference engine partitions it now: the same collectives on every rank).
+        self.teacher = None if cfg.loss.distill is None else load_teacher(
+            cfg.loss.distill, self.device, student_hidden=model.hidden_size, zero_stage=residency.stage,
+            world_size=self.dist.world_size, trust_remote_code=cfg.model.trust_remote_code,
+        )
         # The GradCache settings of this run: chunk_tokens auto probed on the full model, before DeepSpeed
         # partitions it (no collective while probing), up to the most tokens a rank has in the first steps (max over
-        # ranks); then the layers compiled (a dynamic token dimension: no chunk is padded).
+        # ranks), an explicit number checked to fit; then the layers compiled (a dynamic token dimension: no chunk is
+        # padded). A fallback auto took is kept for the run's records (pipeline.fallbacks).
         work = None
         if cfg.gradcache.chunk_tokens == "auto":
             work = agree([self.data.most_step_tokens(WORK_SAMPLE_STEPS)], self.device)[0]
-        self.gradcache = resolve_chunk_tokens(
+        choice = resolve_chunk_tokens(
             cfg.gradcache, model, self.device, max_len=self.data.reader.max_len, world_size=self.dist.world_size,
-            agree_min=lambda value: -agree([-value], self.device)[0], work_tokens=work,
+            residency=residency, agree=lambda values: agree(values, self.device), work_tokens=work,
         )
+        self.gradcache = choice.gradcache
+        self.gradcache_fallbacks: list[Fallback] = [] if choice.fallback is None else [choice.fallback]
         self.compile_watch = CompileWatch.start(model, self.gradcache, max_len=self.data.reader.max_len)
         self._replay_warned = False  # GradCache's replay check (StepStats.replay_max_diff) warns once per run
         self.engine = self._engine(model)
         self.backward = backward_for(self.engine)
-        self.teacher = None if cfg.loss.distill is None else load_teacher(
-            cfg.loss.distill, self.device, student_hidden=model.hidden_size,
-            zero_stage=int(self.engine.zero_optimization_stage()), world_size=self.dist.world_size,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
         self.state = TrainerState(config=cfg.to_dict())
         if resume:
             self._resume(resume)
         self.metrics = MetricsWriter(self.run_dir, report_to=cfg.train.report_to, config=cfg.to_dict())
+        self.fallbacks = self._record_fallbacks(model)
         t = cfg.train
         # The actions that happen every N optimizer steps, in this order; each is asked whether it is due.
         self.periodic: list[tuple[Every | EveryInLast, Callable[[StepResult], Any]]] = [
@@ -244,6 +255,17 @@ class Trainer:
             f"({t.per_device_batch_size * self.dist.world_size} global), {self.data.steps_per_epoch} "
             f"steps/epoch, {self.total_steps} steps, datasets {', '.join(self.data.schedule.datasets)}"
         )
+
+    def _record_fallbacks(self, model: EmbeddingModel) -> list[Fallback]:
+        """The ``auto`` settings that failed at their first use and what runs instead (:mod:`pipeline.fallbacks`):
+        written to ``metrics.jsonl`` (split ``fallback``) and ``RUN/fallbacks.json`` (empty when none fell back),
+        which ``--check`` shows."""
+        fallbacks = [*model.fallbacks, *self.gradcache_fallbacks, *filter(None, [self.compile_watch.fallback])]
+        for fallback in fallbacks:
+            self.metrics.write(self.state.global_step, fallback.values(), split="fallback")
+        if is_rank0():
+            save_fallbacks(self.run_dir, fallbacks)
+        return fallbacks
 
     def _engine(self, model: EmbeddingModel) -> Any:
         import deepspeed
