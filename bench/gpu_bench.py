@@ -4,11 +4,28 @@
     python bench/gpu_bench.py --dry-run --out dry.json         # CPU, tiny Qwen3, same code path (tested in CI)
 
 Sections, in this order, each skipped (and recorded as skipped) once the time budget is spent: varlen check, seed,
-ours under ZeRO-2 (the trainer's step: ``model.kernels`` and ``model.compile`` auto - liger-kernel and regional
-torch.compile on CUDA, a dynamic token dimension, balanced unpadded chunks, fp32 chunk-gradient sums), the same
-step without GradCache (plain backward of the same packed, compiled chunks, when it fits), ours under ZeRO-3, the
-global-batch-4096 fit, the bf16 gradient check (``pipeline.gradcheck --dtype bf16``), and a Qwen3-4B-shaped model
-under ZeRO-3: the largest global batch of ``--big-batches`` that fits, with its samples/s and MFU.
+the bf16 gradient check (``pipeline.gradcheck --dtype bf16``), ours under ZeRO-2 (the trainer's step:
+``model.kernels`` and ``model.compile`` auto - liger-kernel and regional torch.compile on CUDA, a dynamic token
+dimension, balanced unpadded chunks, fp32 chunk-gradient sums), the same step without GradCache (plain backward of
+the same packed, compiled chunks, when it fits), the global-batch-4096 fit, ours under ZeRO-3, and a
+Qwen3-4B-shaped model under ZeRO-3: the largest global batch of ``big_batches`` that fits, with its samples/s and
+MFU. The sections that build models with ``model.kernels: none`` (varlen check, seed, gradient check) run before the
+first liger-patched model: with eager layers liger's RoPE stays patched for the whole process
+(:mod:`pipeline.model.kernels`).
+
+Memory between sections: each DeepSpeed engine is destroyed and every reference the benchmark holds to it (engine,
+optimizer, model) dropped, then ``gc.collect()`` and ``torch.cuda.empty_cache()``; an engine that DeepSpeed itself
+still references afterwards (ZeRO-3's hooks) has its tensors emptied. ``memory_release`` records, per engine,
+whether it was collected and the memory still allocated after it.
+
+The 4B section's size (:func:`size_big_model`): a full fine-tune of 4.0B parameters holds 24 bytes per parameter
+with the trainer's defaults before any activation - bf16 weights 2, fp32 master weights and Adam moments 12, the
+reduced gradient partition in fp32 4, and under coalesced reduction the bf16 gradients on the parameters 2 plus
+their fp32 sums 4 - 97 GB, more than an H100 has at any batch (GradCache: the chunk, not the batch, sets the
+activation memory). The section therefore takes the first of: the trainer's defaults; coalescing off (DeepSpeed
+reduces every chunk and sums the reduced partitions in fp32: 18 bytes per parameter, 72 GB); coalescing off with
+gradient checkpointing - whose fixed memory plus the measured activation memory of a chunk fits in 90% of the GPU's
+memory, with the largest such chunk up to ``chunk_tokens``; when none fits it is skipped with the computed reason.
 
 Model: a Qwen3-0.6B-shaped decoder built from its config with random weights (28 layers, hidden 1024, 16 query and
 8 key/value heads of dim 128, MLP 3072, vocabulary 151,936; 596M parameters, 440M without the embedding table),
@@ -170,7 +187,11 @@ def model_config(plan: Plan, *, attn: str, packing: str, checkpointing: bool, fa
                        compile={"auto": "auto", "true": True, "false": False}[plan.compile] if fast else False)
 
 
-def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, device: torch.device) -> Any:
+def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, device: torch.device,
+                 fp32_grad_accum: bool = False) -> Any:
+    """A DeepSpeed engine of `module` with torch's AdamW. `fp32_grad_accum` (ours): the reduced gradient partitions
+    summed in fp32 (``data_types.grad_accum_dtype``), as the trainer's DeepSpeed config does for
+    ``gradcache.fp32_accumulation`` (:func:`pipeline.training.ds_config.training_ds_config`)."""
     import deepspeed
 
     from pipeline.training.ds_config import load_ds_config
@@ -179,6 +200,8 @@ def build_engine(module: torch.nn.Module, *, micro_batch: int, zero_stage: int, 
                             use_bf16=device.type == "cuda")
     ds_cfg.pop("optimizer", None)
     ds_cfg.pop("scheduler", None)
+    if fp32_grad_accum and ds_cfg["bf16"]["enabled"]:
+        ds_cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01,
                                   fused=device.type == "cuda")
@@ -241,6 +264,91 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# Modules whose objects the memory release follows to find an engine's tensors (not functions or modules: their
+# globals reach the whole process).
+OWNED_MODULES = ("deepspeed", "torch.nn", "torch.optim", "transformers", "peft", "liger_kernel", "pipeline", "bench")
+RELEASE_TOLERANCE_GIB = 0.5  # memory still allocated after a release that is logged as a warning
+
+
+def owned_tensors(root: object) -> list[torch.Tensor]:
+    """Every tensor reachable from `root` (an engine) through containers and the attributes of objects of the
+    training stack (:data:`OWNED_MODULES`): parameters and their ZeRO partitions, gradients, optimizer states, flat
+    buffers."""
+    seen: set[int] = set()
+    found: dict[int, torch.Tensor] = {}
+    stack: list[Any] = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[id(obj)] = obj
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            if obj.is_leaf and obj.grad is not None:
+                stack.append(obj.grad)
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif type(obj).__module__.startswith(OWNED_MODULES) and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return list(found.values())
+
+
+def empty_tensors(tensors: list[torch.Tensor]) -> int:
+    """Point every tensor at an empty one (``tensor.data = torch.empty(0)``, as ZeRO-3 releases a parameter), so that
+    their storage is freed whoever still holds the tensor objects; returns the bytes of the distinct storages."""
+    storages: dict[tuple[str, int], int] = {}
+    with torch.no_grad():
+        for t in tensors:
+            if t.numel():
+                storage = t.untyped_storage()
+                storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+            if t.is_leaf:
+                t.grad = None
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return sum(storages.values())
+
+
+def release(holder: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Destroy the engine in ``holder["engine"]`` and drop every reference the benchmark holds to it (`holder` is
+    emptied: engine, model, compile watch), then ``gc.collect()`` and ``torch.cuda.empty_cache()``. A ZeRO-3 engine
+    stays referenced from inside DeepSpeed after ``destroy()`` (its hooks; deepspeedai/DeepSpeed#5674, #7204): when
+    the engine survives the collection, the tensors it reaches are emptied (:func:`empty_tensors`). Returns whether
+    the engine was collected, the bytes emptied and, on CUDA, the memory still allocated (a WARNING above
+    :data:`RELEASE_TOLERANCE_GIB`)."""
+    import gc
+    import logging
+    import weakref
+
+    from pipeline.logs import log
+
+    engine = holder.pop("engine")
+    engine_ref = weakref.ref(engine)
+    engine.destroy()
+    del engine
+    holder.clear()
+    gc.collect()
+    emptied = 0
+    survivor = engine_ref()
+    if survivor is not None:
+        emptied = empty_tensors(owned_tensors(survivor))
+        del survivor
+        gc.collect()
+    out: dict[str, Any] = {"engine_collected": engine_ref() is None, "bytes_emptied": emptied,
+                           "memory_allocated_gib": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        out["memory_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        if out["memory_allocated_gib"] > RELEASE_TOLERANCE_GIB:
+            log(f"memory release: {out['memory_allocated_gib']:.2f} GiB still allocated after releasing an engine",
+                level=logging.WARNING)
+    return out
+
+
 def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
     """Packed varlen vs padded sdpa embeddings of the same sequences with the same weights."""
     from pipeline.model.embedding import EmbeddingModel
@@ -288,7 +396,8 @@ def varlen_check(plan: Plan, device: torch.device, rng: np.random.Generator) -> 
     return out
 
 
-def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_stage: int) -> MethodResult:
+def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_stage: int,
+             releases: dict[str, Any]) -> MethodResult:
     from bench.seed_step import SeedEmbedder, seed_collate, seed_step
     from pipeline.config import LossConfig
     from pipeline.model.embedding import build_backbone, enable_checkpointing, resolve_dtype
@@ -299,8 +408,9 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
     enable_checkpointing(backbone)
     module = SeedEmbedder(backbone.to(device))
     n_params = non_embedding_params(module)
-    engine = build_engine(module, micro_batch=plan.seed_batch, zero_stage=zero_stage, device=device)
-    engine.train()
+    holder = {"engine": build_engine(module, micro_batch=plan.seed_batch, zero_stage=zero_stage, device=device)}
+    del module, backbone
+    holder["engine"].train()
     loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"])
     pad_id = plan.model["pad_token_id"]
     result = MethodResult("seed", plan.seed_batch, plan.seed_batch * (2 + N_NEG), extra_forward=True)
@@ -311,8 +421,8 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
         padded = seed_collate(batch, pad_id, "batch")  # collate runs in F2LLM's data loader: not timed
 
         def step() -> None:
-            seed_step(engine, padded, loss_cfg, device)
-            engine.step()
+            seed_step(holder["engine"], padded, loss_cfg, device)
+            holder["engine"].step()
 
         seconds, _ = timed(step, device)
         if i >= plan.warmup:
@@ -324,8 +434,7 @@ def run_seed(plan: Plan, device: torch.device, rng: np.random.Generator, zero_st
     result.computed_tokens_per_step = int(np.median(computed))
     result.chunks_per_step = 1
     finish(result, plan.model, n_params, float(np.mean(lens)), device)
-    engine.destroy()
-    del engine, module, backbone
+    releases["seed"] = release(holder, device)
     return result
 
 
@@ -336,32 +445,48 @@ def gradcache_config(plan: Plan, *, enabled: bool = True):
                            fp32_accumulation=True)
 
 
-def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int,
-               model_shape: dict[str, Any] | None = None):
-    """The trainer's model (kernels and compile auto, dynamic token dimension) under a DeepSpeed engine of
-    `zero_stage`."""
-    from pipeline.model.compiled import CompileWatch
+def ours_model(plan: Plan, device: torch.device, model_shape: dict[str, Any] | None = None):
+    """The trainer's model (kernels and compile auto), not compiled yet."""
     from pipeline.model.embedding import EmbeddingModel
 
     with torch.device(device):
-        model = EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False,
-                                                        fast=True, model=model_shape), device)
+        return EmbeddingModel.from_config(model_config(plan, attn="varlen", packing="packed", checkpointing=False,
+                                                       fast=True, model=model_shape), device)
+
+
+def ours_engine(plan: Plan, model: Any, device: torch.device, zero_stage: int, micro_batch: int, gc_cfg: Any
+                ) -> dict[str, Any]:
+    """`model`'s layers compiled when its settings say so (dynamic token dimension), under a DeepSpeed engine of
+    `zero_stage`: {"engine", "n_params", "watch"} (a dict, so that :func:`release` can drop the engine)."""
+    from pipeline.model.compiled import CompileWatch
+
     n_params = non_embedding_params(model)
-    watch = CompileWatch.start(model, gradcache_config(plan), max_len=plan.max_len)
-    engine = build_engine(model, micro_batch=micro_batch, zero_stage=zero_stage, device=device)
+    watch = CompileWatch.start(model, gc_cfg, max_len=plan.max_len)
+    engine = build_engine(model, micro_batch=micro_batch, zero_stage=zero_stage, device=device,
+                          fp32_grad_accum=gc_cfg.fp32_accumulation)
     engine.train()
-    return engine, n_params, watch
+    return {"engine": engine, "n_params": n_params, "watch": watch}
+
+
+def build_ours(plan: Plan, device: torch.device, zero_stage: int, micro_batch: int) -> dict[str, Any]:
+    """The trainer's model (kernels and compile auto, dynamic token dimension) under a DeepSpeed engine of
+    `zero_stage` (:func:`ours_engine`)."""
+    return ours_engine(plan, ours_model(plan, device), device, zero_stage, micro_batch, gradcache_config(plan))
 
 
 def run_ours(plan: Plan, engine: Any, n_params: int, device: torch.device, rng: np.random.Generator, *,
              name: str, batch_size: int, warmup: int, steps: int, gradcache: bool = True, watch: Any = None,
-             model_shape: dict[str, Any] | None = None) -> MethodResult:
+             model_shape: dict[str, Any] | None = None, gc_settings: Any = None) -> MethodResult:
+    """`gc_settings`: the GradCache settings (default :func:`gradcache_config`); `gradcache` False disables them."""
+    import dataclasses
+
     from pipeline.config import LossConfig
     from pipeline.training.gradcache import train_step
 
     shape = model_shape or plan.model
     loss_cfg = LossConfig(hard_negatives={"retrieval": N_NEG}, in_batch_types=["retrieval"], matryoshka=True)
-    gc_cfg = gradcache_config(plan, enabled=gradcache)
+    gc_cfg = gradcache_config(plan) if gc_settings is None else gc_settings
+    gc_cfg = dataclasses.replace(gc_cfg, enabled=gradcache)
     result = MethodResult(name, batch_size, batch_size * (2 + N_NEG), extra_forward=gradcache)
     reset_peak(device)
     real, computed, chunks, lens = [], [], [], []
@@ -419,23 +544,177 @@ def bf16_gradcheck(plan: Plan, tmp: Path) -> dict[str, Any]:
     return {"exit_code": code, "result": line}
 
 
-def largest_batch(plan: Plan, device: torch.device, rng: np.random.Generator) -> dict[str, Any]:
-    """The 4B-shaped model under ZeRO-3: one step at each of ``big_batches`` (largest first) until one fits; that
-    batch is then measured for samples/s and MFU."""
-    engine, n_params, watch = build_ours(plan, device, 3, plan.big_batches[-1], model_shape=plan.big_model)
+@dataclass(frozen=True)
+class BigSetting:
+    """One way to run the 4B section (:func:`size_big_model`)."""
+
+    name: str
+    coalesce: bool  # gradcache.coalesce_grad_reduction
+    checkpointing: bool  # model.gradient_checkpointing
+
+
+BIG_SETTINGS = (
+    BigSetting("defaults", coalesce=True, checkpointing=False),
+    BigSetting("no-coalescing", coalesce=False, checkpointing=False),
+    BigSetting("no-coalescing-checkpointing", coalesce=False, checkpointing=True),
+)
+
+
+@dataclass
+class BigSizing:
+    """The 4B section's setting and chunk, and why (recorded in the output)."""
+
+    setting: str | None  # a BigSetting name; None: nothing fits
+    coalesce: bool = True
+    checkpointing: bool = False
+    chunk_tokens: int | None = None
+    usable_gib: float | None = None
+    fixed_gib: float | None = None
+    activations_gib: float | None = None
+    reason: str = ""
+
+
+def fixed_bytes(n_params: int, *, coalesce: bool, bucket_bytes: int) -> int:
+    """GPU bytes of a full bf16 fine-tune of `n_params` parameters on one GPU under ZeRO, activations aside (the
+    mixed-precision Adam accounting of Rajbhandari et al. 2020, "ZeRO", arXiv:1910.02054, section 3.1): bf16 weights
+    2 per parameter, fp32 master weights and Adam moments 12, the reduced gradient partition in fp32 4
+    (``grad_accum_dtype: fp32``); with coalesced reduction also the bf16 gradients on the parameters 2 and their fp32
+    sums 4 (:mod:`pipeline.training.backward`); plus DeepSpeed's fp32 reduce bucket (`bucket_bytes`)."""
+    return (2 + 12 + 4 + (2 + 4 if coalesce else 0)) * n_params + bucket_bytes
+
+
+def size_big_model(n_params: int, usable_bytes: int, activation_bytes: Callable[[bool, int], int | None],
+                   chunks: list[int], *, bucket_bytes: int) -> BigSizing:
+    """The first of :data:`BIG_SETTINGS` whose fixed memory (:func:`fixed_bytes`) plus the activation memory of a
+    chunk fits in `usable_bytes`, with the largest such chunk of `chunks` (descending); `activation_bytes(
+    checkpointing, tokens)` is that memory (None: it ran out of memory). Nothing fits: ``setting`` None and the
+    reason of every setting."""
+    gib = 2**30
+    rejected = []
+    for setting in BIG_SETTINGS:
+        fixed = fixed_bytes(n_params, coalesce=setting.coalesce, bucket_bytes=bucket_bytes)
+        room = usable_bytes - fixed
+        if room <= 0:
+            rejected.append(f"{setting.name}: weights, optimizer and gradients alone take {fixed / gib:.1f} GiB")
+            continue
+        for tokens in chunks:
+            activations = activation_bytes(setting.checkpointing, tokens)
+            if activations is not None and activations <= room:
+                return BigSizing(
+                    setting.name, setting.coalesce, setting.checkpointing, tokens, usable_bytes / gib, fixed / gib,
+                    activations / gib,
+                    f"{setting.name}: {fixed / gib:.1f} GiB fixed + {activations / gib:.1f} GiB of activations of a "
+                    f"{tokens}-token chunk <= {usable_bytes / gib:.1f} GiB usable"
+                    + (f" (rejected: {'; '.join(rejected)})" if rejected else ""))
+        rejected.append(f"{setting.name}: no chunk of >= {chunks[-1]} tokens fits the {room / gib:.1f} GiB left "
+                        f"after {fixed / gib:.1f} GiB fixed")
+    return BigSizing(None, usable_gib=usable_bytes / gib,
+                     reason=f"does not fit in {usable_bytes / gib:.1f} GiB usable: {'; '.join(rejected)}")
+
+
+def chunk_activation_bytes(model: Any, device: torch.device, tokens: int, max_len: int) -> int | None:
+    """Peak GPU memory of one packed chunk of `tokens` tokens (sequences of `max_len`) through `model`, forward and
+    backward, above what was allocated before it; None when it runs out of memory. The backward stops at the first
+    layer's first weight: activations and their gradients are measured, not the parameter gradients, which
+    :func:`fixed_bytes` counts."""
+    from pipeline.model.compiled import repeated_layers
+
+    anchor = next(p for p in repeated_layers(model.backbone)[0].parameters() if p.requires_grad)
+    seqs = [np.full(min(max_len, tokens - start), 7, dtype=np.int64) for start in range(0, tokens, max_len)]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        emb = model(model.make_inputs(seqs))
+        (grad,) = torch.autograd.grad(emb.float().sum(), [anchor])
+        del emb, grad
+        return torch.cuda.max_memory_allocated(device) - before
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def checkpointing_on(backbone: Any) -> bool:
+    """Whether the transformers model runs its layers under activation checkpointing (transformers >= 5 names it
+    ``is_activation_checkpointing``, earlier releases ``is_gradient_checkpointing``)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(backbone), name):
+            return bool(getattr(backbone, name))
+    return False
+
+
+def big_sizing(plan: Plan, model: Any, device: torch.device, forced: str) -> BigSizing:
+    """How the 4B section runs: `forced` (a BigSetting name, at ``chunk_tokens``), else sized for the GPU's memory
+    (:func:`size_big_model`, :data:`pipeline.training.chunk_budget.HEADROOM` kept free, activations measured), else
+    (no GPU) the trainer's defaults."""
+    from pipeline.model.embedding import enable_checkpointing
+    from pipeline.training.chunk_budget import HEADROOM, candidates
+
+    if forced != "auto" or device.type != "cuda":
+        name = "defaults" if forced == "auto" else forced
+        setting = next(s for s in BIG_SETTINGS if s.name == name)
+        why = "--big-setting" if forced != "auto" else f"not sized: no GPU memory on {device.type}"
+        return BigSizing(setting.name, setting.coalesce, setting.checkpointing, plan.chunk_tokens, reason=why)
+    import json
+
+    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    bucket = int(float(zero3["zero_optimization"]["reduce_bucket_size"]) * 4)
+    usable = int(torch.cuda.get_device_properties(device).total_memory * (1 - HEADROOM))
+    measured: dict[tuple[bool, int], int | None] = {}
+
+    def activations(checkpointing: bool, tokens: int) -> int | None:
+        if (checkpointing, tokens) not in measured:
+            if checkpointing and not checkpointing_on(model.backbone):
+                enable_checkpointing(model.backbone)  # settings without it come first: it is never turned off
+            measured[(checkpointing, tokens)] = chunk_activation_bytes(model, device, tokens, plan.max_len)
+        return measured[(checkpointing, tokens)]
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return size_big_model(n_params, usable, activations, candidates(plan.max_len, plan.chunk_tokens),
+                          bucket_bytes=bucket)
+
+
+def largest_batch(plan: Plan, device: torch.device, rng: np.random.Generator, releases: dict[str, Any], *,
+                  forced: str = "auto") -> dict[str, Any]:
+    """The 4B-shaped model under ZeRO-3, sized to fit (:func:`big_sizing`): one step at each of ``big_batches``
+    (largest first) until one fits; that batch is then measured for samples/s and MFU. Skipped, with the computed
+    reason, when no setting fits."""
+    import dataclasses
+    import gc
+
+    from pipeline.model.embedding import enable_checkpointing
+
+    model = ours_model(plan, device, plan.big_model)
+    sizing = big_sizing(plan, model, device, forced)
+    if sizing.setting is None:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"status": f"skipped: {sizing.reason}", "sizing": asdict(sizing), "largest_global_batch": None}
+    if sizing.checkpointing and not checkpointing_on(model.backbone):
+        enable_checkpointing(model.backbone)
+    gc_cfg = dataclasses.replace(gradcache_config(plan), chunk_tokens=sizing.chunk_tokens,
+                                 coalesce_grad_reduction=sizing.coalesce)
+    holder = ours_engine(plan, model, device, 3, plan.big_batches[-1], gc_cfg)
+    del model
     tried = {}
     try:
         for batch in plan.big_batches:
-            result = run_ours(plan, engine, n_params, device, rng, name=f"4b_{batch}", batch_size=batch, warmup=0,
-                              steps=1, watch=watch, model_shape=plan.big_model)
+            result = run_ours(plan, holder["engine"], holder["n_params"], device, rng, name=f"4b_{batch}",
+                              batch_size=batch, warmup=0, steps=1, watch=holder["watch"], model_shape=plan.big_model,
+                              gc_settings=gc_cfg)
             tried[batch] = result.status
             if result.status == "ok":
-                measured = run_ours(plan, engine, n_params, device, rng, name=f"4b_{batch}", batch_size=batch,
-                                    warmup=0, steps=1, watch=watch, model_shape=plan.big_model)
-                return {"tried": tried, "largest_global_batch": batch, "result": asdict(measured)}
-        return {"tried": tried, "largest_global_batch": None}
+                measured = run_ours(plan, holder["engine"], holder["n_params"], device, rng, name=f"4b_{batch}",
+                                    batch_size=batch, warmup=0, steps=1, watch=holder["watch"],
+                                    model_shape=plan.big_model, gc_settings=gc_cfg)
+                return {"sizing": asdict(sizing), "tried": tried, "largest_global_batch": batch,
+                        "result": asdict(measured)}
+        return {"sizing": asdict(sizing), "tried": tried, "largest_global_batch": None}
     finally:
-        engine.destroy()
+        releases["big_model"] = release(holder, device)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -473,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-fit", action="store_true", help="skip the global-batch-4096 step")
     parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                         help="model.compile of ours (auto: on CUDA); --dry-run --compile true runs the compiled path on CPU")
+    parser.add_argument("--big-setting", choices=("auto", *(b.name for b in BIG_SETTINGS)), default="auto",
+                        help="how the 4B section runs (auto: sized for the GPU's memory; the trainer's defaults "
+                        "without a GPU); a name forces that setting at --chunk-tokens")
     parser.add_argument("--seed", type=int, default=0, help="data RNG seed")
     return parser
 
@@ -517,33 +799,37 @@ def main(argv: list[str] | None = None) -> int:
         save()
         return results[name]
 
+    releases: dict[str, Any] = {}
+    results["memory_release"] = releases
     section("varlen_check", lambda: varlen_check(plan, device, rng))
-    section("seed", lambda: run_seed(plan, device, rng, args.zero_stage))
-    engine, n_params, watch = build_ours(plan, device, args.zero_stage, plan.ours_batch)
-    section("ours", lambda: run_ours(plan, engine, n_params, device, rng, name="ours", batch_size=plan.ours_batch,
-                                     warmup=1, steps=plan.ours_steps, watch=watch))
-    section("ours_without_gradcache", lambda: run_ours(
-        plan, engine, n_params, device, rng, name="ours_without_gradcache", batch_size=plan.ours_batch, warmup=1,
-        steps=plan.ours_steps, gradcache=False, watch=watch))
-    if not args.skip_fit:
-        section("fit", lambda: run_ours(plan, engine, n_params, device, rng, name="fit", batch_size=plan.fit_batch,
-                                        warmup=0, steps=1, watch=watch))
-    engine.destroy()
-
-    def ours_zero3() -> MethodResult:
-        engine3, n3, watch3 = build_ours(plan, device, 3, plan.ours_batch)
-        try:
-            return run_ours(plan, engine3, n3, device, rng, name="ours_zero3", batch_size=plan.ours_batch, warmup=1,
-                            steps=plan.ours_steps, watch=watch3)
-        finally:
-            engine3.destroy()
-
-    section("ours_zero3", ours_zero3)
+    section("seed", lambda: run_seed(plan, device, rng, args.zero_stage, releases))
     import tempfile
 
+    # Before the first liger-patched model: with eager layers liger's RoPE stays patched process-wide.
     with tempfile.TemporaryDirectory() as tmp:
         section("bf16_gradcheck", lambda: bf16_gradcheck(plan, Path(tmp)))
-    section("big_model", lambda: largest_batch(plan, device, rng))
+    ours_run = build_ours(plan, device, args.zero_stage, plan.ours_batch)
+    section("ours", lambda: run_ours(plan, ours_run["engine"], ours_run["n_params"], device, rng, name="ours",
+                                     batch_size=plan.ours_batch, warmup=1, steps=plan.ours_steps,
+                                     watch=ours_run["watch"]))
+    section("ours_without_gradcache", lambda: run_ours(
+        plan, ours_run["engine"], ours_run["n_params"], device, rng, name="ours_without_gradcache",
+        batch_size=plan.ours_batch, warmup=1, steps=plan.ours_steps, gradcache=False, watch=ours_run["watch"]))
+    if not args.skip_fit:
+        section("fit", lambda: run_ours(plan, ours_run["engine"], ours_run["n_params"], device, rng, name="fit",
+                                        batch_size=plan.fit_batch, warmup=0, steps=1, watch=ours_run["watch"]))
+    releases["ours"] = release(ours_run, device)
+
+    def ours_zero3() -> MethodResult:
+        zero3 = build_ours(plan, device, 3, plan.ours_batch)
+        try:
+            return run_ours(plan, zero3["engine"], zero3["n_params"], device, rng, name="ours_zero3",
+                            batch_size=plan.ours_batch, warmup=1, steps=plan.ours_steps, watch=zero3["watch"])
+        finally:
+            releases["ours_zero3"] = release(zero3, device)
+
+    section("ours_zero3", ours_zero3)
+    section("big_model", lambda: largest_batch(plan, device, rng, releases, forced=args.big_setting))
 
     seed, ours, nogc = results["seed"], results["ours"], results.get("ours_without_gradcache", {})
     if seed.get("samples_per_s") and ours.get("samples_per_s"):

@@ -16,26 +16,33 @@ from pipeline.model.attention import segment_attention, torch_varlen_attention, 
 from pipeline.model.packing import pack, pad
 
 
-def _per_segment(query, key, value, cu, *, causal, scale, gqa):
-    """Reference: q/k/v [T, H, D] -> [T, Hq, D], sdpa on each [c_i, c_{i+1}) slice."""
+def _per_segment(query, key, value, cu, *, causal=False, scale, gqa, window=(-1, -1)):
+    """Reference: q/k/v [T, H, D] -> [T, Hq, D], sdpa on each [c_i, c_{i+1}) slice. `window` (left, right): query i
+    attends keys i - left .. i + right, -1 unbounded (flash-attn's convention, which varlen_attn's window_size
+    follows)."""
     bounds = cu.tolist()
+    left, right = window
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         q, k, v = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        i = torch.arange(b - a)
+        distance = i[:, None] - i[None, :]
+        allowed = ((left < 0) | (distance <= left)) & ((right < 0) | (-distance <= right))
+        if causal:
+            allowed &= distance >= 0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
 
 
 def kernel_current(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                    window_size=(-1, -1), enable_gqa=False):
-    """The contract of torch >= 2.11's varlen_attn (causal = window (-1, 0))."""
+    """The contract of torch >= 2.11's varlen_attn (causal = window (-1, 0); sliding windows (left, right))."""
     assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
     assert max_q == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise RuntimeError("heads differ without enable_gqa")
-    return _per_segment(query, key, value, cu_seq_q, causal=tuple(window_size) == (-1, 0), scale=scale,
-                        gqa=enable_gqa)
+    return _per_segment(query, key, value, cu_seq_q, window=tuple(window_size), scale=scale, gqa=enable_gqa)
 
 
 def kernel_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -208,3 +215,77 @@ def test_attention_mask_resolution():
     assert resolve_attention_mask("auto", bert, decoder=False) == "bidirectional"
     with pytest.raises(ValueError, match=r"^model.attention_mask: causal needs a decoder; bert is an encoder"):
         resolve_attention_mask("causal", bert, decoder=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding-window layers (Mistral's sliding_window): the window within each packed sequence, as transformers' masks
+# ---------------------------------------------------------------------------------------------------------------
+TINY_MISTRAL = dict(model_type="mistral", vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                    sliding_window=4, pad_token_id=0, eos_token_id=102)
+
+
+def _mistral(attn: str, packing: str, mode: str, window: int | None = 4):
+    from pipeline.config import ModelConfig
+    from pipeline.model.embedding import EmbeddingModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(from_config=dict(TINY_MISTRAL, sliding_window=window), attn_implementation=attn,
+                      packing=packing, attention_mask=mode)
+    return EmbeddingModel.from_config(cfg, "cpu").eval()
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_sliding_window_varlen_equals_transformers_sdpa(mode):
+    """A tiny Mistral whose window (4) is shorter than most sequences: packed varlen (segments kernel) equals
+    transformers' padded sdpa with its sliding-window mask, in fp32; without the window both change (the window is
+    what is compared)."""
+    seqs, _ = _sequences(5, lengths=(3, 9, 17, 6, 5, 12))
+    with torch.no_grad():
+        packed = _mistral("varlen", "packed", mode)
+        padded = _mistral("sdpa", "padded", mode)
+        a, b = packed(packed.make_inputs(seqs)), padded(padded.make_inputs(seqs))
+        unwindowed = _mistral("sdpa", "padded", mode, window=None)
+        c = unwindowed(unwindowed.make_inputs(seqs))
+    assert (a - b).abs().max() <= 1e-5
+    assert (c - b).abs().max() > 1e-3
+
+
+def calls_windows(calls: list[dict]) -> set[tuple[int, int]]:
+    return {tuple(call["window_size"]) for call in calls}
+
+
+@pytest.mark.parametrize("mode,window_size", [("causal", (3, 0)), ("bidirectional", (4, 4))])
+def test_sliding_window_through_the_torch_kernel_path(torch_kernel_calls, mode, window_size):
+    """The CUDA branch (kernel replaced by the windowed reference) gets transformers' window W = 4 as window_size -
+    (W - 1, 0) causal, (W, W) bidirectional - and equals padded sdpa."""
+    seqs, _ = _sequences(6, lengths=(3, 9, 17, 6))
+    packed = _mistral("varlen", "packed", mode)
+    padded = _mistral("sdpa", "padded", mode)
+    with torch.no_grad():
+        a, b = packed(pack(seqs)), padded(pad(seqs, pad_id=0))
+    assert calls_windows(torch_kernel_calls) == {window_size}
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_sliding_window_that_never_binds_is_plain_causal(torch_kernel_calls):
+    """Sequences no longer than the window: the kernel is called as a plain causal one (Mistral's 4096 at
+    max_len 1024), and the window changes nothing."""
+    seqs, _ = _sequences(7, lengths=(3, 4, 2))
+    with torch.no_grad():
+        windowed = _mistral("varlen", "packed", "causal")(pack(seqs))
+        assert calls_windows(torch_kernel_calls) == {(-1, 0)}
+        unwindowed = _mistral("varlen", "packed", "causal", window=None)(pack(seqs))
+    assert torch.equal(windowed, unwindowed)
+
+
+def test_window_mask_matches_transformers_semantics():
+    from pipeline.model.attention import window_mask
+
+    causal = window_mask(6, 3, causal=True, device=torch.device("cpu"))
+    assert causal[5].tolist() == [False, False, False, True, True, True]  # itself and the 2 before it
+    bidirectional = window_mask(6, 2, causal=False, device=torch.device("cpu"))
+    assert bidirectional[2].tolist() == [True, True, True, True, True, False]  # distance <= 2
+    assert window_mask(3, 3, causal=True, device=torch.device("cpu")) is None
+    assert window_mask(3, 2, causal=False, device=torch.device("cpu")) is None
+

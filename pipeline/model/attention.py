@@ -20,6 +20,15 @@ needs no mask tensor at all. Kernels, by what the device offers (:func:`varlen_k
 Layouts (transformers' attention-function contract): query [1, Hq, T, D], key/value [1, Hkv, T, D] in; output
 [1, T, Hq, D], attention weights None.
 
+Sliding-window layers (Mistral's ``sliding_window``, 4096 by default; Qwen2/Qwen3 layers of type
+``sliding_attention``): transformers passes the window W to the attention function, and its padded masks define it
+(``masking_utils.sliding_window_overlay`` / ``sliding_window_bidirectional_overlay``, transformers 5): a causal token
+attends to itself and the W - 1 tokens before it, a bidirectional one to every token at distance <= W. Varlen
+attention applies the same window within each sequence: the torch kernel through ``window_size`` (flash-attn's
+convention, (left, right) tokens around the query: (W - 1, 0) causal, (W, W) bidirectional), the segments kernel
+through a banded boolean mask for sdpa (:func:`window_mask`). A window only changes anything for a sequence longer
+than it (:func:`window_binds`): Mistral's 4096 never does at max_len 1024, and such chunks run exactly as without it.
+
 Bidirectional attention (``model.attention_mask: bidirectional``; LLM2Vec, BehnamGhader et al. 2024,
 arXiv:2404.05961; NV-Embed, Lee et al. 2024, arXiv:2405.17428): a decoder's tokens attend to every token of their
 own sequence, the causal mask dropped. It is transformers' own switch (>= 5.2, "bidirectional attention" in its
@@ -81,10 +90,13 @@ def torch_varlen_attention(
     *,
     scale: float | None,
     causal: bool,
+    window: int | None = None,
     varlen_fn: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """PyTorch's varlen_attn on q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], whatever its release's keywords.
 
+    `window`: transformers' sliding window W (module docstring), passed as ``window_size`` (torch >= 2.11; a
+    RuntimeError on torch 2.10, which has no window: :func:`varlen_attention` runs the segments kernel there).
     `varlen_fn` replaces the kernel (tests); its parameter names are read the same way.
     """
     if varlen_fn is None:
@@ -95,7 +107,11 @@ def torch_varlen_attention(
     else:
         params = frozenset(inspect.signature(varlen_fn).parameters)
     kwargs: dict[str, Any] = {}
-    if causal:
+    if window is not None:
+        if "window_size" not in params:
+            raise RuntimeError("this torch's varlen_attn has no window_size (sliding windows need torch >= 2.11)")
+        kwargs["window_size"] = (window - 1, 0) if causal else (window, window)
+    elif causal:
         if "window_size" in params:
             kwargs["window_size"] = (-1, 0)  # torch >= 2.11: causal is a left-unbounded, right-0 window
         else:
@@ -125,17 +141,39 @@ def segment_attention(
     dropout: float,
     scale: float | None,
     causal: bool,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """sdpa on each sequence's slice: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]."""
+    """sdpa on each sequence's slice: query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]. `window`:
+    transformers' sliding window (module docstring), a banded mask for the sequences it binds."""
     gqa = query.shape[1] != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa,
-        )
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mask = window_mask(b - a, window, causal=causal, device=query.device)
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask,
+            dropout_p=dropout, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa,
+        ))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def window_binds(length: int, window: int | None, *, causal: bool) -> bool:
+    """Whether transformers' sliding `window` hides any token of a sequence of `length` tokens from another: causal,
+    a token sees the `window` - 1 before it (binds when length > window); bidirectional, every token at distance
+    <= `window` (binds when length > window + 1)."""
+    return window is not None and length > (window if causal else window + 1)
+
+
+def window_mask(length: int, window: int | None, *, causal: bool, device: torch.device) -> torch.Tensor | None:
+    """[L, L] boolean sdpa mask (True = attend) of one sequence under transformers' sliding `window` (causal:
+    query i sees keys i - window < j <= i; bidirectional: |i - j| <= window); None when the window does not bind
+    (plain causal or full attention)."""
+    if not window_binds(length, window, causal=causal):
+        return None
+    pos = torch.arange(length, device=device)
+    distance = pos[:, None] - pos[None, :]  # query index - key index
+    if causal:
+        return (distance >= 0) & (distance < window)
+    return distance.abs() <= window
 
 
 def varlen_attention(
@@ -154,35 +192,37 @@ def varlen_attention(
     """The transformers attention function "varlen": per-sequence attention of a packed row (see module docstring).
 
     ``cu_seq_lens_q`` [n + 1] are the sequence bounds (for the segments kernel best a CPU tensor: no device sync),
-    ``max_length_q`` the longest sequence (computed from the bounds when not given).
+    ``max_length_q`` the longest sequence (computed from the bounds when not given), `sliding_window` the layer's
+    window (transformers' semantics, module docstring; None: none).
     """
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError("varlen attention needs packed inputs (one row and cu_seq_lens_q); use sdpa for padded ones")
-    if sliding_window is not None:
-        raise ValueError("varlen attention does not support sliding-window layers")
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))  # config.is_causal arrives as a kwarg
     if varlen_kernel(query, dropout) == "torch":
         if max_length_q is None:
             max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-        out = torch_varlen_attention(
-            query[0].transpose(0, 1).contiguous(),
-            key[0].transpose(0, 1).contiguous(),
-            value[0].transpose(0, 1).contiguous(),
-            cu_seq_lens_q, int(max_length_q), scale=scaling, causal=causal,
-        )
-        return out.unsqueeze(0), None
-    return _segments_outside_graph(query, key, value, cu_seq_lens_q, dropout=dropout, scale=scaling, causal=causal), None
+        window = sliding_window if window_binds(int(max_length_q), sliding_window, causal=causal) else None
+        if window is None or "window_size" in _torch_varlen()[1]:  # torch 2.10 has no window: segments below
+            out = torch_varlen_attention(
+                query[0].transpose(0, 1).contiguous(),
+                key[0].transpose(0, 1).contiguous(),
+                value[0].transpose(0, 1).contiguous(),
+                cu_seq_lens_q, int(max_length_q), scale=scaling, causal=causal, window=window,
+            )
+            return out.unsqueeze(0), None
+    return _segments_outside_graph(query, key, value, cu_seq_lens_q, dropout=dropout, scale=scaling, causal=causal,
+                                   window=sliding_window), None
 
 
 @torch.compiler.disable
 def _segments_outside_graph(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, *,
-    dropout: float, scale: float | None, causal: bool,
+    dropout: float, scale: float | None, causal: bool, window: int | None = None,
 ) -> torch.Tensor:
     """:func:`segment_attention` with the bounds read from `cu_seq_lens`. A Python loop over data-dependent bounds
     cannot be one graph: compiled layers (``model.compile``) run it eagerly, between the graphs before and after."""
     bounds = cu_seq_lens.tolist()
-    return segment_attention(query, key, value, bounds, dropout=dropout, scale=scale, causal=causal)
+    return segment_attention(query, key, value, bounds, dropout=dropout, scale=scale, causal=causal, window=window)
 
 
 def register_varlen_attention() -> None:

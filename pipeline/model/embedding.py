@@ -31,6 +31,7 @@ from pipeline.model.compiled import compile_layers, repeated_layers, resolve_com
 from pipeline.model.kernels import KernelChoice, apply_kernels, resolve_kernels
 from pipeline.model.lora import apply_lora, check_lora, describe_lora
 from pipeline.config import ModelConfig
+from pipeline.fallbacks import Fallback
 from pipeline.logs import log
 from pipeline.model.packing import ChunkInputs, build_inputs, padding_efficiency, plan_chunks
 
@@ -240,6 +241,7 @@ class ModelSettings:
     kernels: KernelChoice
     compile: bool
     attention_mask: str = CAUSAL  # "causal" or "bidirectional" (pipeline.model.attention.resolve_attention_mask)
+    compile_auto: bool = False  # model.compile was auto: a failure at its first use falls back to eager layers
 
 
 def resolve_model_settings(
@@ -260,6 +262,7 @@ def resolve_model_settings(
         kernels=resolve_kernels(cfg.kernels, device, hf_config.model_type, importable=liger),
         compile=resolve_compile(cfg.compile, device.type, packed=packed),
         attention_mask=resolve_attention_mask(cfg.attention_mask, hf_config, decoder=decoder),
+        compile_auto=cfg.compile == "auto",
     )
 
 
@@ -313,6 +316,7 @@ class EmbeddingModel(nn.Module):
         self.attn_implementation = attn_implementation
         self.settings: ModelSettings | None = None  # set by from_config
         self.max_length_bound: int | None = None  # compiled packed layers: the constant max_length of every chunk
+        self.fallbacks: list[Fallback] = []  # auto settings that failed at their first use (set by from_config)
         if hasattr(self.backbone, "config"):
             self.backbone.config.use_cache = False
 
@@ -327,7 +331,7 @@ class EmbeddingModel(nn.Module):
         backbone = build_backbone(cfg, attn_implementation=attn, dtype=dtype, hf_config=hf_config)
         if decoder:
             set_attention_mask(backbone.config, settings.attention_mask)
-        apply_kernels(backbone, settings.kernels)
+        kernels_fallback = apply_kernels(backbone, settings.kernels, compiled=settings.compile)
         if cfg.gradient_checkpointing:
             enable_checkpointing(backbone)
         if cfg.lora is not None:
@@ -346,6 +350,7 @@ class EmbeddingModel(nn.Module):
             attn_implementation=attn,
         )
         model.settings = settings
+        model.fallbacks = [kernels_fallback] if kernels_fallback is not None else []
         n_params = sum(p.numel() for p in model.parameters())
         log(
             f"model: {hf_config.model_type} ({'decoder' if decoder else 'encoder'}), {n_params / 1e6:.2f}M params, "
@@ -354,7 +359,8 @@ class EmbeddingModel(nn.Module):
             f"{'packed' if packed else 'padded'} chunks, gradient checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}, device {device}"
         )
-        log(f"kernels: {settings.kernels.kernels} ({settings.kernels.reason})")
+        log(f"kernels: none ({kernels_fallback.describe()})" if kernels_fallback is not None else
+            f"kernels: {settings.kernels.kernels} ({settings.kernels.reason})")
         if cfg.lora is not None:
             log(f"lora: {describe_lora(model.backbone)}")
         return model
