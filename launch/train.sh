@@ -18,6 +18,10 @@ Options:
   --dry-run         print the command and environment, run nothing                [env DRY_RUN=1]
   --check           only validate: `python launch/train.py --check --world-size N` (config, DeepSpeed JSON,
                     data, tokenizer; prints the plan for this machine's N ranks) and exit, no launcher
+  --selftest        only self-test this machine: `python -m pipeline.selftest --config CONFIG --world-size N`
+                    (one process, one GPU: kernels, compile, GradCache dtype, chunk_tokens, one optimizer step,
+                    attention; a line per check, then the verdict; exit 0 safe / 1 a check failed / 2 bad config)
+                    and exit, no launcher; `--selftest --help` lists its options
   -h, --help        this help
 
 Environment:
@@ -32,6 +36,7 @@ Environment:
 Examples:
   launch/train.sh --config configs/f2llm-v2-0.6b.yaml train.lr=1e-5
   NPROC=2 launch/train.sh --config configs/tiny-cpu.yaml -- --resume auto
+  launch/train.sh --selftest --config configs/f2llm-v2-0.6b.yaml     # before a long job, on its node
 EOF
 }
 
@@ -43,6 +48,8 @@ source "$REPO_DIR/launch/common.sh"
 CONFIG="${CONFIG:-}"
 DRY_RUN="${DRY_RUN:-0}"
 CHECK=0
+SELFTEST=0
+SELFTEST_HELP=0
 CUSTOM_ENTRY=0
 PYTHON="${PYTHON:-python3}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -52,12 +59,13 @@ ARGS=()
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    -h|--help) usage; exit 0 ;;
+    -h|--help) if [ "$SELFTEST" = 1 ]; then SELFTEST_HELP=1; shift; else usage; exit 0; fi ;;
     --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
     --module) need_value "$@"; ENTRY=(--module "$2"); CUSTOM_ENTRY=1; shift 2 ;;
     --script) need_value "$@"; ENTRY=("$2"); CUSTOM_ENTRY=1; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --check) CHECK=1; shift ;;
+    --selftest) SELFTEST=1; shift ;;
     --) shift; ARGS+=("$@"); break ;;
     --config=*|--module=*|--script=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
     -*) die "unknown option $1 (see --help; trainer flags go after --)" ;;
@@ -66,6 +74,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if [ "$SELFTEST_HELP" = 1 ]; then  # the self-test's own options; no config needed
+  cd "$REPO_DIR"
+  HELP_CMD=("$PYTHON" -m pipeline.selftest --help)
+  if [ "$DRY_RUN" = 1 ]; then print_cmd "${HELP_CMD[@]}"; exit 0; fi
+  exec "${HELP_CMD[@]}"
+fi
 [ -n "$CONFIG" ] || die "--config is required (see --help)"
 case "$CONFIG" in /*) ;; *) CONFIG="$PWD/$CONFIG" ;; esac
 [ -f "$CONFIG" ] || die "config not found: $CONFIG"
@@ -110,10 +124,23 @@ else
   export GLOO_SOCKET_IFNAME
 fi
 cores="$(nproc 2>/dev/null || echo 1)"
+OMP_FROM_ENV="${OMP_NUM_THREADS:-}"
 : "${OMP_NUM_THREADS:=$(( cores / NRANKS > 0 ? cores / NRANKS : 1 ))}"
 export OMP_NUM_THREADS
 
 cd "$REPO_DIR"
+if [ "$SELFTEST" = 1 ]; then
+  [ "$CHECK" = 0 ] || die "--check and --selftest: choose one"
+  [ "$CUSTOM_ENTRY" = 0 ] || die "--selftest runs python -m pipeline.selftest; drop --module/--script"
+  export OMP_NUM_THREADS="${OMP_FROM_ENV:-$cores}"   # one process: every core
+  SELFTEST_CMD=("$PYTHON" -m pipeline.selftest --config "$CONFIG" --world-size "$NRANKS" "${ARGS[@]+"${ARGS[@]}"}")
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "# $DEVICE: self-test in one process for a run of $NRANKS rank(s); OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    print_cmd "${SELFTEST_CMD[@]}"
+    exit 0
+  fi
+  exec "${SELFTEST_CMD[@]}"
+fi
 if [ "$CHECK" = 1 ]; then
   [ "$CUSTOM_ENTRY" = 0 ] || die "--check runs launch/train.py's checks; drop --module/--script"
   [ "$DEVICE" = gpu ] && CHECK_DEVICE=cuda || CHECK_DEVICE=cpu

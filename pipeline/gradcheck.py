@@ -59,13 +59,13 @@ from torch import nn
 from pipeline.data.batch import ContrastiveBatch, random_batch
 from pipeline.config import Config, ConfigError, GradCacheConfig, load_config
 from pipeline.model.compiled import CompileWatch
-from pipeline.training.chunk_budget import resolve_chunk_tokens
+from pipeline.training.chunk_budget import OptimizerResidency, optimizer_residency, resolve_chunk_tokens
 from pipeline.training.teacher import load_teacher
 from pipeline.training.distributed import (
     init_distributed, is_distributed, launched_distributed, rank, teardown, world_size,
 )
 from pipeline.training.backward import base_module, is_deepspeed_engine
-from pipeline.training.ds_config import deepspeed_bf16, load_ds_config
+from pipeline.training.ds_config import deepspeed_bf16, load_ds_config, training_ds_config
 from pipeline.training.gradcache import StepStats, cached_step, plain_step
 from pipeline.logs import log
 from pipeline.model.embedding import EmbeddingModel
@@ -260,17 +260,31 @@ def main(argv: list[str] | None = None) -> int:
     batches = make_batches(cfg, vocab, eos, sizes, args.dataset_type, args.seed)
     if args.dtype == "bf16":
         return bf16_main(model, batches, my_rank, cfg, args, use_ds, b)
-    gradcache = resolve_chunk_tokens(cfg.gradcache, model, device, max_len=max_sequence(batches), world_size=n_ranks)
-    CompileWatch.start(model, gradcache, max_len=max_sequence(batches))
-    cfg.gradcache = gradcache
     teacher = None
     if cfg.loss.distill is not None:  # a frozen copy here; partitioned (ZeRO-3) for the distributed steps below
+        # Loaded before the chunk_tokens probe: the GPU memory it holds is not free for chunks.
         teacher = load_teacher(cfg.loss.distill, device, student_hidden=model.hidden_size, zero_stage=0, world_size=1,
                                trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        residency = OptimizerResidency.plain()
+        if use_ds:
+            ds_cfg = dataclasses.replace(cfg, deepspeed=args.ds_config or cfg.deepspeed)
+            residency = optimizer_residency(training_ds_config(ds_cfg, world_size=n_ranks, device_type=device.type),
+                                            coalesce=cfg.gradcache.coalesce_grad_reduction)
+        cfg.gradcache = resolve_chunk_tokens(cfg.gradcache, model, device, max_len=max_sequence(batches),
+                                             world_size=n_ranks, residency=residency).gradcache
+    except ValueError as exc:  # bad DeepSpeed JSON, no chunk that fits: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The reference copy before the layers are compiled: compiling sets each layer's forward to a function bound to
+    # that layer, which a deepcopy shares (the copy would run the original's layers and leave its own without grads).
+    reference = copy.deepcopy(model) if n_ranks > 1 and not args.no_scale_check else None
+    CompileWatch.start(model, cfg.gradcache, max_len=max_sequence(batches))
     g_ref = None
-    if n_ranks > 1 and not args.no_scale_check:
+    if reference is not None:
         # Before any process group exists: one process computing the global batch, unsharded, dropout off.
-        g_ref = reference_gradient(copy.deepcopy(model), batches, cfg, teacher=teacher)
+        g_ref = reference_gradient(reference, batches, cfg, teacher=teacher)
+        del reference
     init_distributed(use_deepspeed=use_ds)
     try:
         return check(model, batches[my_rank], cfg, args, use_ds, b, g_ref, teacher)
@@ -320,30 +334,65 @@ def reference_gradient(
     return full_grad(model)
 
 
+@dataclass
+class Bf16Errors:
+    """``--dtype bf16``'s relative errors of the whole gradient against the fp32 full-batch gradient: (a) `cached`,
+    GradCache in 16 bits with `chunked`'s chunks, (b) `plain`, one 16-bit full-batch backward, (c) `bf16_sums`, (a)
+    with the chunk gradients summed in 16 bits; `stats` is (a)'s step."""
+
+    cached: float
+    plain: float
+    bf16_sums: float
+    stats: StepStats
+    chunked: GradCacheConfig
+
+    @property
+    def ok(self) -> bool:
+        """GradCache in 16 bits must be as exact as the plain 16-bit backward it replaces: (a) <= 1.5 x (b)."""
+        return self.cached <= 1.5 * self.plain
+
+
+def bf16_gradient_errors(
+    model32: EmbeddingModel, batches: list[ContrastiveBatch], my_rank: int, cfg: Config, *, chunks: int, seed: int,
+    runner_for: Callable[[nn.Module], nn.Module] = lambda model: model, dtype: torch.dtype = torch.bfloat16,
+) -> Bf16Errors:
+    """The computation of ``--dtype bf16`` (module docstring): the fp32 full-batch gradient of every rank's batch
+    from `model32` (one chunk, one process, dropout off: call it before any process group exists), then a `dtype`
+    copy of the model - run through ``runner_for(copy)`` (e.g. a DeepSpeed engine around it; the copy itself by
+    default) - computes (a), (b) and (c) on rank `my_rank`'s batch, at least `chunks` chunks for (a) and (c)."""
+    one_chunk = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=None)
+    g_ref = reference_gradient(copy.deepcopy(model32), batches, cfg, one_chunk)
+    runner = runner_for(copy.deepcopy(model32).to(dtype))
+    runner.eval()
+    batch = batches[my_rank]
+    n_seqs = len(batch.sequences())
+    chunked = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=max(1, n_seqs // chunks))
+    summed_bf16 = dataclasses.replace(chunked, fp32_accumulation=False)
+    step_seed = seed + 7
+    g_cached, stats = run_gradient(runner, cached_step, batch, cfg, step_seed, chunked)
+    g_plain, _ = run_gradient(runner, plain_step, batch, cfg, step_seed, one_chunk)
+    g_bf16_sums, _ = run_gradient(runner, cached_step, batch, cfg, step_seed, summed_bf16)
+    err_cached, err_plain, err_bf16_sums = (rel_error(g, g_ref) for g in (g_cached, g_plain, g_bf16_sums))
+    return Bf16Errors(err_cached, err_plain, err_bf16_sums, stats, chunked)
+
+
 def bf16_main(
     model32: EmbeddingModel, batches: list[ContrastiveBatch], my_rank: int, cfg: Config, args: argparse.Namespace,
     use_ds: bool, b: int,
 ) -> int:
-    """``--dtype bf16`` (see the module docstring)."""
-    one_chunk = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=None)
-    g_ref = reference_gradient(copy.deepcopy(model32), batches, cfg, one_chunk)
-    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    """``--dtype bf16`` (see the module docstring): :func:`bf16_gradient_errors`, logged and judged."""
     owns_group = not is_distributed()  # a caller's process group (a benchmark) is left to the caller
-    init_distributed(use_deepspeed=use_ds)
+
+    def runner_for(model16: nn.Module) -> nn.Module:
+        init_distributed(use_deepspeed=use_ds)
+        return build_engine(model16, cfg, args.ds_config or cfg.deepspeed, b, bf16=True) if use_ds else model16
+
     try:
-        runner: nn.Module = build_engine(model16, cfg, args.ds_config or cfg.deepspeed, b, bf16=True) if use_ds \
-            else model16
-        runner.eval()
-        batch = batches[my_rank]
-        n_seqs = len(batch.sequences())
-        chunked = dataclasses.replace(cfg.gradcache, chunk_tokens=None, chunk_size=max(1, n_seqs // args.chunks))
-        summed_bf16 = dataclasses.replace(chunked, fp32_accumulation=False)
-        step_seed = args.seed + 7
-        g_cached, stats = run_gradient(runner, cached_step, batch, cfg, step_seed, chunked)
-        g_plain, _ = run_gradient(runner, plain_step, batch, cfg, step_seed, one_chunk)
-        g_bf16_sums, _ = run_gradient(runner, cached_step, batch, cfg, step_seed, summed_bf16)
-        err_cached, err_plain, err_bf16_sums = (rel_error(g, g_ref) for g in (g_cached, g_plain, g_bf16_sums))
-        accumulation = ("fp32" if chunked.fp32_accumulation else "bf16") + (
+        errors = bf16_gradient_errors(model32, batches, my_rank, cfg, chunks=args.chunks, seed=args.seed,
+                                      runner_for=runner_for)
+        err_cached, err_plain, err_bf16_sums = errors.cached, errors.plain, errors.bf16_sums
+        stats = errors.stats
+        accumulation = ("fp32" if errors.chunked.fp32_accumulation else "bf16") + (
             ", coalesced" if stats.coalesced else "")
         log(f"bf16 check: {b} queries/rank x {world_size()} ranks, {stats.sequences} sequences, {stats.chunks} "
             f"chunks on rank 0 (run {stats.chunks_run}); reference: fp32, one chunk, one process")
@@ -351,7 +400,7 @@ def bf16_main(
             f"relative error {err_cached:.3e}")
         log(f"(b) plain bf16 full-batch backward (one chunk): relative error {err_plain:.3e}")
         log(f"(c) as (a) with gradcache.fp32_accumulation false: relative error {err_bf16_sums:.3e}")
-        ok = err_cached <= 1.5 * err_plain
+        ok = errors.ok
         if rank() == 0:
             print(f"bf16 relative gradient error: cached {err_cached:.3e}, plain {err_plain:.3e} "
                   f"({'ok' if ok else 'FAIL'}: cached {'<=' if ok else '>'} 1.5 x plain)", flush=True)
