@@ -1,5 +1,6 @@
 """Command line of the offline data jobs:
-``python -m preprocess {build,merge,validate,stats,show,example,code-pairs,mine-negatives,score} --help``."""
+``python -m preprocess {build,merge,validate,stats,show,example,code-pairs,mine-negatives,score,decontaminate}
+--help``."""
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
             num_parts=args.num_parts,
             part=args.part,
             trust_remote_code=args.trust_remote_code,
+            decontaminate=args.decontaminate,
+            eval_split=args.eval_split,
         )
     )
     results = builder.run()
     print(summary_table(results))
+    if args.decontaminate:
+        from preprocess.decontaminate import REPORT_FILE
+
+        for r in results:
+            skipped = {k: v for k, v in r.meta["counts"]["skipped"].items() if k.startswith("contaminated_")}
+            reasons = ", ".join(f"{k} {v:,}" for k, v in skipped.items()) or "none"
+            print(f"{r.name}: {sum(skipped.values()):,} rows dropped as contaminated ({reasons})")
+        print(f"decontamination report: {os.path.join(args.out, REPORT_FILE)}")
     what = f"part {args.part} of {args.num_parts}" if args.num_parts > 1 else "shards"
     print(f"{what} written to {args.out}")
     return 0
@@ -126,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code the tokenizer directory ships (transformers' auto_map) to load it; only "
                         "for a directory from a trusted source")
+    p.add_argument("--decontaminate", nargs="+", metavar="EVAL",
+                   help="drop every row whose query or positive matches an evaluation query or relevant document "
+                        "(equal after normalisation, or a shared 13-word window): BEIR directories, raw "
+                        ".jsonl/.parquet pairs or directories of them, or mteb:TASK (from the local Hugging Face "
+                        "cache only); counted per reason in the manifest, listed in OUT/decontamination.jsonl")
+    p.add_argument("--eval-split", default="test",
+                   help="--decontaminate: the BEIR / MTEB split whose qrels define the evaluation queries and "
+                        "relevant documents (default test)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("merge", help="join the parts of `build --num-parts N` into one shard directory")
@@ -161,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_example)
 
-    from preprocess import code_pairs, mine_negatives, score
+    from preprocess import code_pairs, decontaminate, mine_negatives, score
 
     p = sub.add_parser("code-pairs", help="docstring -> code retrieval pairs (raw JSONL, split by module) from a "
                        "Python source tree")
@@ -176,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(score distillation; torchrun for all GPUs of a node)")
     score.add_arguments(p)
     p.set_defaults(func=score.run_cli)
+
+    p = sub.add_parser("decontaminate", help="report the training rows whose query or positive matches an "
+                       "evaluation query or relevant document (exact after normalisation, or a shared 13-word "
+                       "window), per dataset, without building")
+    decontaminate.add_arguments(p)
+    p.set_defaults(func=decontaminate.run_cli)
     return parser
 
 

@@ -24,6 +24,16 @@ whole input, int64) and ``part-doc-keys.u64`` (each corpus document's 128-bit te
 
 Memory: one batch of rows and texts (``batch_rows``), one table buffer per table (64 MiB), the dedup bitmap (2 bits
 per document occurrence) and one dedup bucket; nothing per row or per document is held.
+
+Decontamination (``decontaminate``: evaluation sets, ``--decontaminate EVAL [EVAL ...]``): before step 0, every
+dataset to (re)build is checked by :class:`preprocess.decontaminate.Decontaminator` (the rule, the evaluation sets
+and the memory bound are in that module's docstring); each row whose query or positive matches an evaluation query
+or relevant document is then skipped in every pass like a bad row, counted in ``counts.skipped`` under
+``contaminated_{query,passage}_{exact,13gram}`` (so ``valid_rows`` and subsampling count only clean rows). The
+dataset's ``decontamination.jsonl`` (one line per dropped row: file, row, reason, the evaluation set, id and text it
+matched) is one of its checksummed files, and ``OUT/decontamination.jsonl`` (next to the manifest) joins them. The
+rule and the evaluation sets' paths, sizes and mtimes are part of the build key. With parts, every part checks the
+whole input (its counts and report are those of the whole input, as its other skipped counts).
 """
 from __future__ import annotations
 
@@ -57,12 +67,14 @@ from pipeline.data.shard_format import (
 from pipeline.data.raw import RawRow, RawStats, discover, read_rows
 from pipeline.data.registry import DatasetSpec, Registry, load_registry
 from pipeline.data.tokenization import MIN_MAX_LEN, encode_spec, load_tokenizer
+from preprocess.decontaminate import REPORT_FILE, DatasetContamination, Decontaminator, concat_reports
 from preprocess.dedup import ExternalDedup
 from preprocess.shard_writer import TableWriter
 from preprocess.tokenization import Tokenizer, write_backend
 
 PART_ROWS = "part-rows.i64"
 PART_DOC_KEYS = "part-doc-keys.u64"
+DECONTAMINATE_TMP = ".decontaminate-scratch"  # scratch of --decontaminate (index, reports waiting for their dataset)
 GIB = 1 << 30
 
 
@@ -87,6 +99,8 @@ class BuildOptions:
     part: int = 0
     batch_rows: int = 8192
     trust_remote_code: bool = False  # run the code the tokenizer directory ships (transformers' auto_map)
+    decontaminate: list[str] | None = None  # evaluation sets (preprocess.decontaminate); their matches are dropped
+    eval_split: str = "test"  # the BEIR / MTEB split of `decontaminate`
 
 
 @dataclass
@@ -199,6 +213,10 @@ class ShardBuilder:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.token_dtype = np.dtype(self.spec.dtype)
+        self.decontaminator = (Decontaminator(options.decontaminate, options.eval_split, options.batch_rows,
+                                              option="--decontaminate") if options.decontaminate else None)
+        self.decontaminate_key = self.decontaminator.fingerprint() if self.decontaminator else None
+        self.contamination: dict[str, DatasetContamination] = {}  # by str(source): the rows to drop
 
     # ---------------------------------------------------------------------------------------------------------
     def _check_existing_output(self) -> None:
@@ -243,6 +261,7 @@ class ShardBuilder:
             "max_rows": self.opts.max_rows_per_dataset,
             "seed": self.opts.seed,
             **({"part": [self.opts.part, self.opts.num_parts]} if self.opts.num_parts > 1 else {}),
+            **({"decontaminate": self.decontaminate_key} if self.decontaminate_key is not None else {}),
         }
 
     def _reusable(self, spec: DatasetSpec, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -258,11 +277,18 @@ class ShardBuilder:
         return meta
 
     # ---------------------------------------------------------------------------------------------------------
+    def _read(self, source: Path, stats: RawStats) -> Iterator[RawRow]:
+        """The usable rows of `source`, without those decontamination drops (counted in `stats.skipped`)."""
+        rows = read_rows(source, stats)
+        found = self.contamination.get(str(source))
+        return rows if found is None or not found.dropped else found.filter(rows, stats)
+
     def _rows(self, source: Path, stats: RawStats, keep: np.ndarray | None) -> Iterator[tuple[int, RawRow]]:
-        """(index among the kept rows, row) of the rows this build keeps: subsampled, then this part's only."""
+        """(index among the kept rows, row) of the rows this build keeps: decontaminated, subsampled, then this
+        part's only."""
         parts, part = self.opts.num_parts, self.opts.part
         j = 0
-        for i, row in enumerate(read_rows(source, stats)):
+        for i, row in enumerate(self._read(source, stats)):
             if keep is not None:
                 if j >= len(keep) or keep[j] != i:
                     continue
@@ -276,7 +302,7 @@ class ShardBuilder:
         keep = None
         if self.opts.max_rows_per_dataset is not None:
             counted = RawStats()
-            for _ in _progress(_batches(enumerate(read_rows(source, counted)), self.opts.batch_rows),
+            for _ in _progress(_batches(enumerate(self._read(source, counted)), self.opts.batch_rows),
                                f"{spec.name} (count)"):
                 pass
             keep = _subsample_keep(counted.rows, self.opts.max_rows_per_dataset, self.opts.seed, spec.name)
@@ -345,6 +371,10 @@ class ShardBuilder:
                 handle.close()
                 names.append(Path(handle.name).name)
         shutil.rmtree(tmp / "dedup")
+        found = self.contamination.get(str(source))
+        if found is not None and found.report is not None:
+            shutil.move(str(found.report), tmp / REPORT_FILE)
+            names.append(REPORT_FILE)
         meta = {
             "name": spec.name,
             "type": spec.type,
@@ -368,6 +398,10 @@ class ShardBuilder:
             "max_len": self.opts.max_len,
             "build_key": key,
         }
+        if found is not None:
+            meta["decontamination"] = {"against": [s.label for s in self.decontaminator.sources],
+                                       "split": self.opts.eval_split, "dropped": found.dropped,
+                                       "report": REPORT_FILE}
         write_json_atomic(tmp / DATASET_META, meta)
         final = self.out / spec.name
         if final.exists():
@@ -375,13 +409,28 @@ class ShardBuilder:
         tmp.rename(final)
         return meta
 
+    def _decontaminate(self, todo: list[tuple[DatasetSpec, Path]]) -> None:
+        """Find the rows to drop in the datasets to build (see the module docstring); reports wait in the scratch
+        directory until their dataset is written."""
+        if self.decontaminator is None or not todo:
+            return
+        found = self.decontaminator.run([(spec.name, source) for spec, source in todo], self.out / DECONTAMINATE_TMP)
+        for spec, source in todo:
+            result = found[spec.name]
+            self.contamination[str(source)] = result
+            reasons = ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) or "none"
+            log(f"{spec.name}: {result.dropped:,} of {result.rows:,} rows match an evaluation set ({reasons})")
+
     def _build_all(self, tokenizer: Tokenizer) -> list[DatasetResult]:
         results: list[DatasetResult] = []
+        plan = []
         for spec in self.specs:
             source = self.sources[spec.name]
             key = self._build_key(spec, source)
+            plan.append((spec, source, key, None if self.opts.overwrite else self._reusable(spec, key)))
+        self._decontaminate([(spec, source) for spec, source, _, meta in plan if meta is None])
+        for spec, source, key, meta in plan:
             started = time.perf_counter()
-            meta = None if self.opts.overwrite else self._reusable(spec, key)
             if meta is not None:
                 log(f"{spec.name}: up to date, reused ({self.out / spec.name})")
                 results.append(DatasetResult(spec.name, meta, 0.0, True))
@@ -393,6 +442,7 @@ class ShardBuilder:
     def run(self) -> list[DatasetResult]:
         self._check_existing_output()
         self.out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.out / DECONTAMINATE_TMP, ignore_errors=True)
         results: list[DatasetResult] = []
         with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=self.out) as scratch:
             backend = write_backend(self.tokenizer, self.opts.max_len, self.spec.appends_eos,
@@ -400,6 +450,11 @@ class ShardBuilder:
             spec = dataclasses.replace(self.spec, backend_file=str(backend), tokenizer=None)
             with Tokenizer(spec, self.opts.workers) as tokenizer:
                 results = self._build_all(tokenizer)
+        shutil.rmtree(self.out / DECONTAMINATE_TMP, ignore_errors=True)
+        if self.decontaminator is not None:
+            concat_reports([self.out / r.name / REPORT_FILE for r in results], self.out / REPORT_FILE)
+        else:
+            (self.out / REPORT_FILE).unlink(missing_ok=True)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
