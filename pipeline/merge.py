@@ -1,4 +1,7 @@
-"""Checkpoint merging: ``python -m pipeline.merge --out DIR MODEL_DIR [MODEL_DIR ...] [--method mean|ema|slerp]``.
+"""Checkpoint merging: ``python -m pipeline.merge --out DIR MODEL_DIR [MODEL_DIR ...] [--method mean|ema|slerp]``;
+``python -m pipeline.merge --search RUN_DIR --out BEST (--data PATH | --beir DIR ... | --mteb TASK ...)`` builds
+the usual merges of a run's exports, scores each with ``pipeline.evaluate``'s metrics and writes the best
+(:mod:`pipeline.merge_search`).
 
 Averages the weights of several model directories of one run - typically the exports ``export/merge_step_<N>``
 (N zero-padded to 8 digits: ``merge_step_00009500``, :func:`pipeline.training.export.merge_export_name`) that
@@ -447,47 +450,126 @@ def _equal_everywhere(value: torch.Tensor, models: Sequence[ModelDir], name: str
 # Command
 # --------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.evaluate import add_source_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m pipeline.merge",
+        usage="python -m pipeline.merge --out DIR MODEL_DIR [MODEL_DIR ...] [--method mean|ema|slerp] [options]\n"
+              "       python -m pipeline.merge --search RUN_DIR --out BEST (--data PATH | --beir DIR ... | "
+              "--mteb TASK ...) [options]",
         description="Merge model directories of one run (e.g. RUN/export/merge_step_<N>, written by "
-                    "train.merge_every / train.merge_window) into one HF + sentence-transformers model directory.",
+                    "train.merge_every / train.merge_window) into one HF + sentence-transformers model directory; "
+                    "or, with --search, build the usual merges of a run's exports, score each on held-out data and "
+                    "write the best.",
         epilog="mean: sum_i w_i theta_i, w normalised to sum 1. ema: e_1 = theta_1, e_k = d e_(k-1) + (1 - d) "
                "theta_k in the given order. slerp: spherical interpolation of two models at t per tensor, linear "
                "for nearly parallel tensors (mergekit's rule). ema and slerp take the models oldest first: inputs "
                "whose steps (recorded by the export, or the N of a merge_step_<N> name) are out of order are "
                "refused, never reordered. Inputs must share architecture, tokenizer, pooling and prompts; else one "
                "'error:' line, exit 2. A LoRA export's adapter/ is left out: the merged weights are no rank-r "
-               "adapter; the output is the full merged model.",
+               "adapter; the output is the full merged model. "
+               "--search RUN_DIR: the candidates are RUN_DIR/export/final, each merge export, the mean of the last "
+               "k checkpoints (k = 2..n; final counts when it is later than the last merge export), ema of all at "
+               "each --ema-decays value, and slerp of the last two; each is built and scored one at a time on the "
+               "evaluation data, tokenized once, with pipeline.evaluate's metrics (--metric; default MRR@10 for "
+               "--data, nDCG@10 for --beir, the main score for --mteb, averaged over datasets/tasks). The table is "
+               "printed, a PNG written (--plot), and the best candidate written to --out as a normal export with "
+               "merge_search.json (every candidate's recipe and scores). Ties go to final, then single exports.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL_DIR",
+    p.add_argument("models", nargs="*", metavar="MODEL_DIR",
                    help="model directories; oldest first for ema and slerp (checked against their steps)")
-    p.add_argument("--out", required=True, help="output model directory (written to .DIR.tmp, then renamed)")
-    p.add_argument("--method", choices=METHODS, default="mean", help="merge rule (default mean)")
+    p.add_argument("--out", required=True, help="output model directory (written to .DIR.tmp, then renamed); with "
+                                                "--search: where the best candidate is written")
+    p.add_argument("--method", choices=METHODS, default=None, help="merge rule (default mean)")
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
                    help="mean: one weight per model (default uniform; normalised to sum 1); slerp: t in [0, 1] "
                         "(default 0.5; 0 = the first model, 1 = the second)")
-    p.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY,
+    p.add_argument("--ema-decay", type=float, default=None,
                    help=f"ema: decay d in [0, 1] (default {DEFAULT_EMA_DECAY}); the last model weighs 1 - d")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code the inputs' tokenizer directories ship (transformers' auto_map) to "
                         "load them; only for directories from a trusted source")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search = p.add_argument_group(
+        "choosing the merge by evaluation (--search)",
+        "the evaluation options are pipeline.evaluate's, with the same defaults")
+    search.add_argument("--search", metavar="RUN_DIR",
+                        help="a training run directory (or its export/ directory): score the candidates built from "
+                             "export/final and export/merge_step_<N> and write the best to --out")
+    search.add_argument("--metric", help="the score that picks the best: mrr@10, ndcg@10, recall@1, recall@10, "
+                                         "recall@100 (--data, --beir) or main_score (--mteb); default mrr@10 for "
+                                         "--data, ndcg@10 for --beir, main_score for --mteb")
+    search.add_argument("--ema-decays", type=float, nargs="+", metavar="D",
+                        help="ema candidates at these decays (default 0.5 0.7 0.9: the newest checkpoint weighs "
+                             "0.5 / 0.3 / 0.1, from recency-weighted to oldest-weighted)")
+    search.add_argument("--plot", dest="search_plot", metavar="PNG",
+                        help="where the score plot goes (default BEST.search.png next to --out)")
+    add_source_arguments(search, required=False)
     return p
 
 
+SEARCH_ONLY = ("metric", "ema_decays", "search_plot", "data", "beir", "mteb", "registry", "dataset",
+               "query_instruction", "prompt_name")
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """--search and a plain merge take different options: MergeError naming the first that does not apply."""
+    flag = {"ema_decays": "--ema-decays", "search_plot": "--plot", "query_instruction": "--query-instruction",
+            "prompt_name": "--prompt-name"}
+    if args.search is None:
+        for key in SEARCH_ONLY:
+            if getattr(args, key) is not None:
+                name = flag.get(key, f"--{key.replace('_', '-')}")
+                raise MergeError(f"{name}: only with --search RUN_DIR (it scores the merge candidates)")
+        return
+    if args.models:
+        raise MergeError(f"--search {args.search}: builds its candidates from the run's exports; give no MODEL_DIR "
+                         f"(got {args.models[0]})")
+    for key, name in (("method", "--method"), ("weights", "--weights"), ("ema_decay", "--ema-decay")):
+        if getattr(args, key) is not None:
+            raise MergeError(f"{name}: not used by --search (it tries mean, ema at --ema-decays and slerp itself)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.data.raw import RawDataError
+    from pipeline.data.registry import RegistryError
+    from pipeline.data.shard_format import ShardError
+    from pipeline.evaluation.retrieval import EvaluationError
+
     args = build_parser().parse_args(argv)
     try:
-        result = merge_models(args.models, args.out, method=args.method, weights=args.weights,
-                              ema_decay=args.ema_decay, overwrite=args.overwrite, progress=not args.no_progress,
-                              trust_remote_code=args.trust_remote_code)
-    except MergeError as exc:
+        _check_mode(args)
+        if args.search is not None:
+            from pipeline.merge_search import search
+
+            found = search(args)
+        else:
+            result = merge_models(args.models, args.out, method=args.method or "mean", weights=args.weights,
+                                  ema_decay=DEFAULT_EMA_DECAY if args.ema_decay is None else args.ema_decay,
+                                  overwrite=args.overwrite, progress=not args.no_progress,
+                                  trust_remote_code=args.trust_remote_code)
+    except (MergeError, EvaluationError, ShardError, RawDataError, RegistryError, ConfigError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. --max-len too small, a model directory that cannot be loaded
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if args.search is not None:
+        print(found.table)
+        best, metric = found.best, found.metric
+        gain = "" if found.final is None else (
+            f" ({best.scores.metrics[metric] - found.final.scores.metrics[metric]:+.4f} vs final)")
+        print(f"best: {best.candidate.name} ({best.candidate.describe()}), {metric} "
+              f"{best.scores.metrics[metric]:.4f}{gain}; written to {found.out} (recipe and every candidate's "
+              f"scores in {found.out / 'merge_search.json'})")
+        if found.plot is not None:
+            print(f"figure written to {found.plot}")
+        return 0
     if result.t is not None:
         how = (f"t = {result.t:g}; {result.linear_fallback} of {result.tensors} tensors nearly parallel "
                f"(|cos| > {SLERP_DOT_THRESHOLD}): interpolated linearly")
