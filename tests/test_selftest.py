@@ -53,21 +53,24 @@ def number(pattern: str, text: str) -> float:
 @pytest.fixture(scope="module")
 def failing_run(example_shards):
     """The whole self-test on tiny-cpu (compile resolves off on CPU) with the chunk_tokens check raising an
-    out-of-memory error: (exit code, lines)."""
+    out-of-memory error: (exit code, lines, the SIGINT/SIGTERM handlers before the run)."""
     import pipeline.selftest as selftest
+
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
 
     def out_of_memory(ctx):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(selftest, "check_chunk_tokens", out_of_memory)
-        return run_selftest(f"data.shards={example_shards}")
+        code, lines = run_selftest(f"data.shards={example_shards}")
+    return code, lines, handlers
 
 
 def test_tiny_cpu_lines_and_a_failing_check(failing_run):
     """Every check prints its line, also after another check raised; the verdict names the failed check and the
     setting to change (exit 1); nothing of the run is left in the process (process group, signal handlers)."""
-    code, lines = failing_run
+    code, lines, handlers_before = failing_run
     checks = parsed(lines)
     assert code == 1
     assert checks["kernels"]["status"] == "skipped"
@@ -94,7 +97,8 @@ def test_tiny_cpu_lines_and_a_failing_check(failing_run):
     assert lines[-1] == ("selftest: FAIL - chunk_tokens: OutOfMemoryError: CUDA out of memory. Tried to allocate "
                          "20.00 GiB; gradcache.chunk_tokens: 512 (or model.gradient_checkpointing: true)")
     assert not torch.distributed.is_initialized()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the handlers the process had before (a background shell starts it with SIGINT ignored: kept, not reset)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
 
 
 def test_chunk_tokens_line_and_safe_verdict(example_shards):
