@@ -8,6 +8,10 @@ single build does, copies each document's tokens at its first appearance and eac
 re-mapped. The result - tables, ids, counts, build key - is that of a single build of the same input with the same
 ``--max-file-gb`` (the files are byte-identical); only ``created_unix`` differs.
 
+Decontamination (``build --decontaminate``) ran over the whole input in every part, so each part holds the same
+per-dataset report (``decontamination.jsonl``, checked equal by checksum): the merge keeps it, with the dataset's
+``decontamination`` entry, and joins the datasets' reports into ``OUT/decontamination.jsonl`` as a single build does.
+
 Refused with one line: parts of another tokenizer, max_len, input or build options; a missing, repeated or
 foreign part; rows not covered exactly once. Memory: the row index of all parts (16 bytes per row) besides the
 build's bounded buffers.
@@ -34,6 +38,7 @@ from pipeline.data.shard_format import (
 )
 from pipeline.data.shards import ShardDataset, ShardReader, read_manifest
 from preprocess.build import GIB, PART_DOC_KEYS, PART_ROWS, BuildError, DatasetResult
+from preprocess.decontaminate import REPORT_FILE, concat_reports
 from preprocess.dedup import ExternalDedup
 from preprocess.shard_writer import TableWriter
 
@@ -169,6 +174,8 @@ class PartMerger:
                 bar.update(stop - start)
         names = corpus.close() + queries.close()
         shutil.rmtree(tmp / "dedup")
+        if "decontamination" in meta0:
+            names.append(self._decontamination_report(name, metas, tmp))
         counts0 = meta0["counts"]
         meta = {
             **{k: meta0[k] for k in ("name", "type", "instruction", "source")},
@@ -189,6 +196,7 @@ class PartMerger:
             "tokenizer": self.parts[0][1]["tokenizer"],
             "max_len": max_len,
             "build_key": _unparted_key(meta0["build_key"]),
+            **({"decontamination": meta0["decontamination"]} if "decontamination" in meta0 else {}),
         }
         write_json_atomic(tmp / DATASET_META, meta)
         final = self.out / name
@@ -196,6 +204,17 @@ class PartMerger:
             shutil.rmtree(final)
         tmp.rename(final)
         return DatasetResult(name, meta, time.perf_counter() - started, False)
+
+    def _decontamination_report(self, name: str, metas: list[dict[str, Any]], tmp: Path) -> str:
+        """Copy the parts' (identical) decontamination report of dataset `name` into `tmp`; its file name."""
+        first_path = self.parts[0][0]
+        for (path, _), meta in zip(self.parts[1:], metas[1:]):
+            if (meta.get("decontamination") != metas[0]["decontamination"]
+                    or meta["files"].get(REPORT_FILE) != metas[0]["files"].get(REPORT_FILE)):
+                raise BuildError(f"{first_path / name / REPORT_FILE}, {path / name / REPORT_FILE}: the parts' "
+                                 "decontamination reports differ (parts built against different evaluation sets?)")
+        shutil.copyfile(first_path / name / REPORT_FILE, tmp / REPORT_FILE)
+        return REPORT_FILE
 
     def run(self) -> list[DatasetResult]:
         if self.out.exists() and any(self.out.iterdir()):
@@ -205,6 +224,9 @@ class PartMerger:
         self.out.mkdir(parents=True, exist_ok=True)
         first = self.parts[0][1]
         results = [self._dataset(name) for name in first["datasets"]]
+        if any("decontamination" in r.meta for r in results):
+            concat_reports([self.out / r.name / REPORT_FILE for r in results if "decontamination" in r.meta],
+                           self.out / REPORT_FILE)
         manifest = {k: v for k, v in first.items() if k not in ("part", "datasets")}
         manifest["created_unix"] = int(time.time())
         manifest["datasets"] = {

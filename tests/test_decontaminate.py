@@ -222,6 +222,32 @@ def test_build_drops_counts_and_matches_cli(world, tmp_path, capsys):
                        "contaminated_query_exact": 1}  # row 12's positive now counts: its query is clean
 
 
+def test_parts_merge_to_the_single_build_with_its_report(world, tmp_path):
+    """Two parts built with --decontaminate, merged: the manifest's datasets (counts, files, decontamination entry)
+    and OUT/decontamination.jsonl equal a single build's; parts against other evaluation sets are refused."""
+    from preprocess.build import BuildError
+    from preprocess.merge import MergeOptions, PartMerger
+
+    common = dict(raw=str(world["raw"]), tokenizer=minilm_dir(), default_type="retrieval", max_len=64,
+                  decontaminate=world["evals"])
+    ShardBuilder(BuildOptions(out=str(tmp_path / "single"), **common)).run()
+    parts = [str(tmp_path / f"part{i}") for i in range(2)]
+    for i, part in enumerate(parts):
+        ShardBuilder(BuildOptions(out=part, num_parts=2, part=i, **common)).run()
+    PartMerger(MergeOptions(parts=parts, out=str(tmp_path / "merged"))).run()
+    single = json.loads((tmp_path / "single" / MANIFEST).read_text())
+    merged = json.loads((tmp_path / "merged" / MANIFEST).read_text())
+    assert merged["datasets"] == single["datasets"]
+    assert merged["datasets"]["web"]["decontamination"]["dropped"] == 6
+    report = (tmp_path / "merged" / "decontamination.jsonl").read_text()
+    assert report == (tmp_path / "single" / "decontamination.jsonl").read_text() and len(report.splitlines()) == 8
+    validate_shards(tmp_path / "merged")
+    other = str(tmp_path / "other1")
+    ShardBuilder(BuildOptions(out=other, num_parts=2, part=1, **{**common, "decontaminate": world["evals"][:1]})).run()
+    with pytest.raises(BuildError, match="parts built from different input or options|decontamination reports differ"):
+        PartMerger(MergeOptions(parts=[parts[0], other], out=str(tmp_path / "bad"))).run()
+
+
 def test_mteb_export_and_offline_error(world, tmp_path, monkeypatch):
     """An MTEB task's loaded data (as mteb 2 holds it) exports to BEIR and is checked like one; an MTEB task whose
     data is not in the local cache is a one-line error (the child runs offline: nothing is downloaded)."""
