@@ -31,14 +31,24 @@ Options:
 Network knobs, exported to every rank (through a generated DeepSpeed env file, DS_ENV_FILE, merged with
 ~/.deepspeed_env and ./.deepspeed_env); set them in the environment to change the defaults:
   NCCL_SOCKET_IFNAME   default: lo when the master address is loopback, else ^lo,docker0 (any other interface)
-  GLOO_SOCKET_IFNAME   default: lo when the master address is loopback, else unset (gloo resolves the hostname);
-                       set it (e.g. eth0, ib0) when hostnames resolve to an unreachable address
+  GLOO_SOCKET_IFNAME   default: lo when the master address is loopback, else unset: each rank then uses its host's
+                       interface towards the master address (not the address its hostname resolves to, which may
+                       be loopback); set it (e.g. eth0, ib0) to choose
   NCCL_IB_DISABLE      default 0 (InfiniBand on when present); 1 forces TCP sockets
   NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET_GDR_LEVEL, NCCL_DEBUG (default WARN), NCCL_DEBUG_SUBSYS,
   OMP_NUM_THREADS, TORCH_NCCL_ASYNC_ERROR_HANDLING, HF_HOME, TRANSFORMERS_OFFLINE, HF_HUB_OFFLINE:
                        forwarded when set
 Other environment: PYTHON (default python3: runs preflight and the DeepSpeed launcher, so every rank uses this
-interpreter's path), PDSH_SSH_ARGS_APPEND (extra ssh options for pdsh; --ssh-config appends -F FILE).
+interpreter's path), PDSH_SSH_ARGS_APPEND (extra ssh options for pdsh; --ssh-config appends -F FILE),
+SSH_ALIVE_S (default: train.collective_timeout_s plus two heartbeat intervals, the longest the ranks take to name a
+silent host; 0 = off): pdsh's ssh session to a host that has sent nothing for about this long is dropped
+(ServerAliveInterval = SSH_ALIVE_S/5, ServerAliveCountMax = 4: five keepalives unanswered), so that a host whose
+network is gone cannot keep the launch waiting forever.
+
+Exit status: 0 when every rank exited 0; else the first status a host's ranks reported (the trainer's: 3 a rank
+died or stopped answering, 2 bad input, 1 training aborted), else 255 when ssh to a host failed or was lost, else
+the launcher's. The last line says how the run ended: "multinode.sh: finished ..." or "multinode.sh: failed (exit
+N): " with the first "error:" line of any rank and the hosts whose ssh session was lost.
 
 Example:
   MASTER_ADDR=10.0.0.1 NCCL_SOCKET_IFNAME=ens5 launch/multinode.sh --hostfile hosts --config configs/f2llm.yaml
@@ -56,6 +66,7 @@ MASTER_ADDR="${MASTER_ADDR:-}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 SSH_CONFIG="${SSH_CONFIG:-}"
 SSH_PORT="${SSH_PORT:-}"
+SSH_ALIVE_S="${SSH_ALIVE_S:-}"
 SKIP_PREFLIGHT="${SKIP_PREFLIGHT:-0}"
 CHECK=0
 DRY_RUN="${DRY_RUN:-0}"
@@ -102,6 +113,7 @@ case "$CONFIG" in /*) CONFIG_ABS="$CONFIG" ;; *) CONFIG_ABS="$PWD/$CONFIG" ;; es
 [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
   || die "--master-port must be a port number 1-65535, got '$MASTER_PORT'"
 [ -z "$SSH_PORT" ] || [[ "$SSH_PORT" =~ ^[0-9]+$ ]] || die "--ssh-port must be a number, got '$SSH_PORT'"
+[ -z "$SSH_ALIVE_S" ] || [[ "$SSH_ALIVE_S" =~ ^[0-9]+$ ]] || die "SSH_ALIVE_S must be whole seconds, got '$SSH_ALIVE_S'"
 if [ -n "$SSH_CONFIG" ]; then
   [ -f "$SSH_CONFIG" ] || die "ssh config not found: $SSH_CONFIG"
   SSH_CONFIG="$(cd "$(dirname "$SSH_CONFIG")" && pwd)/$(basename "$SSH_CONFIG")"
@@ -159,7 +171,8 @@ FORWARD=(NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_DISABLE NCCL_IB_HCA NCCL_
 # DeepSpeed exports only PYTHON*/NCCL*-like variables plus the lines of its env file (DS_ENV_FILE, default
 # .deepspeed_env in ~ and in .). Build one file: the user's env files first, then the knobs above.
 ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/multinode_env.XXXXXX")"
-cleanup() { rm -f "$ENV_FILE"; }
+OUTCOME="$(mktemp "${TMPDIR:-/tmp}/multinode_outcome.XXXXXX")"
+cleanup() { rm -f "$ENV_FILE" "$OUTCOME"; }
 trap cleanup EXIT
 ds_env_name="${DS_ENV_FILE:-.deepspeed_env}"
 case "$ds_env_name" in
@@ -178,6 +191,24 @@ done
 export DS_ENV_FILE="$ENV_FILE"
 if [ -n "$SSH_CONFIG" ]; then
   export PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -F $SSH_CONFIG"
+fi
+# ssh keepalives on pdsh's sessions. Without them, a host whose link is cut keeps pdsh - and this script - waiting
+# forever: its ranks' exit never arrives, and no TCP reset either. With them the session is dropped after about
+# SSH_ALIVE_S, by default the longest the surviving ranks take to name a silent host and exit
+# (train.collective_timeout_s + two heartbeat intervals): a network outage the ranks ride out does not end the launch.
+if [ -z "$SSH_ALIVE_S" ]; then
+  SSH_ALIVE_S="$(cd "$REPO_DIR" && "$PYTHON" -c 'import sys
+from pipeline.config import ConfigError, load_config
+from pipeline.resilience import silence_limit_s
+try:
+    print(int(-(-silence_limit_s(load_config(sys.argv[1], sys.argv[2:]).train.collective_timeout_s) // 1)))
+except ConfigError as exc:
+    sys.exit(f"multinode.sh: error: {exc}")' "$CONFIG_ABS" "${PREFLIGHT_OVERRIDES[@]+"${PREFLIGHT_OVERRIDES[@]}"}")" \
+    || exit 2
+fi
+if [ "$SSH_ALIVE_S" -gt 0 ]; then
+  PDSH_SSH_ARGS_APPEND="${PDSH_SSH_ARGS_APPEND:-} -o ServerAliveInterval=$(( (SSH_ALIVE_S + 4) / 5 ))"
+  export PDSH_SSH_ARGS_APPEND="$PDSH_SSH_ARGS_APPEND -o ServerAliveCountMax=4"
 fi
 
 # ---- preflight, then launch ----------------------------------------------------------------------------------
@@ -209,5 +240,45 @@ fi
 if [ "$SKIP_PREFLIGHT" != 1 ]; then
   "${PREFLIGHT[@]}" || { rc=$?; echo "multinode.sh: preflight failed (exit $rc); not launching" >&2; exit "$rc"; }
 fi
-echo "multinode.sh: launching on $(grep -cE '^[[:space:]]*[^#[:space:]]' "$HOSTFILE") host(s), master $MASTER_ADDR:$MASTER_PORT" >&2
-"${LAUNCH[@]}"
+NHOSTS="$(grep -cE '^[[:space:]]*[^#[:space:]]' "$HOSTFILE")"
+echo "multinode.sh: launching on $NHOSTS host(s), master $MASTER_ADDR:$MASTER_PORT" >&2
+
+# The launcher's stderr (the ranks' stderr through pdsh, and pdsh's own) passes through awk unchanged; awk keeps the
+# lines that say how the run ended: the ranks' "error: ..." lines and pdsh's "HOST: ssh exited with exit code N".
+# awk ignores SIGINT/SIGTERM, so that what the ranks print while they stop still gets through.
+exec 3>&1
+set +e
+"${LAUNCH[@]}" 2>&1 1>&3 3>&- | (trap '' INT TERM; exec awk -v keep="$OUTCOME" '
+  { print; fflush() }
+  /^([^ ]+: )?error: / || /: ssh exited with exit code [0-9]+$/ { print >> keep; fflush(keep) }' 1>&2 3>&-)
+rc=${PIPESTATUS[0]}
+set -e
+exec 3>&-
+
+# Per host, in the order pdsh reported them: the first status a host's ranks gave is the run's. 255 is ssh's own
+# (connection refused or lost): it says nothing of the ranks, and a lost host's session may end before the
+# survivors have named it.
+first_rc=""
+lost=()
+while IFS= read -r line; do
+  case "$line" in
+    *": ssh exited with exit code "*)
+      code="${line##* }"; host="${line%: ssh exited with exit code *}"; host="${host##* }"
+      if [ "$code" = 255 ]; then lost+=("$host"); elif [ -z "$first_rc" ]; then first_rc="$code"; fi ;;
+  esac
+done <"$OUTCOME"
+if [ "$rc" = 0 ]; then
+  echo "multinode.sh: finished: every rank on $NHOSTS host(s) exited 0" >&2
+  exit 0
+fi
+status="${first_rc:-$rc}"
+[ -n "$first_rc" ] || [ "${#lost[@]}" = 0 ] || status=255
+what="$(grep -m1 -E '^([^ ]+: )?error: ' "$OUTCOME" | sed -E 's/^([^ ]+: )?error: //')" || true
+msg="multinode.sh: failed (exit $status)"
+[ -z "$what" ] || msg+=": $what"
+[ "${#lost[@]}" = 0 ] || msg+="; ssh to ${lost[*]} failed or was lost (exit 255: host down or unreachable)"
+if [ "$status" = 3 ] || [ "${#lost[@]}" -gt 0 ]; then
+  msg+="; continue from the last complete checkpoint with -- --resume auto (leave out or fix the failed host)"
+fi
+echo "$msg" >&2
+exit "$status"

@@ -247,6 +247,32 @@ def ssh_command(host: str, remote_cmd: str, *, ssh: str = "ssh", ssh_config: str
     return cmd + [host, remote_cmd]
 
 
+# ssh's error (last stderr line) -> what to do about it; {host} is the hostfile's name.
+SSH_FIXES = (
+    ("Connection refused", "nothing answers on {host}'s ssh port: start sshd there (or fix the port: --ssh-port, "
+                           "Port in the ssh config)"),
+    ("No route to host", "{host} is unreachable: check that it is up and its network link, or leave it out of the "
+                         "hostfile"),
+    ("Network is unreachable", "no route to {host} from this machine: check this machine's network and the "
+                               "address {host} resolves to, or leave it out of the hostfile"),
+    ("Connection timed out", "{host} does not answer: check that it is up and reachable (firewall, link), or leave "
+                             "it out of the hostfile"),
+    ("Could not resolve hostname", "the name {host} does not resolve: fix it in DNS or /etc/hosts, or give its "
+                                   "address as HostName in the ssh config"),
+    ("Permission denied", "{host} refuses the key: set up passwordless ssh to it (ssh-copy-id {host})"),
+    ("Host key verification failed", "{host}'s host key is unknown or changed: check it, then accept it once with "
+                                     "ssh {host}"),
+)
+
+
+def ssh_fix(host: str, error: str) -> str | None:
+    """What to do about ssh's `error` reaching `host`, or None for an error not known here."""
+    for needle, fix in SSH_FIXES:
+        if needle.lower() in error.lower():
+            return fix.format(host=host)
+    return None
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -274,12 +300,14 @@ def check_host(host: str, snippet: str, ref: dict[str, Any], *, workdir: str, py
     try:
         proc = subprocess.run(cmd, input=snippet, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return HostResult(host, False, [f"no answer within {timeout:g}s (ssh {host} hung)"])
+        return HostResult(host, False, [f"no answer within {timeout:g}s (ssh {host} hung): check that {host} is up "
+                                        "and not overloaded, or leave it out of the hostfile"])
     except OSError as exc:
         return HostResult(host, False, [f"cannot run ssh: {exc.strerror or exc}"])
     err = _last_line(proc.stderr)
     if proc.returncode == 255:
-        return HostResult(host, False, [f"ssh failed: {err or 'exit 255'}"])
+        fix = ssh_fix(host, err)
+        return HostResult(host, False, [f"ssh failed: {err or 'exit 255'}" + (f"; {fix}" if fix else "")])
     if proc.returncode == 3:
         return HostResult(host, False, [f"workdir {workdir} does not exist on {host}"])
     if proc.returncode == 127:

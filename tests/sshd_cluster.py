@@ -72,6 +72,62 @@ def require_tools(*names: str) -> dict[str, str]:
     return found
 
 
+def make_keys(ssh_keygen: str, d: Path) -> None:
+    """In `d`: a host key (host_key), a user key (id_ed25519) and authorized_keys holding the user key."""
+    for name in ("host_key", "id_ed25519"):
+        subprocess.run([ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C", "sshd_cluster", "-f", str(d / name)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
+    (d / "authorized_keys").chmod(0o600)
+    if os.geteuid() == 0:
+        # sshd started as root insists on its privilege-separation dir (the distro unit creates it at boot).
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+
+
+def sshd_config_text(d: Path, name: str, *, port: int, listen: str, accept_env: str = "") -> str:
+    """A private sshd's config: keys from `d` (see make_keys), public key only, no PAM, pid file d/sshd.NAME.pid."""
+    lines = [
+        f"Port {port}",
+        f"ListenAddress {listen}",
+        f"HostKey {d / 'host_key'}",
+        f"PidFile {d / f'sshd.{name}.pid'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "UsePAM no",
+        "StrictModes no",  # the temp dir lies under world-writable /tmp
+        *([f"AcceptEnv {accept_env}"] if accept_env else []),
+        "PrintMotd no",
+        "PrintLastLog no",
+        "X11Forwarding no",
+        "AllowTcpForwarding no",
+        "MaxStartups 50:30:100",
+        "MaxSessions 50",
+        "LogLevel ERROR",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def client_defaults(d: Path, user: str, known_hosts: Path) -> list[str]:
+    """The ``Host *`` block of a client config for a private sshd: its user key, pinned host keys, batch mode."""
+    return [
+        "Host *",
+        f"  User {user}",
+        f"  IdentityFile {d / 'id_ed25519'}",
+        "  IdentitiesOnly yes",
+        f"  UserKnownHostsFile {known_hosts}",
+        "  GlobalKnownHostsFile /dev/null",
+        "  StrictHostKeyChecking yes",
+        "  BatchMode yes",
+        "  ConnectTimeout 5",
+        "  LogLevel ERROR",
+        "",
+    ]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +147,7 @@ def _wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"sshd did not listen on 127.0.0.1:{port} within {timeout:.0f}s: {log.read_text()}")
 
 
-def _descendants(pid: int) -> list:
+def descendants(pid: int) -> list:
     try:
         import psutil
     except ImportError:  # psutil is a test extra; without it only the process group is killed
@@ -102,7 +158,7 @@ def _descendants(pid: int) -> list:
         return []
 
 
-def _terminate(procs: list, grace: float = 3.0) -> None:
+def terminate(procs: list, grace: float = 3.0) -> None:
     """SIGTERM the given psutil processes, wait up to `grace` s, SIGKILL the survivors (the list is fixed up front)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
@@ -111,20 +167,20 @@ def _terminate(procs: list, grace: float = 3.0) -> None:
             except Exception:  # already gone
                 pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        while time.monotonic() < deadline and any(alive(p) for p in procs):
             time.sleep(0.05)
-        procs = [p for p in procs if _alive(p)]
+        procs = [p for p in procs if alive(p)]
         if not procs:
             return
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     """Stop an sshd started with start_new_session=True: every descendant, and its process group.
 
     sshd puts each connection (and so each remote command) in a new session, out of the listener's process group,
     so the descendants are collected first (psutil) and killed by pid, before the group.
     """
-    _terminate(_descendants(proc.pid))
+    terminate(descendants(proc.pid))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -143,7 +199,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def _alive(p) -> bool:
+def alive(p) -> bool:
     try:
         import psutil
 
@@ -174,22 +230,10 @@ class SshdCluster:
             raise
 
     # ---------------------------------------------------------------------------------------------------------
-    def _keygen(self, path: Path) -> None:
-        subprocess.run(
-            [self.tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "", "-C", "sshd_cluster", "-f", str(path)],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-
     def _setup(self) -> None:
         d = self.dir
         d.chmod(0o700)
-        self._keygen(d / "host_key")
-        self._keygen(d / "id_ed25519")
-        shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
-        (d / "authorized_keys").chmod(0o600)
-        if os.geteuid() == 0:
-            # sshd started as root insists on its privilege-separation dir (the distro unit creates it at boot).
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        make_keys(self.tools["ssh-keygen"], d)
         self.port = self._start_sshd("main")
         self.ports[DEAD_ALIAS] = free_port()  # nothing listens there
         self._write_client_config()
@@ -200,32 +244,8 @@ class SshdCluster:
         self.ds_env_file.write_text("OMP_NUM_THREADS=1\n")
 
     def _sshd_config(self, name: str, port: int) -> Path:
-        d = self.dir
-        cfg = d / f"sshd_config.{name}"
-        cfg.write_text(
-            "\n".join([
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {d / 'host_key'}",
-                f"PidFile {d / f'sshd.{name}.pid'}",
-                f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "UsePAM no",
-                "StrictModes no",  # the temp dir lies under world-writable /tmp
-                "AcceptEnv NODE_ALIAS",
-                "PrintMotd no",
-                "PrintLastLog no",
-                "X11Forwarding no",
-                "AllowTcpForwarding no",
-                "MaxStartups 50:30:100",
-                "MaxSessions 50",
-                "LogLevel ERROR",
-                "",
-            ])
-        )
+        cfg = self.dir / f"sshd_config.{name}"
+        cfg.write_text(sshd_config_text(self.dir, name, port=port, listen="127.0.0.1", accept_env="NODE_ALIAS"))
         return cfg
 
     def _start_sshd(self, name: str, wrap=None) -> int:
@@ -248,7 +268,7 @@ class SshdCluster:
                 return port
             except RuntimeError as exc:
                 last = exc
-                _kill_group(proc)
+                kill_group(proc)
                 if "Address already in use" not in log.read_text(errors="replace"):
                     break
         raise RuntimeError(f"cannot start sshd ({name}): {last}")
@@ -266,19 +286,7 @@ class SshdCluster:
                 f"  Port {port}",
                 f"  SetEnv NODE_ALIAS={alias}",
             ]
-        lines += [
-            "Host *",
-            f"  User {self.user}",
-            f"  IdentityFile {d / 'id_ed25519'}",
-            "  IdentitiesOnly yes",
-            f"  UserKnownHostsFile {self.known_hosts}",
-            "  GlobalKnownHostsFile /dev/null",
-            "  StrictHostKeyChecking yes",
-            "  BatchMode yes",
-            "  ConnectTimeout 5",
-            "  LogLevel ERROR",
-            "",
-        ]
+        lines += client_defaults(d, self.user, self.known_hosts)
         self.ssh_config.write_text("\n".join(lines))
         # Pin the host key for every port in use: strict checking stays on.
         ports = sorted({p for a, p in self.ports.items() if a != DEAD_ALIAS})
@@ -345,7 +353,7 @@ class SshdCluster:
 
     def sessions(self) -> list:
         """Live processes started through the sshds (ssh sessions and what they run); needs psutil."""
-        return [c for proc in self.procs for c in _descendants(proc.pid) if _alive(c)]
+        return [c for proc in self.procs for c in descendants(proc.pid) if alive(c)]
 
     def kill_sessions(self) -> None:
         """Kill every process started through the sshds (e.g. ranks left by a timed-out launch); sshds keep running.
@@ -357,11 +365,11 @@ class SshdCluster:
             live = self.sessions()
             if not live:
                 return
-            _terminate(live)
+            terminate(live)
 
     def close(self) -> None:
         for proc in self.procs:
-            _kill_group(proc)
+            kill_group(proc)
         self.procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -52,6 +52,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from pipeline.logs import log
+from pipeline.resilience import heartbeat_interval
 
 EXIT_CODE = 3  # a rank died or hung (documented in README "Fault tolerance")
 _PREFIX = "rank_health"
@@ -171,10 +172,6 @@ class Peer:
     seq: int = -1
     step: int | None = None
     changed_at: float = 0.0  # this rank's monotonic clock when `seq` last changed (or when watching began)
-
-
-def heartbeat_interval(timeout_s: float) -> float:
-    return min(10.0, max(0.5, timeout_s / 5))
 
 
 class RankHealth:

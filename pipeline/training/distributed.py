@@ -50,17 +50,63 @@ def launched_distributed() -> bool:
 DEFAULT_TIMEOUT_S = 300.0  # train.collective_timeout_s's default; torch's own is 10 min (NCCL) / 30 min (gloo)
 
 
+def interface_towards(address: str) -> str | None:
+    """The network interface this host sends from to reach `address` (an IP or a host name): the one holding the
+    source address the kernel picks for it (the address's own interface when it is local). None when `address`
+    does not resolve, has no route, or is reached over loopback."""
+    import socket
+
+    try:
+        import psutil  # a DeepSpeed dependency (its launcher uses it)
+    except ImportError:
+        return None
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)  # UDP: nothing is sent; the kernel picks the route and the source address
+            source = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == source for a in addrs if a.family == family):
+            return None if name == "lo" or source.startswith("127.") or source == "::1" else name
+    return None
+
+
+def choose_gloo_interface() -> str | None:
+    """Set GLOO_SOCKET_IFNAME, when unset and MASTER_ADDR is not loopback, to the interface towards MASTER_ADDR.
+
+    Unset, gloo binds the address this host's name resolves to, and falls back to loopback when the name resolves
+    to none of its addresses (or resolves to 127.0.1.1, as Debian's /etc/hosts does): every rank then advertises a
+    loopback address to the others and a multi-node rendezvous fails ("Gloo connectFullMesh failed ... Connection
+    refused" after minutes). The route to the master address is what every host has. Returns the interface set.
+    """
+    master = os.environ.get("MASTER_ADDR", "")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or not master or master == "localhost" or master.startswith("127."):
+        return None
+    iface = interface_towards(master)
+    if iface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = iface
+    return iface
+
+
 def init_distributed(*, use_deepspeed: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Initialise the default process group when launched with WORLD_SIZE > 1 (or always for DeepSpeed).
 
-    Backend: nccl on CUDA, gloo on CPU (DeepSpeed picks it by itself through its accelerator). `timeout_s` bounds
-    every collective of the group: gloo raises in the waiting rank ("Timed out waiting ..."); NCCL's watchdog aborts
-    the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set to 3 = abort without cleanup unless already set).
+    Backend: nccl on CUDA, gloo on CPU (DeepSpeed picks it by itself through its accelerator). Launched with several
+    processes and GLOO_SOCKET_IFNAME unset, gloo gets the interface towards MASTER_ADDR (:func:`choose_gloo_interface`).
+    `timeout_s` bounds every collective of the group: gloo raises in the waiting rank ("Timed out waiting ...");
+    NCCL's watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set to 3 = abort without cleanup unless
+    already set).
     """
     if timeout_s <= 0:
         raise ValueError(f"train.collective_timeout_s: must be > 0, got {timeout_s}")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if not is_distributed() and (launched_distributed() or use_deepspeed):
+        iface = choose_gloo_interface() if launched_distributed() else None
+        if iface is not None:
+            log(f"distributed: GLOO_SOCKET_IFNAME={iface} (this host's interface towards MASTER_ADDR "
+                f"{os.environ['MASTER_ADDR']}; set GLOO_SOCKET_IFNAME to choose another)")
         if use_deepspeed:
             import deepspeed
 
