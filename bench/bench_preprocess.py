@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -629,51 +629,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_read_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _read",
-                                     description="One reader run (fresh process); prints a JSON line.")
-    parser.add_argument("--fmt", choices=["ours", "seed"], required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batch-negatives", type=int, default=7)
-    parser.add_argument("--fetches", type=int, default=200_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--block-pandas", action="store_true",
-                        help="make `import pandas` fail in this process (ours only: simulates not importing it)")
-    return parser.parse_args(argv)
+# The internal child processes (a fresh process each, so that imports and peak RSS are its own): name -> (what
+# it runs, its description, its options as (flag, add_argument keywords)); each prints its result as a JSON line.
+CHILDREN: dict[str, tuple[Callable[[argparse.Namespace], dict[str, float]], str, list[tuple[str, dict[str, Any]]]]] = {
+    "_read": (read_child, "One reader run (fresh process); prints a JSON line.", [
+        ("--fmt", dict(choices=["ours", "seed"], required=True)), ("--data", dict(required=True)),
+        ("--batch", dict(type=int, default=16)), ("--batch-negatives", dict(type=int, default=7)),
+        ("--fetches", dict(type=int, default=200_000)), ("--seed", dict(type=int, default=0)),
+        ("--block-pandas", dict(action="store_true", help="make `import pandas` fail in this process (ours only: "
+                                                         "simulates not importing it)")),
+    ]),
+    "_tokenize": (tokenize_child, "The tokenizer alone on a build's texts; prints a JSON line.", [
+        ("--raw", dict(required=True)), ("--tokenizer", dict(required=True)), ("--workers", dict(type=int, default=2)),
+        ("--max-len", dict(type=int, default=BUILD_MAX_LEN)),
+    ]),
+    "_rss": (rss_child, "One build (fresh process) for --rss-rows; prints a JSON line.", [
+        ("--raw", dict(required=True)), ("--out", dict(required=True)), ("--tokenizer", dict(required=True)),
+        ("--workers", dict(type=int, default=1)),
+    ]),
+}
 
 
-def parse_tokenize_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _tokenize",
-                                     description="The tokenizer alone on a build's texts; prints a JSON line.")
-    parser.add_argument("--raw", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-len", type=int, default=BUILD_MAX_LEN)
-    return parser.parse_args(argv)
-
-
-def parse_rss_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/bench_preprocess.py _rss",
-                                     description="One build (fresh process) for --rss-rows; prints a JSON line.")
-    parser.add_argument("--raw", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--workers", type=int, default=1)
-    return parser.parse_args(argv)
+def run_child(name: str, argv: list[str]) -> int:
+    """Run the child process `name` (:data:`CHILDREN`) with its options `argv`; print its result as a JSON line."""
+    child, description, options = CHILDREN[name]
+    parser = argparse.ArgumentParser(prog=f"python bench/bench_preprocess.py {name}", description=description)
+    for flag, keywords in options:
+        parser.add_argument(flag, **keywords)
+    print(json.dumps(child(parser.parse_args(argv))))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_read":
-        print(json.dumps(read_child(parse_read_args(argv[1:]))))
-        return 0
-    if argv and argv[0] == "_rss":
-        print(json.dumps(rss_child(parse_rss_args(argv[1:]))))
-        return 0
-    if argv and argv[0] == "_tokenize":
-        print(json.dumps(tokenize_child(parse_tokenize_args(argv[1:]))))
-        return 0
+    if argv and argv[0] in CHILDREN:
+        return run_child(argv[0], argv[1:])
     args = parse_args(argv)
     from tqdm import tqdm
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluation.plots import dim_curves
+from pipeline.mapping_file import read_mapping
 
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 LABELS = {"mrr@10": "MRR@10", "ndcg@10": "nDCG@10", "recall@1": "R@1", "recall@10": "R@10", "recall@100": "R@100"}
@@ -33,13 +34,9 @@ class ReportError(ValueError):
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ReportError(f"{what} {path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{what} {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict) or not data["datasets"]:
+    """A ``pipeline.evaluate --out`` result given as option `what` (one-line errors naming the option and file)."""
+    data = read_mapping(path, "evaluation result", syntax="json", error=ReportError, name=f"{what} {path}")
+    if not isinstance(data.get("datasets"), dict) or not data["datasets"]:
         raise ReportError(f"{what} {path}: not a pipeline.evaluate result (no 'datasets')")
     for name, res in data["datasets"].items():
         missing = [m for m in METRICS if not isinstance(res.get(m), (int, float))]
@@ -235,10 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dims = curves if len(curves) == 2 else None
     timings = None
     if args.timings:
-        try:
-            timings = json.loads(Path(args.timings).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ReportError(f"--timings {args.timings}: unreadable ({exc})") from None
+        timings = read_mapping(args.timings, "timings", syntax="json", error=ReportError,
+                               name=f"--timings {args.timings}")
     out = Path(args.out)
     figure = out / "demo.png"
     plot(figure, train, validation, comparison, args.title, dims)

@@ -47,6 +47,7 @@ import torch
 
 from pipeline.data.shard_format import MANIFEST, ShardError
 from pipeline.evaluation.retrieval import DEFAULT_KS, EvaluationError, evaluate_retrieval
+from pipeline.mapping_file import read_mapping
 
 
 def results_table(results: dict[str, dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> str:
@@ -324,13 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _read_result(path: Path) -> dict[str, Any]:
     """An earlier ``--out`` result to compare with (one-line errors naming the file)."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise EvaluationError(f"--compare {path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"--compare {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+    data = read_mapping(path, "evaluation result", syntax="json", error=EvaluationError, name=f"--compare {path}")
+    if not isinstance(data.get("datasets"), dict):
         raise EvaluationError(f"--compare {path}: not a pipeline.evaluate result (no 'datasets')")
     return data
 

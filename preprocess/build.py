@@ -70,6 +70,7 @@ from pipeline.data.tokenization import MIN_MAX_LEN, encode_spec, load_tokenizer
 from preprocess.decontaminate import REPORT_FILE, DatasetContamination, Decontaminator, concat_reports
 from preprocess.dedup import ExternalDedup
 from preprocess.shard_writer import TableWriter
+from preprocess.streams import batched, progress
 from preprocess.tokenization import Tokenizer, write_backend
 
 PART_ROWS = "part-rows.i64"
@@ -144,31 +145,6 @@ def _subsample_keep(valid: int, limit: int | None, seed: int, name: str) -> np.n
         return None
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     return np.sort(rng.choice(valid, size=limit, replace=False))
-
-
-def _batches(rows: Iterator[tuple[int, RawRow]], size: int) -> Iterator[list[tuple[int, RawRow]]]:
-    batch: list[tuple[int, RawRow]] = []
-    for item in rows:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _progress(batches: Iterator[list[Any]], desc: str) -> Iterator[list[Any]]:
-    """`batches` with a rows bar, opened at the first batch (an unreadable file fails before any bar is drawn)."""
-    bar: tqdm | None = None
-    try:
-        for batch in batches:
-            if bar is None:
-                bar = tqdm(desc=desc, unit="row", dynamic_ncols=True)
-            yield batch
-            bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -302,8 +278,8 @@ class ShardBuilder:
         keep = None
         if self.opts.max_rows_per_dataset is not None:
             counted = RawStats()
-            for _ in _progress(_batches(enumerate(self._read(source, counted)), self.opts.batch_rows),
-                               f"{spec.name} (count)"):
+            for _ in progress(batched(enumerate(self._read(source, counted)), self.opts.batch_rows),
+                              f"{spec.name} (count)", "row", count=len):
                 pass
             keep = _subsample_keep(counted.rows, self.opts.max_rows_per_dataset, self.opts.seed, spec.name)
 
@@ -315,7 +291,8 @@ class ShardBuilder:
         stats = RawStats()
         width = 0
         n_rows = 0
-        for batch in _progress(_batches(self._rows(source, stats, keep), self.opts.batch_rows), f"{spec.name} (hash)"):
+        batches = batched(self._rows(source, stats, keep), self.opts.batch_rows)
+        for batch in progress(batches, f"{spec.name} (hash)", "row", count=len):
             texts = [t for _, row in batch for t in (row.positive, *row.negatives)]
             dedup.add(text_keys(texts))
             width = max(width, max(len(row.negatives) for _, row in batch))
@@ -339,7 +316,7 @@ class ShardBuilder:
         at_max = {"queries": 0, "docs": 0}
         started = time.perf_counter()
         with tqdm(total=n_rows + n_docs, unit="seq", desc=f"{spec.name}", dynamic_ncols=True) as bar:
-            for batch in _batches(self._rows(source, RawStats(), keep), self.opts.batch_rows):
+            for batch in batched(self._rows(source, RawStats(), keep), self.opts.batch_rows):
                 rows = [row for _, row in batch]
                 counts = np.fromiter((1 + len(r.negatives) for r in rows), dtype=np.int64, count=len(rows))
                 ids, new = dedup.take(int(counts.sum()))

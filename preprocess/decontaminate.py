@@ -89,7 +89,6 @@ this extrapolates to ~2.5 min indexing and ~12 min scanning per 10M rows, with ~
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -104,14 +103,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from pipeline.data.beir import (BEIR_CORPUS, BEIR_QRELS, BEIR_QUERIES, beir_document, corpus_documents, corpus_index,
+                                is_beir_dir, read_judged)
 from pipeline.data.raw import RAW_SUFFIXES, RawDataError, RawRow, RawStats, discover, read_rows
 from pipeline.logs import log
+from preprocess.spill import BucketSpill
+from preprocess.streams import batched, progress
 
-# the BEIR layout, as pipeline.evaluation.eval_sets names it (that module imports torch: 0.4 GB and seconds at start,
-# so BEIR directories are read here by :func:`read_beir`, which follows its load_beir and is tested against it)
-BEIR_CORPUS, BEIR_QUERIES, BEIR_QRELS = "corpus.jsonl", "queries.jsonl", "qrels"
 
 WINDOW = 13
 RULE = "nfkc-casefold-nopunct-ws/exact+13-word-window/v1"  # part of the build key: a change rebuilds
@@ -126,8 +125,6 @@ _M2 = _U64(0x94D049BB133111EB)
 _GOLD = _U64(0x9E3779B97F4A7C15)
 _BASE = 0x100000001B3  # odd: invertible mod 2^64
 _CHUNK_CHARS = 1 << 18  # texts hashed together (bounds the power tables: 16 bytes per byte of a chunk)
-_BUCKET_SHIFT = _U64(56)
-_BUCKETS = 256
 
 
 class DecontaminationError(ValueError):
@@ -359,7 +356,7 @@ class EvalSource:
         for qid, text in zip(query_ids, queries):
             yield EvalText(self.label, "query", qid, text)
         documents = 0
-        for _, doc in _beir_jsonl(self.path / BEIR_CORPUS, optional=("title",)):
+        for _, doc in corpus_documents(self.path, error=DecontaminationError):
             if doc["_id"] not in relevant:
                 continue
             documents += 1
@@ -370,97 +367,17 @@ class EvalSource:
         self.queries, self.documents = len(queries), documents
 
 
-def beir_document(title: str | None, text: str) -> str:
-    """A BEIR document as BEIR embeds it: ``(title + " " + text).strip()``, a missing title empty (the same as
-    :func:`pipeline.evaluation.eval_sets.beir_document`)."""
-    return f"{title or ''} {text}".strip()
-
-
-def _beir_jsonl(path: Path, optional: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of each non-blank line; a line that is not a JSON object with string ``_id`` and
-    ``text`` (string or null `optional` fields) is an error naming the file and line."""
-    if not path.is_file():
-        raise DecontaminationError(f"{path}: missing (a BEIR directory holds {BEIR_CORPUS}, {BEIR_QUERIES} and "
-                                   f"{BEIR_QRELS}/<split>.tsv)")
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DecontaminationError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DecontaminationError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("_id", "text"):
-                if not isinstance(obj.get(key), str):
-                    what = "missing" if key not in obj else f"not a string ({obj[key]!r:.40})"
-                    raise DecontaminationError(f"{path}:{n}: field {key!r} {what}")
-            for key in optional:
-                if obj.get(key) is not None and not isinstance(obj[key], str):
-                    raise DecontaminationError(f"{path}:{n}: field {key!r} not a string ({obj[key]!r:.40})")
-            yield n, obj
-
-
 def read_beir(root: Path, split: str) -> tuple[list[str], list[str], set[str]]:
-    """A BEIR directory's evaluation side for `split`, as :func:`pipeline.evaluation.eval_sets.load_beir` reads it:
-    the queries of ``qrels/<split>.tsv`` (ids and texts, in order of first appearance there) and the ids of the
-    documents judged > 0 (a repeated pair keeps its last grade). Checked as load_beir checks: a missing file, a bad
-    line, a qrels line without an integer grade, a judged query or document id that the queries or corpus lack are
-    one-line errors naming the file and line. Memory: the qrels and the judged queries' texts."""
+    """A BEIR directory's evaluation side for `split`, read and checked by :mod:`pipeline.data.beir` as
+    :func:`pipeline.evaluation.eval_sets.load_beir` reads it (without torch): the queries of ``qrels/<split>.tsv``
+    (ids and texts, in order of first appearance there) and the ids of the documents judged > 0 (a repeated pair
+    keeps its last grade). Memory: the qrels and the judged queries' texts."""
     root = Path(root)
-    path = root / BEIR_QRELS / f"{split}.tsv"
-    if not path.is_file():
-        have = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
-        raise DecontaminationError(f"{path}: missing (no qrels for split {split!r}; "
-                                   f"{'have: ' + ', '.join(have) if have else 'no qrels/*.tsv at all'})")
-    qrels: dict[str, dict[str, int]] = {}
-    lines: dict[str, int] = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        for n, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL), 1):
-            if n == 1 or not row or not "".join(row).strip():
-                continue  # the header (query-id, corpus-id, score), blank lines
-            if len(row) < 3:
-                raise DecontaminationError(f"{path}:{n}: expected query-id, corpus-id and score separated by tabs, "
-                                           f"got {row!r:.80}")
-            try:
-                grade = int(row[2].strip())
-            except ValueError:
-                raise DecontaminationError(f"{path}:{n}: score {row[2].strip()!r} is not an integer relevance "
-                                           "grade") from None
-            qrels.setdefault(row[0], {})[row[1]] = grade
-            lines.setdefault(row[0], n)
-            lines.setdefault(f"doc:{row[1]}", n)
-    if not qrels:
-        raise DecontaminationError(f"{path}: no judgements (expected a header line, then query-id, corpus-id, score)")
-    texts: dict[str, str] = {}
-    for _, q in _beir_jsonl(root / BEIR_QUERIES):
-        if q["_id"] in qrels:
-            texts[q["_id"]] = q["text"]
-    missing = [q for q in qrels if q not in texts]
-    if missing:
-        raise DecontaminationError(f"{path}:{lines[missing[0]]}: query id {missing[0]!r} is not in "
-                                   f"{root / BEIR_QUERIES} ({len(missing)} unknown query id(s))")
-    judged = {d for docs in qrels.values() for d in docs}
-    seen: set[str] = set()
-    corpus = root / BEIR_CORPUS
-    for n, doc in _beir_jsonl(corpus, optional=("title",)):
-        if doc["_id"] in judged:
-            if doc["_id"] in seen:
-                raise DecontaminationError(f"{corpus}:{n}: document id {doc['_id']!r} occurs twice (a judged id must "
-                                           "be unique)")
-            seen.add(doc["_id"])
-    unknown = sorted((lines[f"doc:{d}"], d) for d in judged - seen)
-    if unknown:
-        line, did = unknown[0]
-        raise DecontaminationError(f"{path}:{line}: document id {did!r} is not in {corpus} "
-                                   f"({len(unknown)} unknown document judgement(s))")
-    relevant = {d for docs in qrels.values() for d, g in docs.items() if g > 0}
-    return list(qrels), [texts[q] for q in qrels], relevant
-
-
-def _is_beir(path: Path) -> bool:
-    return (path / BEIR_QUERIES).is_file() or (path / BEIR_CORPUS).is_file() or (path / BEIR_QRELS).is_dir()
+    judged = read_judged(root, split, error=DecontaminationError)
+    index, _ = corpus_index(root, judged.documents(), error=DecontaminationError)
+    judged.check_documents(index, root / BEIR_CORPUS, error=DecontaminationError)
+    relevant = {d for docs in judged.grades.values() for d, g in docs.items() if g > 0}
+    return list(judged.grades), [judged.queries[q] for q in judged.grades], relevant
 
 
 def parse_eval_specs(specs: Sequence[str], split: str = "test", option: str = "--against") -> list[EvalSource]:
@@ -476,7 +393,7 @@ def parse_eval_specs(specs: Sequence[str], split: str = "test", option: str = "-
             out.append(EvalSource(spec, "mteb", None, split, task=task))
             continue
         path = Path(spec)
-        if path.is_dir() and _is_beir(path):
+        if path.is_dir() and is_beir_dir(path):
             out.append(EvalSource(spec, "beir", path, split))
         elif path.is_dir():
             try:
@@ -607,31 +524,6 @@ def export_mteb_task(source: EvalSource, workdir: Path) -> list[EvalSource]:
 # ----------------------------------------------------------------------------------------------------------------
 # pass 1: the evaluation index
 # ----------------------------------------------------------------------------------------------------------------
-def _progress(items: Iterable[Any], desc: str, unit: str, total: int | None = None) -> Iterator[Any]:
-    """`items` with a progress bar opened at the first item (a file that cannot be read fails before any bar)."""
-    bar: tqdm | None = None
-    try:
-        for item in items:
-            if bar is None:
-                bar = tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=0.5)
-            yield item
-            bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class EvalIndex:
     """Exact hashes (sorted, in memory) and window hashes (sorted file, memory-mapped, behind a bitmap filter)."""
 
@@ -663,54 +555,25 @@ class _IndexBuilder:
 
     def __init__(self, workdir: Path, flush_every: int = 1 << 22) -> None:
         self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.flush_every = flush_every
         self.exact: list[np.ndarray] = []
-        self.pending: list[np.ndarray] = []
-        self.pending_n = 0
-        self.total = 0
-
-    def _bucket(self, b: int) -> Path:
-        return self.dir / f"bucket-{b:03d}.u64"
+        self.windows = BucketSpill(workdir, width=1, flush_every=flush_every)
 
     def add(self, hashes: TextHashes) -> None:
         self.exact.append(hashes.exact[hashes.words > 0])
-        if len(hashes.windows):
-            self.pending.append(hashes.windows)
-            self.pending_n += len(hashes.windows)
-            if self.pending_n >= self.flush_every:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        values = np.concatenate(self.pending)
-        self.pending, self.pending_n = [], 0
-        values.sort()
-        self.total += len(values)
-        bounds = np.searchsorted(values, np.arange(_BUCKETS + 1, dtype=np.uint64) << _BUCKET_SHIFT)
-        bounds[-1] = len(values)
-        for b in range(_BUCKETS):
-            lo, hi = int(bounds[b]), int(bounds[b + 1])
-            if hi > lo:
-                with open(self._bucket(b), "ab") as handle:
-                    handle.write(values[lo:hi].tobytes())
+        self.windows.add(hashes.windows)
 
     def finish(self) -> EvalIndex:
-        self._flush()
+        self.windows.flush()
         exact = np.unique(np.concatenate(self.exact)) if self.exact else np.zeros(0, np.uint64)
-        bits = int(min(31, max(16, int(np.ceil(np.log2(max(self.total, 1) * 16))))))
+        bits = int(min(31, max(16, int(np.ceil(np.log2(max(self.windows.count, 1) * 16))))))
         bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
         shift = _U64(64 - bits)
         path = self.dir / "windows.u64"
         n = 0
         with open(path, "wb") as out:
-            for b in range(_BUCKETS):
-                bucket = self._bucket(b)
-                if not bucket.exists():
-                    continue
-                values = np.fromfile(bucket, dtype=np.uint64)
+            for bucket, values in self.windows.buckets():
                 bucket.unlink()
+                values = values.reshape(-1)
                 values.sort()
                 keep = np.ones(len(values), dtype=bool)
                 keep[1:] = values[1:] != values[:-1]
@@ -820,7 +683,7 @@ class Decontaminator:
         started = time.perf_counter()
         builder = _IndexBuilder(workdir)
         n = 0
-        for batch in _batched(_progress(self._eval_texts(), "eval index", "text"), self.batch_rows):
+        for batch in batched(progress(self._eval_texts(), "eval index", "text"), self.batch_rows):
             builder.add(hash_texts([t.text for t in batch]))
             n += len(batch)
         index = builder.finish()
@@ -834,7 +697,7 @@ class Decontaminator:
         candidates = _Candidates()
         stats = RawStats()
         row0 = 0
-        for batch in _batched(_progress(read_rows(path, stats), f"{name} (decontaminate)", "row"), self.batch_rows):
+        for batch in batched(progress(read_rows(path, stats), f"{name} (decontaminate)", "row"), self.batch_rows):
             ids = np.arange(row0, row0 + len(batch), dtype=np.int64)
             row0 += len(batch)
             for f, texts in enumerate(([r.query for r in batch], [r.positive for r in batch])):
@@ -857,7 +720,7 @@ class Decontaminator:
         windows: dict[int, int] = {}
         if not len(exact_hits) and not len(window_hits):
             return entries, exact, windows
-        for batch in _batched(_progress(self._eval_texts(), "eval (resolve matches)", "text"), self.batch_rows):
+        for batch in batched(progress(self._eval_texts(), "eval (resolve matches)", "text"), self.batch_rows):
             h = hash_texts([t.text for t in batch])
             taken: dict[int, int] = {}
 
@@ -921,7 +784,7 @@ class Decontaminator:
             heads = rows[bounds[:-1]].tolist()  # candidate rows, ascending; their candidates in priority order
             g = 0
             stats = RawStats()
-            for i, row in enumerate(_progress(read_rows(path, stats), f"{name} (verify)", "row", total=total)):
+            for i, row in enumerate(progress(read_rows(path, stats), f"{name} (verify)", "row", total=total)):
                 if g == len(heads):
                     break
                 if i != heads[g]:

@@ -5,8 +5,9 @@ The build numbers documents by first appearance: occurrence o (0, 1, 2, ... over
 ``o`` is *new* when ``f(o) == o``. Holding a dict of every key costs ~100 bytes per distinct document in Python;
 here the work is done on disk in three steps:
 
-1. :meth:`ExternalDedup.add`: every occurrence ``(hi, lo, o)`` (24 bytes) is appended to one of ``BUCKETS`` bucket
-   files chosen by the top bits of ``hi`` (keys are uniform hashes, so the buckets are even).
+1. :meth:`ExternalDedup.add`: every occurrence ``(hi, lo, o)`` (24 bytes) is appended to one of 256 bucket files
+   chosen by the top bits of ``hi`` (:class:`preprocess.spill.BucketSpill`; keys are uniform hashes, so the buckets
+   are even).
 2. :meth:`ExternalDedup.finish`: per bucket (all occurrences of a key land in one bucket), a lexsort by
    (key, o) gives every occurrence its ``f``; the new occurrences are set in a bitmap over the stream (1 bit per
    occurrence) whose per-word popcounts, prefix-summed (``rank[w]`` = set bits before word w), give
@@ -15,7 +16,7 @@ here the work is done on disk in three steps:
 3. :meth:`ExternalDedup.take` hands the ids back in stream order, one range file at a time.
 
 Memory: the bitmap and its ranks (2 bits per occurrence, i.e. 32 MiB per 10^8 occurrences), one bucket
-(24 bytes x occurrences / BUCKETS, sorted with ~3x that in temporaries), one range (16 bytes x range_size) and the
+(24 bytes x occurrences / 256, sorted with ~3x that in temporaries), one range (16 bytes x range_size) and the
 add buffer (24 bytes x ``flush_every``). Disk: 40 bytes per occurrence, removed with the work directory.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-BUCKETS = 256
-_BUCKET_SHIFT = np.uint64(64 - 8)  # top 8 bits of hi -> bucket (BUCKETS = 2^8)
+from preprocess.spill import BucketSpill
+
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -41,10 +42,8 @@ class ExternalDedup:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.range_size = range_size
-        self.flush_every = flush_every
         self.count = 0
-        self._pending: list[np.ndarray] = []
-        self._pending_n = 0
+        self._spill = BucketSpill(self.dir, width=3, flush_every=flush_every)
         self._finished = False
         self._bitmap = np.zeros(0, dtype=np.uint64)
         self._rank = np.zeros(0, dtype=np.int64)
@@ -52,9 +51,6 @@ class ExternalDedup:
         self._range_index = -1
         self._range_ids = np.zeros(0, dtype=np.int64)
         self.distinct = 0
-
-    def _bucket(self, b: int) -> Path:
-        return self.dir / f"bucket-{b:03d}.u64"
 
     def _range(self, r: int) -> Path:
         return self.dir / f"range-{r:06d}.i64"
@@ -71,39 +67,16 @@ class ExternalDedup:
         records[:, :2] = keys
         records[:, 2] = np.arange(self.count, self.count + n, dtype=np.uint64)
         self.count += n
-        self._pending.append(records)
-        self._pending_n += n
-        if self._pending_n >= self.flush_every:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        records = np.concatenate(self._pending)
-        self._pending, self._pending_n = [], 0
-        bucket = (records[:, 0] >> _BUCKET_SHIFT).astype(np.int64)
-        order = np.argsort(bucket, kind="stable")
-        records, bucket = records[order], bucket[order]
-        bounds = np.searchsorted(bucket, np.arange(BUCKETS + 1))
-        for b in range(BUCKETS):
-            lo, hi = int(bounds[b]), int(bounds[b + 1])
-            if hi > lo:
-                with open(self._bucket(b), "ab") as handle:
-                    handle.write(records[lo:hi].tobytes())
+        self._spill.add(records)
 
     # ------------------------------------------------------------------------------------------------ step 2
     def finish(self) -> int:
         """Resolve every occurrence's id; returns the number of distinct keys."""
-        self._flush()
         self._finished = True
         n = self.count
         self._bitmap = np.zeros((n + 63) // 64, dtype=np.uint64)
         firsts: list[tuple[Path, int]] = []
-        for b in range(BUCKETS):
-            path = self._bucket(b)
-            if not path.exists():
-                continue
-            records = np.fromfile(path, dtype=np.uint64).reshape(-1, 3)
+        for path, records in self._spill.buckets():
             order = np.lexsort((records[:, 2], records[:, 1], records[:, 0]))
             records = records[order]
             head = np.ones(len(records), dtype=bool)

@@ -134,16 +134,51 @@ def test_num_nodes_limits_the_hostfile(example_shards, tmp_path, capsys):
     assert re.search(r"world size\s+2\s", out) and "16 global" in out
 
 
-def _ds_file(tmp_path: Path, **changes) -> Path:
+def _ds_json(**changes) -> str:
+    """ds_configs/zero3.json with `changes` (``stage``: zero_optimization.stage; other keys at the top level)."""
     cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     for key, value in changes.items():
         if key == "stage":
             cfg["zero_optimization"]["stage"] = value
         else:
             cfg[key] = value
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return json.dumps(cfg)
+
+
+def invalid_case(case: str, shards: Path, tmp_path: Path, word_tokenizer: str) -> tuple[list[str], str]:
+    """The extra arguments of an invalid input `case` and the start of the one error line it must give; the file
+    the case names is written."""
+    ds, bad, hosts, nope = (tmp_path / name for name in ("ds.json", "bad.json", "hosts", "nope.json"))
+    files = {
+        "ds_invalid": (bad, '{"zero_optimization": {"stage": 3,}}'),
+        "ds_accumulation": (ds, _ds_json(gradient_accumulation_steps=4)),
+        "ds_stage": (ds, _ds_json(stage=7)),
+        "hostfile": (hosts, "node0 slots=2\nnode1 slots=two\n"),
+    }
+    if case in files:
+        files[case][0].write_text(files[case][1])
+    cases = {
+        "config_key": (["train.bogus=1"], f"error: {TINY}: train.bogus: unknown key"),
+        "config_value": (["train.per_device_batch_size=0"], "error: train.per_device_batch_size: must be >= 1, got 0"),
+        "timeout_value": (["train.collective_timeout_s=0"], "error: train.collective_timeout_s: must be > 0, got 0"),
+        "merge_value": (["train.merge_every=-1"], "error: train.merge_every: must be >= 0, got -1"),
+        "ds_missing": ([f"deepspeed={nope}"], f"error: {nope}: cannot read DeepSpeed config"),
+        "ds_invalid": ([f"deepspeed={bad}"], f"error: {bad}: invalid JSON"),
+        "ds_accumulation": ([f"deepspeed={ds}"],
+                            f"error: {ds}: gradient_accumulation_steps: is 4, expected \"auto\" or 1"),
+        "ds_stage": ([f"deepspeed={ds}"], f"error: {ds}: zero_optimization.stage:"),
+        "hostfile": (["--hostfile", str(hosts)], f"error: {hosts}:2: expected 'HOSTNAME slots=N'"),
+        "dataset": (["data.datasets=[web_search, nope]"], "error: data.datasets: nope not in the shards"),
+        "tokenizer": ([f"model.tokenizer={word_tokenizer}"],
+                      f"error: {shards / 'manifest.json'}: shards were tokenized with"),
+        "in_batch_type": (["loss.in_batch_types=[retrieval, qa]"],
+                          "error: loss.in_batch_types[1]: unknown dataset type 'qa' (expected one of retrieval, "),
+        "hard_negative_type": (["loss.hard_negatives={retreival: 7, classification: 1, clustering: 9}"],
+                               "error: loss.hard_negatives.retreival: unknown dataset type 'retreival'"),
+        "too_few_queries": (["data.drop_last=true", "--world-size", "64"],
+                            "error: data: no dataset has a full global batch of 512 (data.drop_last) training queries"),
+    }
+    return cases[case]
 
 
 @pytest.mark.parametrize("case", [
@@ -151,52 +186,8 @@ def _ds_file(tmp_path: Path, **changes) -> Path:
     "dataset", "tokenizer", "too_few_queries", "in_batch_type", "hard_negative_type",
 ])
 def test_invalid_input_is_named(case, example_shards, tmp_path, capsys, word_tokenizer):
-    args = [f"data.shards={example_shards}", f"train.output_dir={tmp_path / 'run'}"]
-    if case == "config_key":
-        args.append("train.bogus=1")
-        expected = f"error: {TINY}: train.bogus: unknown key"
-    elif case == "config_value":
-        args.append("train.per_device_batch_size=0")
-        expected = "error: train.per_device_batch_size: must be >= 1, got 0"
-    elif case == "timeout_value":
-        args.append("train.collective_timeout_s=0")
-        expected = "error: train.collective_timeout_s: must be > 0, got 0"
-    elif case == "merge_value":
-        args.append("train.merge_every=-1")
-        expected = "error: train.merge_every: must be >= 0, got -1"
-    elif case == "ds_missing":
-        args.append(f"deepspeed={tmp_path / 'nope.json'}")
-        expected = f"error: {tmp_path / 'nope.json'}: cannot read DeepSpeed config"
-    elif case == "ds_invalid":
-        (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3,}}')
-        args.append(f"deepspeed={tmp_path / 'bad.json'}")
-        expected = f"error: {tmp_path / 'bad.json'}: invalid JSON"
-    elif case == "ds_accumulation":
-        args.append(f"deepspeed={_ds_file(tmp_path, gradient_accumulation_steps=4)}")
-        expected = f"error: {tmp_path / 'ds.json'}: gradient_accumulation_steps: is 4, expected \"auto\" or 1"
-    elif case == "ds_stage":
-        args.append(f"deepspeed={_ds_file(tmp_path, stage=7)}")
-        expected = f"error: {tmp_path / 'ds.json'}: zero_optimization.stage:"
-    elif case == "hostfile":
-        hosts = tmp_path / "hosts"
-        hosts.write_text("node0 slots=2\nnode1 slots=two\n")
-        args += ["--hostfile", str(hosts)]
-        expected = f"error: {hosts}:2: expected 'HOSTNAME slots=N'"
-    elif case == "dataset":
-        args.append("data.datasets=[web_search, nope]")
-        expected = "error: data.datasets: nope not in the shards"
-    elif case == "tokenizer":
-        args.append(f"model.tokenizer={word_tokenizer}")
-        expected = f"error: {example_shards / 'manifest.json'}: shards were tokenized with"
-    elif case == "in_batch_type":
-        args.append("loss.in_batch_types=[retrieval, qa]")
-        expected = "error: loss.in_batch_types[1]: unknown dataset type 'qa' (expected one of retrieval, "
-    elif case == "hard_negative_type":
-        args.append("loss.hard_negatives={retreival: 7, classification: 1, clustering: 9}")
-        expected = "error: loss.hard_negatives.retreival: unknown dataset type 'retreival'"
-    else:
-        args += ["data.drop_last=true", "--world-size", "64"]
-        expected = "error: data: no dataset has a full global batch of 512 (data.drop_last) training queries"
+    extra, expected = invalid_case(case, example_shards, tmp_path, word_tokenizer)
+    args = [f"data.shards={example_shards}", f"train.output_dir={tmp_path / 'run'}", *extra]
     code, out, err = check_main(capsys, *args)
     assert code == 2, err
     assert len(errors(err)) == 1, err

@@ -44,15 +44,14 @@ def test_f2llm_dataset_registry():
 
 def test_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "c.yaml"
-    bad.write_text("train:\n  lrate: 1.0\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: train.lrate: unknown key"):
-        load_config(bad)
-    bad.write_text("train:\n  per_device_batch_size: sixteen\n")
-    with pytest.raises(ConfigError, match=r"train.per_device_batch_size: expected an integer"):
-        load_config(bad)
-    bad.write_text("model:\n  pooling: max\n")
-    with pytest.raises(ConfigError, match=r"model.pooling: expected one of"):
-        load_config(bad)
+    for text, message in (
+        ("train:\n  lrate: 1.0\n", r"c.yaml: train.lrate: unknown key"),
+        ("train:\n  per_device_batch_size: sixteen\n", r"train.per_device_batch_size: expected an integer"),
+        ("model:\n  pooling: max\n", r"model.pooling: expected one of"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad)
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["train.lr=1e-5", "data.datasets=[a, b]"])
     assert cfg.train.lr == 1e-5 and cfg.data.datasets == ["a", "b"]
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):

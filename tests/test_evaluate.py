@@ -81,10 +81,11 @@ def test_exact_topk_ranks_by_cosine_whatever_the_norms():
     _, idx_scaled = exact_topk(q * 1e3, unit_d, 10, progress=False)
     assert torch.equal(idx_scaled, idx)
     # at a Matryoshka dim: the first 8 coordinates, re-normalised
-    from pipeline.evaluation.retrieval import RunningTopK, _at_dim
+    from pipeline.evaluation.retrieval import RunningTopK
+    from pipeline.model.matryoshka import leading
 
-    top = RunningTopK(_at_dim(q, 8), 10)
-    top.add(_at_dim(d, 8))
+    top = RunningTopK(leading(q, 8), 10)
+    top.add(leading(d, 8))
     cos8 = torch.nn.functional.normalize(q[:, :8], dim=-1) @ torch.nn.functional.normalize(d[:, :8], dim=-1).T
     assert torch.equal(top.result()[1], torch.topk(cos8, 10, dim=1).indices)
 

@@ -21,6 +21,7 @@ from train_helpers import (
     run_training,
     start_training,
     train_losses,
+    transformers_embeddings,
     wait_for,
     web_search_overrides,
 )
@@ -99,7 +100,6 @@ def test_sigkill_and_resume_is_exact(reference_run, example_shards, tmp_path):
 def test_export_loads_in_transformers_and_sentence_transformers(reference_run, example_shards, example_raw):
     import pyarrow.parquet as pq
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoTokenizer
 
     from pipeline.config import ModelConfig
     from pipeline.model.embedding import EmbeddingModel, encode
@@ -119,14 +119,9 @@ def test_export_loads_in_transformers_and_sentence_transformers(reference_run, e
         ours_d, _ = encode(model, doc_tokens, chunk_size=1)
 
     # Plain transformers: last hidden state at the final (EOS) token, L2-normalised.
-    tok = AutoTokenizer.from_pretrained(str(export))
-    hf = AutoModel.from_pretrained(str(export)).eval()
-    with torch.no_grad():
-        for i, row in enumerate(rows[:3]):
-            ids = tok(row["passage"], truncation=True, max_length=64, return_tensors="pt")
-            assert ids["input_ids"][0].tolist() == doc_tokens[i].tolist()
-            h = hf(**ids).last_hidden_state[0, -1]
-            torch.testing.assert_close(torch.nn.functional.normalize(h, dim=-1), ours_d[i], atol=1e-5, rtol=1e-5)
+    for i, (ids, h) in enumerate(transformers_embeddings(export, [row["passage"] for row in rows[:3]])):
+        assert ids == doc_tokens[i].tolist()
+        torch.testing.assert_close(h, ours_d[i], atol=1e-5, rtol=1e-5)
 
     # sentence-transformers, with the dataset's instruction prompt for queries.
     st = SentenceTransformer(str(export), device="cpu")

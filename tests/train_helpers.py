@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
@@ -86,6 +87,26 @@ def export_weights(export_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(export_dir / "model.safetensors"))
+
+
+def transformers_embeddings(export_dir: Path, texts: list[str], *, mean: bool = False, max_length: int = 64
+                            ) -> list[tuple[list[int], Any]]:
+    """Each of `texts` embedded on its own by plain transformers from an exported model directory, as a user
+    without this library would: (its token ids, truncated to `max_length`; the L2-normalised last hidden state at
+    its final (EOS) token, or with `mean` the mean over its tokens)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(export_dir))
+    hf = AutoModel.from_pretrained(str(export_dir)).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")
+            h = hf(**ids).last_hidden_state[0]
+            out.append((ids["input_ids"][0].tolist(), torch.nn.functional.normalize(h.mean(0) if mean else h[-1],
+                                                                                    dim=-1)))
+    return out
 
 
 def resume_matches_reference(args: list[str], out: Path, reference_run: Path, *, resumed_from: int, steps: int,

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from pipeline.data.shard_format import DATASET_TYPES, DEFAULT_QUERY_TEMPLATE
+from pipeline.mapping_file import read_mapping
 
 
 class RegistryError(ValueError):
@@ -65,13 +64,8 @@ def load_registry(path: str | Path | None) -> Registry:
     if path is None:
         return Registry(datasets={})
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise RegistryError(f"{path}: cannot read registry ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise RegistryError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+    data = read_mapping(path, "registry", syntax="yaml", error=RegistryError)
+    if not isinstance(data.get("datasets"), dict):
         raise RegistryError(f"{path}: expected a mapping with a 'datasets' mapping at the top level")
     unknown = sorted(set(data) - {"datasets", "query_template"})
     if unknown:

@@ -1,7 +1,7 @@
 """Retrieval evaluation math: embed in bounded memory, exact top-k search, MRR@10 / nDCG@10 / Recall@k.
 
 Similarity: cosine, s(q, d) = <q, d> / (||q|| ||d||) (:func:`cosine_scores`), whatever the model's ``normalize``
-setting - the similarity training's contrastive losses use (:mod:`pipeline.training.losses`). Every ranking here
+setting - the similarity training's contrastive losses use. Every ranking here
 (:func:`evaluate_retrieval`, :func:`exact_topk`) scores through :meth:`RunningTopK.add`, which calls
 :func:`cosine_scores`, so ``python -m pipeline.evaluate`` and the training-time retrieval metrics
 (``train.retrieval_eval_every``, which ``train.keep_best`` follows) rank alike.
@@ -20,7 +20,8 @@ Metrics (the trec_eval definitions, which BEIR computes with pytrec_eval; severa
 * Recall@k = relevant documents in the top k / relevant documents of the query.
 
 A document is relevant when its grade is > 0. Matryoshka dims (Kusupati et al. 2022): the embeddings' first `dim`
-coordinates, compared by cosine (= re-normalised, as training computes its MRL losses).
+coordinates (:func:`pipeline.model.matryoshka.leading`), compared by cosine (= re-normalised, as training's
+MRL losses see them: :func:`pipeline.model.matryoshka.truncate`).
 
 Used by ``python -m pipeline.evaluate``, the training-time retrieval evaluation and ``preprocess mine-negatives``
 (embedding and search).
@@ -35,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.model.embedding import encode
+from pipeline.model.matryoshka import leading
 
 DEFAULT_KS = (1, 10, 100)
 CUTOFF = 10  # MRR@10, nDCG@10
@@ -317,12 +319,6 @@ def check_dims(dims: Sequence[int] | None, hidden: int) -> list[int]:
     return sorted(set(dims) | {hidden})
 
 
-def _at_dim(emb: torch.Tensor, dim: int) -> torch.Tensor:
-    """Embeddings at Matryoshka dim `dim`: their first `dim` coordinates (a view; the search compares by cosine,
-    so they count as re-normalised, as training's Matryoshka loss sees them)."""
-    return emb[..., :dim]
-
-
 def evaluate_retrieval(
     model: torch.nn.Module,
     queries_tokens: Sequence[np.ndarray],
@@ -368,7 +364,7 @@ def evaluate_retrieval(
     hidden = q_emb.shape[1]
     dims = check_dims(dims, hidden)
     k = max(max(ks), CUTOFF)
-    tops = {d: RunningTopK(_at_dim(q_emb, d), k, exclude=exclude) for d in dims}
+    tops = {d: RunningTopK(leading(q_emb, d), k, exclude=exclude) for d in dims}
     t_embed = t_search = 0.0
     with tqdm(total=n_docs, desc=f"{prefix}embed + search corpus", unit="doc", dynamic_ncols=True,
               disable=not progress) as bar:
@@ -377,7 +373,7 @@ def evaluate_retrieval(
             d_emb = embed(model, seqs, chunk_tokens=batch_tokens, lengths=lengths, bar=bar)
             t2 = time.perf_counter()
             for d, top in tops.items():
-                top.add(_at_dim(d_emb, d))
+                top.add(leading(d_emb, d))
             t_embed += t2 - t1
             t_search += time.perf_counter() - t2
     if tops[hidden].seen != n_docs:

@@ -277,6 +277,13 @@ def unprobed_chunk_tokens(work_tokens: int | None) -> int:
     return min(DEFAULT_CHUNK_TOKENS, auto_ceiling(work_tokens))
 
 
+def planned_chunk_tokens(work_tokens: int | None, device_type: str) -> int:
+    """``auto`` as ``--check`` plans with it, without probing: where :func:`resolve_chunk_tokens` probes (CUDA), the
+    largest candidate it starts from (:func:`auto_ceiling`; the probe picks it or less); elsewhere what it picks
+    (:func:`unprobed_chunk_tokens`)."""
+    return auto_ceiling(work_tokens) if device_type == "cuda" else unprobed_chunk_tokens(work_tokens)
+
+
 def describe_work(work_tokens: int | None) -> str:
     """The ceiling's reason, for the log and ``--check``."""
     if work_tokens is None:

@@ -11,16 +11,30 @@ the JSON is dropped (the trainer's own :mod:`pipeline.training.lr_schedule` matc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.mapping_file import read_mapping
 
 
 def deepspeed_bf16(model_dtype: str, device_type: str) -> bool:
     """Whether DeepSpeed runs in bf16: on CUDA, with ``model.dtype`` auto or bfloat16 (the one bf16 decision)."""
     return device_type == "cuda" and model_dtype in ("auto", "bfloat16")
+
+
+def deepspeed_fp16(ds: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed config `ds` (as :func:`load_ds_config` filled it) leaves fp16 on: its ``fp16`` section
+    enabled (true or "auto"). load_ds_config turns it off unless bf16 is on, so it is then on beside bf16, which
+    DeepSpeed refuses (``--check`` reports it)."""
+    section = ds.get("fp16")
+    return isinstance(section, dict) and section.get("enabled") in (True, "auto")
+
+
+def read_ds_json(path: str | Path, *, key: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON at `path` as written (a one-line ValueError naming the file, and the config `key` that
+    named it, when it cannot be read or is not a JSON object)."""
+    return read_mapping(path, "DeepSpeed config", syntax="json", key=key)
 
 
 def load_ds_config(
@@ -30,17 +44,11 @@ def load_ds_config(
     grad_accum: int = 1,
     world_size: int,
     use_bf16: bool,
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """Read `path` and return the dict to pass to ``deepspeed.initialize(config=...)``."""
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read DeepSpeed config ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+    """Read `path` (:func:`read_ds_json`; `key`: the config key naming it) and return the dict to pass to
+    ``deepspeed.initialize(config=...)``."""
+    cfg = read_ds_json(path, key=key)
     for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
         if value < 1:
             raise ValueError(f"load_ds_config: {name} must be >= 1, got {value}")
@@ -58,7 +66,7 @@ def training_ds_config(cfg: Config, *, world_size: int, device_type: str) -> dic
     """The DeepSpeed config of a training run of `cfg` on `world_size` ranks of `device_type`."""
     t = cfg.train
     ds = load_ds_config(cfg.deepspeed, micro_batch=t.per_device_batch_size, world_size=world_size,
-                        use_bf16=deepspeed_bf16(cfg.model.dtype, device_type))
+                        use_bf16=deepspeed_bf16(cfg.model.dtype, device_type), key="deepspeed")
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     ds["optimizer"].setdefault("params", {}).update({"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay})
     ds["gradient_clipping"] = t.grad_clip

@@ -208,16 +208,18 @@ def _teacher_states(teacher: nn.Module | None, plan: _Plan, batch: ContrastiveBa
     return _split(states, batch)
 
 
-def _teacher_scores(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
-    """The batch's teacher scores (``loss.score_distill``) as a constant tensor of the loss, or None."""
-    if batch.teacher_scores is None:
-        return None
-    return torch.as_tensor(batch.teacher_scores, dtype=torch.float32, device=device)
-
-
-def _positive_ids(batch: ContrastiveBatch, device: torch.device) -> torch.Tensor | None:
-    return None if batch.positive_ids is None else torch.as_tensor(batch.positive_ids, dtype=torch.int64,
-                                                                    device=device)
+def _loss_of(e: torch.Tensor, batch: ContrastiveBatch, loss_cfg: LossConfig,
+             teacher_states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, device: torch.device
+             ) -> LossOutput:
+    """The contrastive loss of the step's embeddings `e` [queries; positives; negatives] (:func:`_split`), with the
+    batch's positive corpus ids (same-document candidates masked) and teacher scores (``loss.score_distill``) as
+    constant tensors: the one loss call of validation, the cached step and the plain step."""
+    positive_ids = None if batch.positive_ids is None else torch.as_tensor(batch.positive_ids, dtype=torch.int64,
+                                                                           device=device)
+    scores = None if batch.teacher_scores is None else torch.as_tensor(batch.teacher_scores, dtype=torch.float32,
+                                                                       device=device)
+    return contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
+                            positive_ids, scores)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,10 +238,7 @@ def batch_loss(
     plan = _plan(base, batch, gc_cfg, device)
     embeddings = _embed_without_grad(model, plan, device, raw=loss_cfg.distill is not None)
     with torch.no_grad():
-        out = contrastive_loss(*_split(embeddings, batch), batch.n_neg, batch.dataset_type, loss_cfg,
-                               _teacher_states(teacher, plan, batch, device), _positive_ids(batch, device),
-                               _teacher_scores(batch, device))
-    return out
+        return _loss_of(embeddings, batch, loss_cfg, _teacher_states(teacher, plan, batch, device), device)
 
 
 def cached_step(
@@ -272,8 +271,7 @@ def cached_step(
 
     # 2. Loss on leaf embeddings (gathered across ranks inside), gradient w.r.t. them.
     cache.requires_grad_(True)
-    out = contrastive_loss(*_split(cache, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
-                           _positive_ids(batch, device), _teacher_scores(batch, device))
+    out = _loss_of(cache, batch, loss_cfg, teacher_states, device)
     total = out.total if loss_hook is None else loss_hook(out.total)
     total.backward()
     grad = cache.grad
@@ -337,8 +335,7 @@ def plain_step(
         e = e.index_copy(0, order, torch.cat([emb for _, emb in pieces]))
     else:  # no queries on this rank: the loss's gathers (and their backward) must still run
         e = empty
-    out = contrastive_loss(*_split(e, batch), batch.n_neg, batch.dataset_type, loss_cfg, teacher_states,
-                           _positive_ids(batch, device), _teacher_scores(batch, device))
+    out = _loss_of(e, batch, loss_cfg, teacher_states, device)
     loss = out.total if loss_hook is None else loss_hook(out.total)
     backward.backward(loss if dummy is None else loss + dummy, last=True)
     backward.finish()

@@ -18,8 +18,9 @@ differ between ranks, or be 0, in a dataset's last batch), G = sum of B_r over t
   s(q_i, c) > s(q_i, p_i) + margin is left out of the denominator (it is probably a positive). Applied to the
   in-batch candidates and to the hard negatives.
 - Matryoshka (MRL; Kusupati et al. 2022, "Matryoshka Representation Learning"; weights of F2LLM v2): both losses are
-  computed on the first `dim` coordinates (re-normalised) for dims D = {8, 16, 32, ... < d} U {d}, sorted in
-  descending order and numbered n = 1, 2, ... (n = 1 is the full d):
+  computed on the first `dim` coordinates, re-normalised (:func:`pipeline.model.matryoshka.truncate`, the truncation
+  retrieval evaluation reads too), for dims D = {8, 16, 32, ... < d} U {d}, sorted in descending order and
+  numbered n = 1, 2, ... (n = 1 is the full d):
       L = sum_{n, dim} L(dim) / (n * sqrt(d / dim))
   Off: only dim = d, weight 1.
 - Total: L = sum_dims w_dim * (in_batch_weight * L_ib * [type in in_batch_types] + hard_negative_weight * L_hn * [k > 0])
@@ -67,6 +68,7 @@ import torch.nn.functional as F
 
 from pipeline.config import LossConfig
 from pipeline.data.shard_format import DATASET_TYPES
+from pipeline.model.matryoshka import truncate
 from pipeline.training.distributed import all_gather_rows, all_gather_with_grad, gather_sizes, rank
 
 PARTS = ("total", "in_batch", "hard_negative", "distill", "score_distill")  # the possible keys of LossOutput.sums
@@ -101,11 +103,6 @@ def matryoshka_dims(hidden: int, dims: list[int] | None = None) -> list[int]:
 def matryoshka_weights(dims: list[int], hidden: int) -> list[float]:
     """Weight 1 / (n * sqrt(hidden / dim)) for the n-th dim (n from 1) of the descending `dims`."""
     return [1.0 / (n * math.sqrt(hidden / dim)) for n, dim in enumerate(dims, start=1)]
-
-
-def truncate(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """First `dim` coordinates, re-normalised to unit length (so dot products stay cosines)."""
-    return F.normalize(x[..., :dim], dim=-1)
 
 
 def _mask_false_negatives(
