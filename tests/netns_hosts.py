@@ -258,8 +258,31 @@ class NetnsHosts:
         """Cut `host`'s link (``ip link set DEV down`` on that host): its connections stall, nothing is reset."""
         _ip("-n", self.ns[host], "link", "set", self.devs[host], "down")
 
-    def mend(self, host: str) -> None:
+    def mend(self, host: str, wait_s: float = 15.0) -> None:
+        """Bring `host`'s link back up and wait until every other host reaches its ssh port again.
+
+        While the link was down, the other hosts' neighbour caches marked `host`'s address FAILED; until those entries
+        age out a connect gets "No route to host" instead of an answer. The caches are flushed, then a TCP connect
+        from each other host must be answered (accepted, or refused when no sshd runs) within `wait_s`.
+        """
         _ip("-n", self.ns[host], "link", "set", self.devs[host], "up")
+        for h in self.hosts:
+            _ip("-n", self.ns[h], "neigh", "flush", "all")
+        probe = ("import errno, socket, sys, time\n"
+                 "deadline = time.monotonic() + float(sys.argv[2])\n"
+                 "while True:\n"
+                 "    try:\n"
+                 "        socket.create_connection((sys.argv[1], %d), timeout=1).close(); break\n"
+                 "    except ConnectionRefusedError: break\n"
+                 "    except OSError as e:\n"
+                 "        if time.monotonic() > deadline: sys.exit(f'{sys.argv[1]} unreachable: {e}')\n"
+                 "        time.sleep(0.1)\n" % SSH_PORT)
+        for h in self.hosts:
+            if h != host:
+                done = subprocess.run(self.on(h, [sys.executable, "-c", probe, self.addrs[host], str(wait_s)]),
+                                      capture_output=True, text=True, timeout=wait_s + 30)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{host}'s link is up but {h} cannot reach it: {done.stderr.strip()}")
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for launch/multinode.sh: the rank environment file; no loopback or interface settings."""
