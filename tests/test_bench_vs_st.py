@@ -67,6 +67,12 @@ def test_quick_bench_json(tmp_path):
         # the two evaluation paths agree on each trained model (same weights, same pooling)
         for side in ("ours", "st"):
             assert abs(s["mrr@10"][side] - s["mrr@10_st_encode"][side]) < 0.02, s
+        # the paired bootstrap is over the per-query terms of the st-encode MRR@10: its means are those MRRs' differences
+        bs = s["mrr@10_paired_bootstrap"]
+        enc = s["mrr@10_st_encode"]
+        for name, (a, b) in {"ours-st": ("ours", "st"), "ours-base": ("ours", "base"), "st-base": ("st", "base")}.items():
+            assert abs(bs[name]["diff"] - (enc[a] - enc[b])) < 1e-9, (name, bs[name], enc)
+            assert bs[name]["ci95_low"] <= bs[name]["diff"] <= bs[name]["ci95_high"], bs[name]
         rep = case["repeats"][0]
         assert len(rep["ours"]["step_times_s"]) == len(rep["st"]["step_times_s"]) == 2  # intervals from step 2 on
         assert all(_positive(t) for t in rep["ours"]["step_times_s"] + rep["st"]["step_times_s"])
@@ -89,3 +95,32 @@ def test_bad_arguments_one_line_exit_2():
         proc.stderr
     proc = _cli("--steps", "1")  # no step left to measure after the warmup step
     assert proc.returncode == 2 and "--steps" in proc.stderr, proc.stderr
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vs_st", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, mod)  # its dataclasses look their module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+def test_reciprocal_ranks_and_paired_bootstrap():
+    import numpy as np
+
+    bench = _bench_module()
+    top = np.array([[3, 1, 2], [0, 5, 4], [7, 8, 9]])
+    assert bench.reciprocal_ranks(top, [[1], [0, 4], [1]]) == [0.5, 1.0, 0.0]  # first relevant hit; none -> 0
+    assert bench.reciprocal_ranks(top, [[2]], k=2) == [0.0]  # beyond the cut-off
+    rng = np.random.default_rng(1)
+    a = rng.random(300).tolist()
+    same = bench.paired_bootstrap(a, a)
+    assert same == {"diff": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "queries": 300}
+    shifted = bench.paired_bootstrap([x + 0.25 for x in a], a)  # a constant per-query gain: no spread at all
+    assert all(abs(shifted[k] - 0.25) < 1e-12 for k in ("diff", "ci95_low", "ci95_high"))
+    b = rng.random(300).tolist()
+    noisy = bench.paired_bootstrap(a, b)
+    assert noisy["ci95_low"] < noisy["diff"] < noisy["ci95_high"]
+    assert noisy == bench.paired_bootstrap(a, b)  # seeded: the same interval every time
