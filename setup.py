@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # README's test command runs the test files on 2 worker processes (-n 2)
             "hypothesis>=6.100",
             "psutil>=5.9",
             "pandas>=2.0",

@@ -35,30 +35,45 @@ def example_shards(example_raw, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _release_deepspeed_shm_buffers():
+def _mapped_files() -> set[str]:
+    """Paths of the files some live process has mapped into memory (from /proc/*/maps)."""
+    import glob
+
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps, errors="replace") as handle:
+                mapped.update(line.split(None, 5)[5].strip() for line in handle if "/dev/shm/" in line)
+        except (OSError, IndexError):
+            continue
+    return mapped
+
+
+def release_deepspeed_shm_buffers(min_age_s: float = 10.0) -> None:
     """DeepSpeed's CPU communication leaves a 66 MB /dev/shm/deepspeed_allreduce_buffer_* file per rank and launch
-    (it never unlinks them); dozens of 2-rank launches would fill /dev/shm, which is RAM. After each test, remove the
-    buffers its launches created once no live process uses their port."""
+    (it never unlinks them); dozens of 2-rank launches would fill /dev/shm, which is RAM. Remove every such buffer
+    that no live process maps and that is older than `min_age_s` (a rank maps its buffer right after creating it and
+    keeps it mapped until it exits; the age covers the moment between the two). Safe while other test processes
+    (pytest-xdist workers) launch ranks of their own."""
     import glob
     import os
-    import re
+    import time
 
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    yield
-    live = set()
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    mapped = _mapped_files()
+    now = time.time()
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         try:
-            live.update(re.findall(rb"master_port[= \x00](\d+)", open(cmdline, "rb").read()))
-        except OSError:
-            continue
-    for path in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before:
-        port = re.search(r"_(\d+)_\d+$", path)
-        if port and port.group(1).encode() not in live:
-            try:
+            if path not in mapped and now - os.stat(path).st_mtime > min_age_s:
                 os.unlink(path)
-            except OSError:
-                pass
+        except OSError:
+            pass
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shm_buffers():
+    """After each test, the buffers of launches that have ended (this test's and any earlier ones)."""
+    yield
+    release_deepspeed_shm_buffers()
 
 
 @pytest.fixture

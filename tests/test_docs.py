@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 README_LINES = 200
 SETUP_COMMANDS = (  # README's two set-up commands (CI runs the second)
     "pip install torch==2.13.0 && pip install -e '.[test]' && bash launch/demo.sh",
-    "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -x -q tests",
+    "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -x -q -n 2 --dist loadfile tests",
 )
 OUR_PACKAGES = ("pipeline", "preprocess")
 PATH_ROOTS = ("launch", "configs", "ds_configs", "bench", "tests", "pipeline", "preprocess", "docs")
