@@ -182,7 +182,7 @@ class DataConfig:
     drop_last: bool = doc_field(
         False, "drop each dataset's last global batch when smaller than a full one; false: every training query is "
         "trained every epoch")
-    num_workers: int = doc_field(1, "DataLoader worker processes building batches")
+    num_workers: int = doc_field(1, "DataLoader worker processes building batches (started by a fork server)")
     verify_checksums: bool = doc_field(
         True, "sha256 of every shard file at start (~1 GiB/s per core, split over a node's ranks); sizes are always "
         "checked", see="fault-tolerance.md#shard-checks")

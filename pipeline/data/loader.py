@@ -9,6 +9,7 @@ sampler offset. Workers open the shards themselves (memory maps are not shipped 
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.batch import ContrastiveBatch
 from pipeline.config import DataConfig, LossConfig
-from pipeline.resilience.preemption import ignore_stop_signals
+from pipeline.resilience.preemption import DataWorkerInit
 from pipeline.data.sampler import HomogeneousSchedule, batch_count, rank_share, sample_negatives, split_validation
 from pipeline.data.shard_format import CORPUS, MANIFEST, QUERIES, SCORES_FILE, ShardError, tables_sha256
 from pipeline.data.shards import ShardDataset, ShardReader, identical_rows, read_manifest
@@ -176,6 +177,21 @@ def rank_batch(
     )
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How DataLoader workers start: forked from a fork server, never from the rank itself.
+
+    A rank has threads (gloo/NCCL, the rank-health heartbeat, tqdm's monitor); ``fork`` copies a process in which
+    another thread may hold an interpreter lock, and on CPython before 3.12 the child can then block for ever in
+    ``PyOS_AfterFork_Child`` (seen here: a worker stuck there at the start of an epoch, its rank waiting for its
+    first batch until the collective timeout). The fork server is a fresh single-threaded process (started once per
+    rank by fork+exec, which is safe in a threaded process); it imports this module up front so the workers it forks
+    start warm. It exits once the rank and its workers are gone, and the workers exit when the rank is gone
+    (:class:`pipeline.resilience.preemption.DataWorkerInit`)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class StepBatches(Dataset):
     """Item `step` = (dataset name, this rank's batch) of global step `step` of `epoch`."""
 
@@ -244,10 +260,12 @@ class TrainData:
             batch_size=None,
             sampler=range(start_step, len(dataset)),
             num_workers=workers,
+            multiprocessing_context=worker_context() if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
             collate_fn=_identity,
             persistent_workers=False,
-            worker_init_fn=ignore_stop_signals,  # SIGTERM/SIGINT: the rank stops after the step (pipeline.resilience.preemption)
+            # SIGTERM/SIGINT: the rank stops after the step; a worker exits when its rank is gone
+            worker_init_fn=DataWorkerInit(),
             # Own generator: creating the iterator must not draw from the global torch RNG (exact resume).
             generator=torch.Generator().manual_seed(self.plan.seed + epoch),
         )

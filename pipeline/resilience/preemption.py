@@ -7,7 +7,7 @@ trainer then saves a checkpoint, skips the export, tears the process group down 
 
 Signals: SIGTERM (what Slurm, Kubernetes and the DeepSpeed launcher send) and SIGINT (Ctrl-C) are both graceful;
 repeating them changes nothing (send SIGKILL to stop at once). DataLoader workers ignore both
-(:func:`ignore_stop_signals`, their ``worker_init_fn``): a worker that receives the signal (a process-group kill, or
+(:func:`ignore_stop_signals`, in their ``worker_init_fn``): a worker that receives the signal (a process-group kill, or
 the DeepSpeed launcher terminating each rank's process tree) keeps serving batches instead of dying, which would
 make the rank raise in the middle of its step.
 
@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pipeline.logs import log
+from pipeline.resilience.rank_health import process_start_time, process_state
 
 NONE, LAUNCHER_GONE, SIGINT, SIGTERM = 0, 1, 2, 3
 REASONS = {LAUNCHER_GONE: "the launcher exited", SIGINT: "SIGINT", SIGTERM: "SIGTERM"}
@@ -96,14 +98,39 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGINT, which are their rank's to handle.
+    """Workers ignore SIGTERM/SIGINT, which are their rank's to handle.
 
     PyTorch's worker handler exits quietly on SIGTERM from its own rank but dies of any other SIGTERM (a process-group
     kill, the DeepSpeed launcher terminating the rank's process tree), and the rank then raises "DataLoader worker
     is killed" in the middle of its step. Ignoring it lets the rank finish the step and checkpoint; the workers
-    still exit when the rank closes the loader or exits (PyTorch's parent watchdog)."""
+    still exit when the rank closes the loader or when the rank is gone (:class:`DataWorkerInit`)."""
     for signum in _CODES:
         signal.signal(signum, signal.SIG_IGN)
+
+
+class DataWorkerInit:
+    """DataLoader ``worker_init_fn`` of a rank's workers: ignore the stop signals (:func:`ignore_stop_signals`) and
+    exit as soon as the rank is gone.
+
+    The workers start from a fork server (:func:`pipeline.data.loader.worker_context`), so PyTorch's own watchdog,
+    which watches a worker's parent, watches the fork server instead of the rank; and the fork server lives while
+    any worker does. Without this check, a rank that is SIGKILLed (or dies of its own) would leave its workers and
+    fork server behind for ever. Created in the rank (its pid and /proc start time: a reused pid is not the rank);
+    polled every `interval_s` seconds in a daemon thread of each worker."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.rank_pid = os.getpid()
+        self.rank_start = process_start_time(self.rank_pid)
+        self.interval_s = interval_s
+
+    def __call__(self, worker_id: int = 0) -> None:
+        ignore_stop_signals(worker_id)
+        threading.Thread(target=self._exit_when_rank_is_gone, name="rank-watch", daemon=True).start()
+
+    def _exit_when_rank_is_gone(self) -> None:
+        while process_state(self.rank_pid, self.rank_start) != "gone":
+            time.sleep(self.interval_s)
+        os._exit(0)
 
 
 def agree(values: list[int], device: torch.device | str = "cpu") -> list[int]:
