@@ -59,14 +59,23 @@ def release_deepspeed_shm_buffers(min_age_s: float = 10.0) -> None:
     import os
     import time
 
-    mapped = _mapped_files()
     now = time.time()
+    old = []
     for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
         try:
-            if path not in mapped and now - os.stat(path).st_mtime > min_age_s:
-                os.unlink(path)
+            if now - os.stat(path).st_mtime > min_age_s:
+                old.append(path)
         except OSError:
             pass
+    if not old:
+        return
+    mapped = _mapped_files()
+    for path in old:
+        if path not in mapped:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 @pytest.fixture(autouse=True)

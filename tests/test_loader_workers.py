@@ -13,11 +13,16 @@ import psutil
 from pipeline.config import DataConfig, LossConfig
 
 
-def _data(shards, workers: int):
+def _data(shards, workers: int, world_size: int = 2):
     from pipeline.data.loader import TrainData
 
     cfg = DataConfig(shards=str(shards), validation_fraction=0.1, num_workers=workers)
-    return TrainData(cfg, LossConfig(), seed=7, per_device_batch=4, world_size=2, rank=1)
+    return TrainData(cfg, LossConfig(), seed=7, per_device_batch=4, world_size=world_size, rank=world_size - 1)
+
+
+def _fork_servers(process: psutil.Process) -> list[psutil.Process]:
+    """The multiprocessing fork servers `process` started."""
+    return [p for p in process.children() if "multiprocessing.forkserver" in " ".join(p.cmdline())]
 
 
 def _arrays(batch) -> list[np.ndarray]:
@@ -48,7 +53,7 @@ def test_workers_come_from_a_fork_server_and_batches_equal_in_process_ones(examp
                     # nothing forked from this process (a fork would run this process's command line) ...
                     assert not [p for p in me.children() if p.cmdline() == me.cmdline()]
                     # ... the two workers are children of the fork server
-                    (server,) = [p for p in me.children() if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+                    (server,) = _fork_servers(me)
                     assert len(server.children()) == 2, [p.cmdline() for p in server.children()]
             assert len(got) == len(expected) == inline.steps_per_epoch - start
             for (name_a, a), (name_b, b) in zip(got, expected):
@@ -61,11 +66,9 @@ def test_workers_come_from_a_fork_server_and_batches_equal_in_process_ones(examp
 
 RANK_SCRIPT = """
 import sys, time
-from pipeline.config import DataConfig, LossConfig
-from pipeline.data.loader import TrainData
-data = TrainData(DataConfig(shards=sys.argv[1], validation_fraction=0.1, num_workers=2), LossConfig(), seed=7,
-                 per_device_batch=4, world_size=1, rank=0)
-batches = iter(data.loader(0))
+sys.path.insert(0, "tests")
+from test_loader_workers import _data
+batches = iter(_data(sys.argv[1], 2, world_size=1).loader(0))
 next(batches)
 print("first batch", flush=True)
 time.sleep(600)
@@ -87,7 +90,7 @@ def test_workers_and_fork_server_exit_when_their_rank_is_killed(example_shards):
     try:
         assert rank.stdout.readline().strip() == "first batch"
         descendants = psutil.Process(rank.pid).children(recursive=True)
-        server = [p for p in descendants if p.ppid() == rank.pid and "multiprocessing.forkserver" in " ".join(p.cmdline())]
+        server = _fork_servers(psutil.Process(rank.pid))
         assert len(server) == 1 and len(server[0].children()) == 2, [p.cmdline() for p in descendants]
         rank.send_signal(signal.SIGKILL)
         rank.wait(timeout=30)
